@@ -1,0 +1,173 @@
+"""Checkpoint I/O: safetensors only, atomic writes, clear errors for anything else.
+
+A checkpoint is one `.safetensors` file whose header metadata holds, as JSON under the key
+"quill", everything needed to rebuild the model: its type and config, the tokenizer, and
+how it was trained. One file means one atomic write: there is no sidecar to fall out of step.
+"""
+import glob
+import json
+import os
+import struct
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from model.gpt import GPT
+from model.lstm import LSTM
+from model.tokenizer import tokenizer_from_dict
+
+WEIGHTS_NAME = "model.safetensors"
+META_KEY = "quill"
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # real headers are kilobytes; refuse before allocating
+PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"}
+TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used, with the reason in words."""
+
+
+def code_version():
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def atomic_write_bytes(path, data):
+    """Write to a temporary file beside `path`, fsync, then rename over it: all or nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600; checkpoints are meant to be shared
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def remove_stale_temp_files(directory):
+    """Temporary files left by a process killed mid-save; safe to delete when no save runs."""
+    removed = glob.glob(os.path.join(directory, TMP_PREFIX + "*"))
+    for p in removed:
+        os.unlink(p)
+    return removed
+
+
+def write_safetensors(path, tensors, meta):
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata={META_KEY: json.dumps(meta)}))
+
+
+def _check_safetensors_file(path):
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path}: refusing a '{path.suffix}' file: weights are only loaded from "
+                              "safetensors, never unpickled")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+        raise CheckpointError(f"{path}: this is a pickle / torch.save file, not safetensors; refused "
+                              "(it was not unpickled)")
+    if size < 8:
+        raise CheckpointError(f"{path}: truncated: {size} bytes is too short for a safetensors file")
+    (header_len,) = struct.unpack("<Q", head[:8])
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+        raise CheckpointError(f"{path}: corrupted or truncated: header claims {header_len} bytes "
+                              f"but the file has {size}")
+    if head[8:9] != b"{":
+        raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)")
+
+
+def read_safetensors(path):
+    """Return (tensors, meta) from a file written by write_safetensors, or raise CheckpointError."""
+    _check_safetensors_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = (f.metadata() or {}).get(META_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # the library raises several types for a damaged file
+        raise CheckpointError(f"{path}: corrupted safetensors file: {e}") from None
+    if raw_meta is None:
+        raise CheckpointError(f"{path}: no '{META_KEY}' metadata: not a Quill checkpoint")
+    try:
+        return tensors, json.loads(raw_meta)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: metadata is not valid JSON: {e}") from None
+
+
+def build_model(model_type, config):
+    if model_type == "gpt":
+        return GPT(**config)
+    if model_type == "lstm":
+        return LSTM(**config)
+    raise CheckpointError(f"unknown model type {model_type!r}")
+
+
+def model_tensors(model):
+    """The state dict without the second name of the tied matrix."""
+    sd = model.state_dict()
+    if isinstance(model, GPT):
+        sd.pop("lm_head.weight")
+    return sd
+
+
+def load_model_tensors(model, tensors, where):
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if not (isinstance(model, GPT) and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: weights do not match the config "
+                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+def save_checkpoint(path, model, tokenizer, meta):
+    """Write the model and its tokenizer; `meta` (JSON-able) says how it was trained."""
+    model_type = "gpt" if isinstance(model, GPT) else "lstm"
+    full = {**meta, "model_type": model_type, "config": model.config, "tokenizer": tokenizer.to_dict()}
+    write_safetensors(path, model_tensors(model), full)
+
+
+def resolve_checkpoint_path(path):
+    path = Path(path)
+    return path / WEIGHTS_NAME if path.is_dir() else path
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load (model in eval mode, tokenizer, metadata) from a run directory or a .safetensors file."""
+    path = resolve_checkpoint_path(path)
+    tensors, meta = read_safetensors(path)
+    for key in ("model_type", "config", "tokenizer"):
+        if key not in meta:
+            raise CheckpointError(f"{path}: metadata lacks '{key}'")
+    try:
+        tokenizer = tokenizer_from_dict(meta["tokenizer"])
+        model = build_model(meta["model_type"], meta["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad metadata: {e}") from None
+    if tokenizer.vocab_size != model.config["vocab_size"]:
+        raise CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model "
+                              f"expects {model.config['vocab_size']}")
+    load_model_tensors(model, tensors, path)
+    return model.to(device).eval(), tokenizer, meta

@@ -1,0 +1,91 @@
+"""The trainer's settings: defaults, named presets, and the command line built from them."""
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+
+def opt(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    data: str = opt(None, "UTF-8 text file to train on, or 'shakespeare' to download Tiny Shakespeare")
+    out: str = opt(None, "run directory: best weights, resume state, log and plot")
+    model: str = opt("gpt", "network to train", choices=["gpt", "lstm"])
+    tokenizer: str = opt("char", "char: vocabulary of the text's characters; byte: any UTF-8", choices=["char", "byte"])
+    n_layer: int = opt(4, "blocks (GPT) or stacked layers (LSTM)")
+    n_head: int = opt(4, "attention heads per block (GPT only)")
+    hidden_size: int = opt(128, "width of the residual stream / LSTM state")
+    context_size: int = opt(64, "tokens per training sequence; the GPT's maximum context")
+    batch_size: int = opt(12, "sequences per micro-batch")
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
+    max_iters: int = opt(2000, "optimizer steps in total; the cosine schedule ends here")
+    learning_rate: float = opt(1e-3, "peak learning rate, reached after warmup")
+    min_lr: float = opt(1e-4, "floor of the cosine decay (about learning_rate / 10)")
+    warmup_iters: int = opt(100, "steps of linear warmup")
+    weight_decay: float = opt(0.1, "AdamW decay on matrices and embeddings only")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.99, "AdamW beta2; 0.99 suits small batches of characters")
+    grad_clip: float = opt(1.0, "clip the global gradient norm here (0 disables)")
+    dropout: float = opt(0.0, "dropout everywhere; small data and long runs want 0.1-0.2")
+    eval_interval: int = opt(250, "steps between evaluations (and checkpoint saves)")
+    eval_iters: int = opt(200, "batches per loss estimate")
+    log_interval: int = opt(10, "steps between train-loss log lines")
+    seed: int = opt(1337, "seeds the weights, the batches and dropout")
+    device: str = opt("auto", "auto picks cuda, then mps, then cpu", choices=["auto", "cpu", "cuda", "mps"])
+    compile: bool = opt(False, "torch.compile the model (needs a C compiler; pays off on GPUs)")
+    resume: bool = opt(False, "continue the run in --out from its resume state")
+    overwrite: bool = opt(False, "start afresh even if --out already holds a run")
+    preset: str = opt(None, "named recipe whose values replace the defaults", choices=["cpu", "gpu"])
+
+
+# nanoGPT's Shakespeare-char recipes; explicit options still win over them.
+PRESETS = {
+    "cpu": dict(n_layer=4, n_head=4, hidden_size=128, context_size=64, batch_size=12, max_iters=2000,
+                learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99, dropout=0.0, eval_iters=20),
+    "gpu": dict(n_layer=6, n_head=6, hidden_size=384, context_size=256, batch_size=64, max_iters=5000,
+                learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99, dropout=0.2),
+}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m train", description="Train a character GPT or LSTM on a text file.")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kw = {"help": f"{f.metadata['help']} (default: {f.default})", "default": None}
+        if f.type is bool:
+            p.add_argument(flag, action="store_true", **kw)
+        else:
+            p.add_argument(flag, type=f.type, choices=f.metadata.get("choices"), **kw)
+    return p
+
+
+def parse_config(argv=None):
+    args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None and v is not False}
+    cfg = TrainConfig(**{**PRESETS.get(args.get("preset"), {}), **args})
+    problems = validate(cfg)
+    if problems:
+        build_parser().error("; ".join(problems))
+    return cfg
+
+
+def validate(cfg):
+    problems = []
+    if not cfg.data:
+        problems.append("--data is required")
+    if not cfg.out:
+        problems.append("--out is required")
+    for name in ("n_layer", "n_head", "hidden_size", "context_size", "batch_size",
+                 "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be >= 1")
+    if cfg.max_iters < 0 or cfg.warmup_iters < 0:
+        problems.append("--max-iters and --warmup-iters must be >= 0")
+    if cfg.model == "gpt" and cfg.hidden_size % cfg.n_head:
+        problems.append(f"--hidden-size ({cfg.hidden_size}) must be divisible by --n-head ({cfg.n_head})")
+    if not 0.0 <= cfg.dropout < 1.0:
+        problems.append("--dropout must be in [0, 1)")
+    if cfg.learning_rate <= 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.learning_rate:
+        problems.append("need 0 <= --min-lr <= --learning-rate and --learning-rate > 0")
+    return problems
