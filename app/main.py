@@ -1,0 +1,50 @@
+"""Assembles the app. `uvicorn app.main:app` serves it; `python -m app` adds flags and draining."""
+import asyncio
+import contextlib
+import logging
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from app import routes_generate, routes_openai, routes_ops
+from app.errors import install_error_handlers
+from app.metrics import Metrics
+from app.middleware import APIKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, SendTimeoutMiddleware
+from app.serving import Service
+from app.settings import Settings
+
+log = logging.getLogger("quill")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    service = Service(settings, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await asyncio.to_thread(service.load)
+        await asyncio.to_thread(service.start)
+        log.info("serving %s", ", ".join(f"{m.name} ({m.path})" for m in service.models.values()))
+        yield
+        await service.drain(0)
+
+    app = FastAPI(title="Quill", version="0.1.0", lifespan=lifespan,
+                  description="Train a small language model on your own text and stream it over HTTP.")
+    app.state.settings, app.state.metrics, app.state.service = settings, metrics, service
+    install_error_handlers(app)
+    for module in (routes_generate, routes_openai, routes_ops):
+        app.include_router(module.router)
+    # added innermost first: metrics sees every response, including refusals by the others
+    app.add_middleware(SendTimeoutMiddleware, timeout=settings.send_timeout)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    if settings.api_key is not None:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key.get_secret_value())
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,100 @@
+"""Pure ASGI middleware: API key, body size, send timeout, and request metrics."""
+import asyncio
+import hmac
+import json
+
+OPEN_PATHS = {"/health", "/ready"}
+
+
+async def send_error(send, status, message, type, headers=()):
+    body = json.dumps({"error": {"message": message, "type": type, "param": None, "code": status}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class APIKeyMiddleware:
+    """Every route except /health and /ready needs `Authorization: Bearer KEY`."""
+
+    def __init__(self, app, api_key):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):  # constant time
+                return await send_error(send, 401, "missing or wrong API key: send Authorization: Bearer KEY",
+                                        "authentication_error", [(b"www-authenticate", b"Bearer")])
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Refuses bodies over `limit` bytes with 413, by Content-Length or while reading."""
+
+    def __init__(self, app, limit):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await send_error(send, 413, f"request body over {self.limit} bytes", "invalid_request_error")
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except BodyTooLarge:
+            await send_error(send, 413, f"request body over {self.limit} bytes", "invalid_request_error")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class SendTimeoutMiddleware:
+    """A client that stops reading blocks our sends; after `timeout` seconds we close on it."""
+
+    def __init__(self, app, timeout):
+        self.app, self.timeout = app, timeout
+
+    async def __call__(self, scope, receive, send):
+        async def timed_send(message):
+            await asyncio.wait_for(send(message), self.timeout)
+
+        await self.app(scope, receive, timed_send if scope["type"] == "http" else send)
+
+
+class MetricsMiddleware:
+    """Counts each request once it ends, by route template and status. A stream that started
+    with 200 but ended in an engine error counts as 500 (routes set scope['state']['failed'])."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def watching_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watching_send)
+        finally:
+            route = scope.get("route")
+            if scope.get("state", {}).get("failed"):
+                status = 500
+            self.metrics.requests.labels(getattr(route, "path", "unmatched"), str(status)).inc()

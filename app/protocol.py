@@ -1,0 +1,73 @@
+"""Request bodies and their bounds: the one place that knows each limit."""
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+MAX_PROMPT_CHARS = 16_000  # longer prompts are cut to the model's context anyway
+MAX_NEW_TOKENS = 2048
+MAX_TEMPERATURE = 5.0
+MAX_TOP_K = 1000
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 64
+MAX_SEED = 2**63 - 1
+
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
+class Strict(BaseModel):
+    # JSON numbers only (no "5", no true), finite floats, no unknown fields.
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
+
+
+def check_prompt(prompt):
+    if not prompt.strip():
+        raise ValueError("prompt is empty or only whitespace")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("prompt is not valid Unicode (it holds a lone surrogate)") from None
+    return prompt
+
+
+class GenerateRequest(Strict):
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(0.8, ge=0.0, le=MAX_TEMPERATURE, description="0 is greedy")
+    top_k: int | None = Field(None, ge=1, le=MAX_TOP_K)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when absent; returned")
+    stop: list[StopString] = Field([], max_length=MAX_STOP_STRINGS)
+    stream: bool = True
+    model: str | None = None
+
+    _prompt = field_validator("prompt")(check_prompt)
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class CompletionRequest(Strict):
+    """The subset of OpenAI's /v1/completions that a sampling-only model can honour."""
+
+    model: str | None = None
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    max_tokens: int = Field(16, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: StopString | list[StopString] | None = Field(None, validate_default=True)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Literal[1] = 1
+    user: str | None = None
+
+    _prompt = field_validator("prompt")(check_prompt)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v):
+        v = [v] if isinstance(v, str) else (v or [])
+        if len(v) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        return v

@@ -1,0 +1,65 @@
+"""POST /generate: server-sent events, one JSON object, or bare text for terminals."""
+import json
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from sse_starlette import EventSourceResponse
+
+from app.errors import APIError, error_body
+from app.protocol import GenerateRequest
+from app.serving import GenerationFailed, Params, TokenEvent
+
+router = APIRouter()
+
+
+def params_of(body: GenerateRequest):
+    return Params(prompt=body.prompt, max_new_tokens=body.max_new_tokens, temperature=body.temperature,
+                  top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=body.stop)
+
+
+async def sse_events(events, request):
+    try:
+        async for ev in events:
+            if isinstance(ev, TokenEvent):
+                yield {"event": "token", "data": json.dumps({"index": ev.index, "id": ev.id, "text": ev.text})}
+            else:
+                yield {"event": "done", "data": json.dumps(ev)}
+    except GenerationFailed as e:
+        request.state.failed = True
+        yield {"event": "error", "data": json.dumps(error_body(f"generation failed: {e}", "server_error"))}
+
+
+async def text_chunks(events, request):
+    try:
+        async for ev in events:
+            if isinstance(ev, TokenEvent):
+                if ev.text:
+                    yield ev.text
+            else:
+                yield "\n"
+    except GenerationFailed as e:
+        request.state.failed = True
+        yield f"\n[error: generation failed: {e}]\n"
+
+
+async def collect(events):
+    try:
+        async for ev in events:
+            if not isinstance(ev, TokenEvent):
+                return ev
+    except GenerationFailed as e:
+        raise APIError(500, f"generation failed: {e}", type="server_error") from None
+
+
+@router.post("/generate", summary="Generate text from a prompt, streamed as server-sent events")
+async def generate(body: GenerateRequest, request: Request):
+    service = request.app.state.service
+    served = service.get(body.model)
+    params = params_of(body)
+    events = service.generate(served, params, service.admit(served, params))
+    accept = request.headers.get("accept", "")
+    if "text/plain" in accept and "text/event-stream" not in accept:
+        return StreamingResponse(text_chunks(events, request), media_type="text/plain; charset=utf-8")
+    if not body.stream:
+        return await collect(events)
+    return EventSourceResponse(sse_events(events, request))

@@ -1,0 +1,27 @@
+"""Every setting of the service, read from QUILL_* environment variables (or `python -m app` flags)."""
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QUILL_", env_file=".env", extra="ignore")
+
+    # Run directories or .safetensors files; the first is the default model. Empty: the bundled ones.
+    checkpoints: Annotated[list[str], NoDecode] = []
+    device: str = "auto"  # auto: cuda when available, else cpu
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_running: int = Field(32, ge=1)  # requests decoded together, per model (the batch size)
+    max_queued: int = Field(64, ge=0)  # requests waiting for a slot, per model; beyond: 429
+    max_body_bytes: int = Field(256 * 1024, ge=1024)  # larger request bodies get 413
+    send_timeout: float = Field(30.0, gt=0)  # a client that reads nothing for this long is cut off
+    drain_timeout: float = Field(30.0, ge=0)  # on SIGTERM, how long streams in flight may finish
+    api_key: SecretStr | None = None  # when set, every route but /health and /ready needs it
+    cors_origins: Annotated[list[str], NoDecode] = []  # closed unless listed
+
+    @field_validator("checkpoints", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, v):
+        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v

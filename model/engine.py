@@ -1,0 +1,308 @@
+"""The generation engine: token ids in, token ids out; no HTTP, no text.
+
+One thread runs a loop of steps. Each step admits waiting requests (a prefill each), then
+advances every active request by one token with a single batched forward that reads the
+KV cache (GPT) or the carried hidden state (LSTM). Finished or cancelled requests leave
+between steps, and their slot goes to the next request.
+
+Active requests always occupy slots 0..B-1, so a step reads the caches as views without
+gathering. A leaving request's slot is filled by moving the last one into it.
+
+Past the GPT's context: a row whose cache is full is re-prefilled with its last
+context_size // 2 tokens at positions 0.. and continues from there (a sliding window that
+halves; the re-prefill is amortised over the context_size // 2 steps that follow). Up to
+context_size tokens the output equals GPT.generate token for token.
+"""
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from model.gpt import GPT
+
+
+def sample_next_token(logits, generator, temperature=1.0, top_k=None, top_p=1.0):
+    """One token from (V,) logits: argmax at temperature 0, else filtered multinomial."""
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature if logits.dtype in (torch.float16, torch.bfloat16) else logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        probs = probs.scatter(0, order[drop], 0.0)
+    # (1, V) consumes the generator exactly as GPT.generate's batched call does for one row
+    return int(torch.multinomial(probs.unsqueeze(0), 1, generator=generator))
+
+
+class GPTCache:
+    """Preallocated keys and values for max_batch rows of a GPT, with a length per row."""
+
+    def __init__(self, model: GPT, max_batch):
+        self.model = model
+        cfg = model.config
+        self.n_head = cfg["n_head"]
+        self.head_size = cfg["hidden_size"] // cfg["n_head"]
+        self.context = cfg["context_size"]
+        p = next(model.parameters())
+        shape = (cfg["n_layer"], max_batch, self.n_head, self.context, self.head_size)
+        self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.length = [0] * max_batch
+
+    def room(self, slot):
+        return self.context - self.length[slot]
+
+    def prefill(self, slot, ids):
+        """Fill row `slot` from scratch with `ids` (at most context_size); return last logits (V,)."""
+        m, T = self.model, len(ids)
+        x = torch.tensor(ids, device=self.k.device)
+        h = m.tok_emb(x) + m.pos_emb(torch.arange(T, device=x.device))  # (T, D)
+        for layer, block in enumerate(m.blocks):
+            q, k, v = (t.transpose(0, 1) for t in self._qkv(block, h))  # (nh, T, hs)
+            self.k[layer, slot, :, :T] = k
+            self.v[layer, slot, :, :T] = v
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (nh, T, hs)
+            h = h + block.attn.proj(y.transpose(0, 1).reshape(T, -1))
+            h = h + block.mlp(block.ln2(h))
+        self.length[slot] = T
+        return m.lm_head(m.ln_f(h[-1]))
+
+    def decode(self, ids):
+        """Append one token to each of rows 0..B-1 and return their next-token logits (B, V)."""
+        m, B = self.model, len(ids)
+        lengths = torch.tensor(self.length[:B], device=self.k.device)
+        rows = torch.arange(B, device=self.k.device)
+        x = torch.tensor(ids, device=self.k.device)
+        h = m.tok_emb(x) + m.pos_emb(lengths)  # (B, D)
+        T = max(self.length[:B]) + 1
+        # row b sees positions 0..length[b]; the rest of the cache is stale or empty
+        visible = (torch.arange(T, device=x.device)[None, :] <= lengths[:, None])[:, None, None, :]  # (B,1,1,T)
+        for layer, block in enumerate(m.blocks):
+            q, k, v = self._qkv(block, h)  # (B, nh, hs)
+            self.k[layer, rows, :, lengths] = k
+            self.v[layer, rows, :, lengths] = v
+            keys, values = self.k[layer, :B, :, :T], self.v[layer, :B, :, :T]  # (B, nh, T, hs)
+            y = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=visible)  # (B, nh, 1, hs)
+            h = h + block.attn.proj(y.reshape(B, -1))
+            h = h + block.mlp(block.ln2(h))
+        for b in range(B):
+            self.length[b] += 1
+        return m.lm_head(m.ln_f(h))
+
+    def _qkv(self, block, h):
+        """(..., D) -> q, k, v, each (..., nh, hs)."""
+        qkv = block.attn.qkv(block.ln1(h)).view(*h.shape[:-1], 3, self.n_head, self.head_size)
+        return qkv.unbind(-3)
+
+    def move(self, src, dst):
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+        self.length[dst] = self.length[src]
+
+
+class LSTMState:
+    """The carried (h, c) of an LSTM for max_batch rows: no context limit, nothing to slide."""
+
+    context = None
+
+    def __init__(self, model, max_batch):
+        self.model = model
+        p = next(model.parameters())
+        shape = (model.config["n_layer"], max_batch, model.config["hidden_size"])
+        self.h = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.c = torch.zeros(shape, dtype=p.dtype, device=p.device)
+
+    def room(self, slot):
+        return math.inf
+
+    def prefill(self, slot, ids):
+        logits, (h, c) = self.model.run(torch.tensor([ids], device=self.h.device))
+        self.h[:, slot], self.c[:, slot] = h[:, 0], c[:, 0]
+        return logits[0, -1]
+
+    def decode(self, ids):
+        B = len(ids)
+        x = torch.tensor(ids, device=self.h.device).unsqueeze(1)  # (B, 1)
+        logits, (h, c) = self.model.run(x, (self.h[:, :B].contiguous(), self.c[:, :B].contiguous()))
+        self.h[:, :B], self.c[:, :B] = h, c
+        return logits[:, -1]
+
+    def move(self, src, dst):
+        self.h[:, dst], self.c[:, dst] = self.h[:, src], self.c[:, src]
+
+
+@dataclass
+class Request:
+    """One generation. `emit(event)` is called from the engine thread with one of
+    ("token", token_id), ("finish", reason) where reason is length/cancelled/error:<message>."""
+
+    prompt: list
+    max_new_tokens: int
+    emit: callable
+    temperature: float = 1.0
+    top_k: int = None
+    top_p: float = 1.0
+    seed: int = 0
+    cancelled: bool = False
+    tokens: list = field(default_factory=list)  # prompt + generated, the sliding window's source
+    generated: int = 0
+    submitted_at: float = field(default_factory=time.perf_counter)
+    started_at: float = None
+
+    def cancel(self):
+        self.cancelled = True  # read by the engine thread between steps
+
+
+class Engine:
+    """Continuous batching over one model in a dedicated thread."""
+
+    def __init__(self, model, max_batch=32, on_step=None, clock=time.perf_counter):
+        self.model = model.eval()
+        self.max_batch = max_batch
+        self.cache = GPTCache(model, max_batch) if isinstance(model, GPT) else LSTMState(model, max_batch)
+        self.on_step = on_step  # called after each decode step with the batch size (metrics)
+        self.clock = clock
+        self.waiting = deque()
+        self.active = []  # active[i] occupies cache slot i
+        self.cond = threading.Condition()
+        self.running = False
+        self.thread = None
+
+    # -- the caller's side (any thread) --
+
+    def submit(self, req):
+        if not req.prompt:
+            raise ValueError("prompt must hold at least one token")
+        with self.cond:
+            self.waiting.append(req)
+            self.cond.notify()
+
+    def counts(self):
+        """(active, waiting): read without the lock, so a snapshot, good for gauges and admission."""
+        return len(self.active), len(self.waiting)
+
+    def start(self):
+        self.running = True
+        self.thread = threading.Thread(target=self._loop, name="quill-engine", daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        with self.cond:
+            self.running = False
+            self.cond.notify()
+        if self.thread:
+            self.thread.join()
+
+    def generate(self, prompt, max_new_tokens, **sampling):
+        """Blocking helper (tests, benchmarks, warm-up): run one request to the end, return its ids."""
+        out, done = [], threading.Event()
+
+        def emit(event):
+            if event[0] == "token":
+                out.append(event[1])
+            else:
+                out.append(event)
+                done.set()
+
+        req = Request(list(prompt), max_new_tokens, emit, **sampling)
+        if self.running:
+            self.submit(req)
+            done.wait()
+        else:
+            self.waiting.append(req)
+            while not done.is_set():
+                self.step()
+        finish = out.pop()
+        if finish[1].startswith("error"):
+            raise RuntimeError(finish[1])
+        return out
+
+    # -- the engine thread --
+
+    def _loop(self):
+        while True:
+            with self.cond:
+                while self.running and not self.waiting and not self.active:
+                    self.cond.wait()
+                if not self.running:
+                    break
+            self.step()
+        for req in self.active + list(self.waiting):
+            self._emit(req, ("finish", "error: engine stopped"))
+        self.active, self.waiting = [], deque()
+
+    def step(self):
+        """Admit, then advance every active request by one token."""
+        try:
+            self._admit()
+            self._decode()
+        except Exception as e:  # a failed step ends the requests in it, never the engine
+            for req in self.active:
+                self._emit(req, ("finish", f"error: {type(e).__name__}: {e}"))
+            self.active = []
+
+    @torch.no_grad()
+    def _admit(self):
+        self._leave()
+        while self.waiting and len(self.active) < self.max_batch:
+            with self.cond:
+                req = self.waiting.popleft()
+            if req.cancelled:
+                self._emit(req, ("finish", "cancelled"))
+                continue
+            req.started_at = self.clock()
+            req.generator = torch.Generator().manual_seed(req.seed)
+            req.tokens = list(req.prompt)
+            slot = len(self.active)
+            self.active.append(req)
+            context = self.cache.context or len(req.tokens)
+            self._sample(req, self.cache.prefill(slot, req.tokens[-context:]))
+        self._leave()
+
+    @torch.no_grad()
+    def _decode(self):
+        if not self.active:
+            return
+        for slot, req in enumerate(self.active):
+            if self.cache.room(slot) == 0:  # full: slide the window (see the module docstring)
+                self.cache.prefill(slot, req.tokens[-(self.cache.context // 2) - 1:-1])
+        logits = self.cache.decode([req.tokens[-1] for req in self.active])  # (B, V)
+        for req, row in zip(self.active, logits):
+            self._sample(req, row)
+        if self.on_step:
+            self.on_step(len(self.active))
+        self._leave()
+
+    def _sample(self, req, logits):
+        token = sample_next_token(logits, req.generator, req.temperature, req.top_k, req.top_p)
+        req.tokens.append(token)
+        req.generated += 1
+        self._emit(req, ("token", token))
+
+    def _leave(self):
+        """Finished and cancelled requests leave; the last active row moves into each freed slot."""
+        for slot in range(len(self.active) - 1, -1, -1):
+            req = self.active[slot]
+            if req.cancelled or req.generated >= req.max_new_tokens:
+                self._emit(req, ("finish", "cancelled" if req.cancelled else "length"))
+                last = len(self.active) - 1
+                if slot != last:
+                    self.cache.move(last, slot)
+                    self.active[slot] = self.active[last]
+                self.active.pop()
+
+    @staticmethod
+    def _emit(req, event):
+        try:
+            req.emit(event)
+        except Exception:  # a broken listener must not take the batch down with it
+            req.cancelled = True
