@@ -1,0 +1,22 @@
+"""Fixtures shared by every test file."""
+import pytest
+import torch
+
+# Two busy cores: one intra-op thread per process keeps tests and subprocesses from fighting.
+torch.set_num_threads(1)
+
+LINES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "To be, or not to be: that is the question.",
+    "All that glitters is not gold; all who wander are not lost.",
+    "A stitch in time saves nine, and a penny saved is a penny earned.",
+]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """About 5 KB of deterministic UTF-8 text, enough for a 90/10 split at context 16."""
+    text = "\n".join(LINES[(i * 7) % len(LINES)] for i in range(100)) + "\n"
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
