@@ -88,12 +88,15 @@ def _check_safetensors_file(path):
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(9)
-    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+    # A safetensors file starts with its header length, whose first byte can be 0x80 too (a length
+    # of 128 + 256k); only a file that is not plausibly safetensors is called a pickle.
+    header_len = struct.unpack("<Q", head[:8])[0] if size >= 8 else None
+    plausible = header_len is not None and header_len <= MAX_HEADER_BYTES and head[8:9] == b"{"
+    if not plausible and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"):
         raise CheckpointError(f"{path}: this is a pickle / torch.save file, not safetensors; refused "
                               "(it was not unpickled)")
     if size < 8:
         raise CheckpointError(f"{path}: truncated: {size} bytes is too short for a safetensors file")
-    (header_len,) = struct.unpack("<Q", head[:8])
     if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
         raise CheckpointError(f"{path}: corrupted or truncated: header claims {header_len} bytes "
                               f"but the file has {size}")
@@ -135,7 +138,10 @@ def model_tensors(model):
 
 
 def load_model_tensors(model, tensors, where):
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:  # shapes that disagree with the config
+        raise CheckpointError(f"{where}: weights do not match the config: {str(e)[:500]}") from None
     missing = [k for k in missing if not (isinstance(model, GPT) and k == "lm_head.weight")]
     if missing or unexpected:
         raise CheckpointError(f"{where}: weights do not match the config "
