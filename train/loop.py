@@ -99,6 +99,22 @@ def load_resume(path, model, optimizer, data_gen):
     return state
 
 
+def trim_log(log_path, start_iter):
+    """Drop what a killed run logged after its resume state, so the resumed log reads as one run."""
+    if not log_path.exists():
+        return
+    keep = []
+    for line in open(log_path):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            continue
+        # a train row at iter i is written after step i; the resume state at start_iter precedes that step
+        if row["iter"] < start_iter or (row["kind"] == "eval" and row["iter"] == start_iter):
+            keep.append(line.rstrip("\n") + "\n")
+    atomic_write_bytes(log_path, "".join(keep).encode())
+
+
 def plot_losses(log_path, png_path):
     import matplotlib
 
@@ -188,6 +204,8 @@ def train(cfg):
                        "train_seconds": round(seconds, 1), "corpus_sha256": corpus_sha,
                        "code_version": code_version(), "train_config": dataclasses.asdict(cfg),
                        "world_size": world, "tokenizer": tokenizer.to_dict()}
+    if master and resume_state is not None:
+        trim_log(out / LOG_NAME, start_iter)
     log = open(out / LOG_NAME, "a" if cfg.resume else "w") if master else None
     bar = tqdm(total=cfg.max_iters, initial=start_iter, disable=not master, dynamic_ncols=True)
     n_params = sum(p.numel() for p in raw_model.parameters())
@@ -222,10 +240,10 @@ def train(cfg):
         for micro in range(cfg.gradient_accumulation_steps):
             x, y = get_batch(train_data, cfg.batch_size, cfg.context_size, data_gen, device)
             last = micro == cfg.gradient_accumulation_steps - 1
-            sync = model.no_sync() if world > 1 and not last else contextlib.nullcontext()
-            with sync, autocast:
-                loss = model(x, y)[1] / cfg.gradient_accumulation_steps
-            with sync:
+            # DDP all-reduces gradients only on the last micro-batch; no_sync() is single-use, so one block.
+            with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
+                with autocast:
+                    loss = model(x, y)[1] / cfg.gradient_accumulation_steps
                 loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)

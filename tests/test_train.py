@@ -1,0 +1,255 @@
+"""The trainer: its schedule, its settings, its errors, and real runs (single process, resumed, DDP)."""
+import hashlib
+import json
+import math
+import signal
+import subprocess
+import time
+
+import httpx
+import pytest
+import torch
+
+from helpers import REPO, SHAKESPEARE, TINY_TRAIN_ARGS, read_log, run_trainer, trainer_command, trainer_env
+from model import GPT, LSTM, CharTokenizer, load_checkpoint
+from model.checkpoint import read_safetensors
+from train import data as data_module
+from train.config import PRESETS, parse_config
+from train.loop import get_lr, train
+
+
+def config(corpus, out, *extra):
+    return parse_config(["--data", str(corpus), "--out", str(out), *TINY_TRAIN_ARGS, *map(str, extra)])
+
+
+def final_state(run_dir):
+    """Tensors of the resume file: the weights, optimizer moments and RNG states at the end of a run."""
+    return read_safetensors(run_dir / "resume.safetensors")
+
+
+# get_lr
+
+SCHEDULE = parse_config(["--data", "x", "--out", "y", "--learning-rate", "1e-3", "--min-lr", "1e-4",
+                         "--warmup-iters", "10", "--max-iters", "110"])
+
+
+def test_get_lr_warms_up_linearly_to_the_peak():
+    warmup = [get_lr(it, SCHEDULE) for it in range(11)]
+    assert 0 < warmup[0] < warmup[5] < warmup[10]
+    steps = [b - a for a, b in zip(warmup, warmup[1:])]
+    assert max(steps) - min(steps) < 1e-12  # linear
+    assert warmup[10] == pytest.approx(1e-3)
+
+
+def test_get_lr_decays_by_cosine_from_peak_to_min_lr():
+    assert get_lr(60, SCHEDULE) == pytest.approx((1e-3 + 1e-4) / 2)  # halfway down the cosine
+    assert get_lr(35, SCHEDULE) == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi / 4)) * 9e-4)
+    decay = [get_lr(it, SCHEDULE) for it in range(10, 111)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+
+
+def test_get_lr_at_and_after_max_iters_is_min_lr():
+    assert get_lr(110, SCHEDULE) == pytest.approx(1e-4)
+    assert get_lr(500, SCHEDULE) == 1e-4
+
+
+# settings
+
+def test_preset_cpu_is_nanogpts_cpu_recipe():
+    cfg = parse_config(["--data", "x", "--out", "y", "--preset", "cpu"])
+    assert (cfg.n_layer, cfg.n_head, cfg.hidden_size, cfg.context_size, cfg.batch_size) == (4, 4, 128, 64, 12)
+    assert (cfg.max_iters, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters) == (2000, 1e-3, 1e-4, 100)
+    assert (cfg.beta2, cfg.dropout) == (0.99, 0.0)
+
+
+def test_preset_gpu_is_nanogpts_baby_gpt_recipe():
+    cfg = parse_config(["--data", "x", "--out", "y", "--preset", "gpu"])
+    assert (cfg.n_layer, cfg.n_head, cfg.hidden_size, cfg.context_size, cfg.batch_size) == (6, 6, 384, 256, 64)
+    assert (cfg.max_iters, cfg.dropout) == (5000, 0.2)
+
+
+def test_explicit_options_win_over_a_preset():
+    cfg = parse_config(["--data", "x", "--out", "y", "--preset", "cpu", "--max-iters", "7", "--dropout", "0.1"])
+    assert cfg.max_iters == 7 and cfg.dropout == 0.1
+    assert cfg.n_layer == PRESETS["cpu"]["n_layer"]
+
+
+def test_config_with_hidden_size_not_divisible_by_heads_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--data", "x", "--out", "y", "--hidden-size", "30", "--n-head", "4"])
+    assert "divisible" in capsys.readouterr().err
+
+
+# the corpus
+
+def test_trainer_when_data_is_not_utf8_says_so(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("café au lait\n".encode("latin-1") * 200)
+    with pytest.raises(SystemExit, match="not UTF-8"):
+        train(config(bad, tmp_path / "run", "--max-iters", 1))
+
+
+def test_trainer_when_data_is_missing_says_so(tmp_path):
+    with pytest.raises(SystemExit, match="cannot read --data"):
+        train(config(tmp_path / "nope.txt", tmp_path / "run", "--max-iters", 1))
+
+
+def test_trainer_when_corpus_is_too_small_for_the_context_says_so(tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text("tiny" * 20)
+    with pytest.raises(SystemExit, match="too small"):
+        train(config(small, tmp_path / "run", "--max-iters", 1))
+
+
+def test_split_validates_on_the_last_tenth():
+    train_ids, val_ids = data_module.split(list(range(1000)), context_size=16)
+    assert train_ids.tolist() == list(range(900)) and val_ids.tolist() == list(range(900, 1000))
+
+
+def test_shakespeare_download_when_offline_asks_for_a_local_file(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise httpx.ConnectError("no network")
+
+    monkeypatch.setattr(httpx, "get", offline)
+    with pytest.raises(SystemExit, match="--data PATH"):
+        data_module.download_shakespeare(cache_dir=tmp_path)
+
+
+@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="shared/data/tinyshakespeare.txt is not here")
+def test_shakespeare_copy_in_shared_data_is_the_char_rnn_input_txt():
+    text, sha = data_module.read_corpus(str(SHAKESPEARE))
+    assert sha == data_module.SHAKESPEARE_SHA256
+    assert CharTokenizer.from_text(text).vocab_size == 65
+
+
+# runs
+
+@pytest.mark.slow
+def test_trainer_run_writes_a_loadable_checkpoint_a_log_and_a_plot(corpus, tmp_path):
+    out = tmp_path / "run"
+    run_trainer("--data", corpus, "--out", out, *TINY_TRAIN_ARGS, "--max-iters", 30, "--eval-interval", 15)
+    model, tok, meta = load_checkpoint(out)
+    assert isinstance(model, GPT) and not model.training
+    assert meta["corpus_sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
+    assert meta["iter"] in (0, 15, 30) and meta["tokens_seen"] == meta["iter"] * 4 * 16
+    assert meta["train_config"]["max_iters"] == 30 and meta["code_version"]
+    text = tok.decode(model.generate(torch.tensor([tok.encode("T")]), 20)[0].tolist())
+    assert len(text) == 21 and text[0] == "T"
+
+    log = read_log(out)
+    assert [r["iter"] for r in log if r["kind"] == "eval"] == [0, 15, 30]
+    assert [r["iter"] for r in log if r["kind"] == "train"] == list(range(30))
+    assert all({"loss", "lr", "tokens_per_s"} <= r.keys() for r in log if r["kind"] == "train")
+    evals = [r for r in log if r["kind"] == "eval"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]  # it learned something
+    assert meta["best_val_loss"] == min(r["val_loss"] for r in evals)
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_trainer_trains_the_lstm(corpus, tmp_path):
+    out = tmp_path / "run"
+    best = train(config(corpus, out, "--model", "lstm", "--tokenizer", "byte", "--max-iters", 30,
+                        "--eval-interval", 10, "--learning-rate", "1e-2", "--min-lr", "1e-3"))
+    model, _, meta = load_checkpoint(out)
+    assert isinstance(model, LSTM) and meta["model_type"] == "lstm"
+    assert meta["tokenizer"] == {"kind": "byte"}
+    evals = [r for r in read_log(out) if r["kind"] == "eval"]
+    assert best == meta["best_val_loss"] < evals[0]["val_loss"]
+
+
+def test_trainer_accumulating_two_micro_batches_equals_one_double_batch(corpus, tmp_path):
+    common = ["--max-iters", 3, "--eval-interval", 100]
+    train(config(corpus, tmp_path / "double", *common, "--batch-size", 8))
+    train(config(corpus, tmp_path / "accum", *common, "--batch-size", 4, "--gradient-accumulation-steps", 2))
+    (double, double_meta), (accum, accum_meta) = final_state(tmp_path / "double"), final_state(tmp_path / "accum")
+    assert accum_meta["tokens_seen"] == double_meta["tokens_seen"] == 3 * 8 * 16
+    for name in double:
+        if name.startswith("model."):
+            torch.testing.assert_close(accum[name], double[name], rtol=0, atol=1e-5)
+
+
+def test_trainer_refuses_to_overwrite_a_run_without_resume_or_overwrite(corpus, tmp_path):
+    out = tmp_path / "run"
+    train(config(corpus, out, "--max-iters", 2, "--eval-interval", 100))
+    with pytest.raises(SystemExit, match="--resume.*--overwrite"):
+        train(config(corpus, out, "--max-iters", 2))
+    train(config(corpus, out, "--max-iters", 2, "--overwrite"))  # the explicit way out
+
+
+def test_trainer_resume_without_a_run_says_so(corpus, tmp_path):
+    with pytest.raises(SystemExit, match="cannot resume"):
+        train(config(corpus, tmp_path / "empty", "--max-iters", 2, "--resume"))
+
+
+def test_trainer_resume_on_another_corpus_is_refused(corpus, tmp_path):
+    out = tmp_path / "run"
+    train(config(corpus, out, "--max-iters", 2))
+    other = tmp_path / "other.txt"
+    other.write_text(corpus.read_text().upper())
+    with pytest.raises(SystemExit, match="not the corpus"):
+        train(config(other, out, "--max-iters", 4, "--resume"))
+
+
+def log_rows(run_dir):
+    """What a log says, without the wall-clock fields that differ between runs."""
+    return [(r["kind"], r["iter"], r["tokens"], r.get("loss"), r.get("val_loss")) for r in read_log(run_dir)]
+
+
+def logged_train_steps(run_dir):
+    """Iterations of the train rows logged so far, read while the trainer may be writing."""
+    try:
+        lines = (run_dir / "log.jsonl").read_text().splitlines(keepends=True)
+    except FileNotFoundError:
+        return []
+    return [json.loads(line)["iter"] for line in lines if line.endswith("\n") and '"train"' in line]
+
+
+def kill_after_logged_step(cmd, out, step, timeout=60):
+    """Start the trainer and SIGKILL it mid-training, as soon as its log shows train step `step`."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=trainer_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if step in logged_train_steps(out):
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+    finally:
+        proc.kill()
+        _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed:\n{err.decode()[-3000:]}"
+    return read_safetensors(out / "resume.safetensors")[1]["iter"]
+
+
+@pytest.mark.slow
+def test_trainer_killed_mid_run_and_resumed_ends_with_the_same_weights(corpus, tmp_path):
+    args = ["--data", corpus, *TINY_TRAIN_ARGS, "--max-iters", 60, "--eval-interval", 20, "--dropout", 0.1]
+    run_trainer(*args, "--out", tmp_path / "whole")
+    killed = tmp_path / "killed"
+    k = kill_after_logged_step(trainer_command(*args, "--out", killed), killed, step=25)
+    assert 20 <= k < 60 and max(logged_train_steps(killed)) > k  # steps past the resume state are lost
+    run_trainer(*args, "--out", killed, "--resume")
+
+    (whole, whole_meta), (resumed, resumed_meta) = final_state(tmp_path / "whole"), final_state(killed)
+    assert resumed.keys() == whole.keys()
+    for name in whole:  # weights, optimizer moments and RNG states, bit for bit
+        assert torch.equal(resumed[name], whole[name]), name
+    assert (resumed_meta["iter"], resumed_meta["tokens_seen"]) == (whole_meta["iter"], whole_meta["tokens_seen"])
+    best_whole = read_safetensors(tmp_path / "whole" / "model.safetensors")[0]
+    best_resumed = read_safetensors(killed / "model.safetensors")[0]
+    assert all(torch.equal(best_resumed[n], best_whole[n]) for n in best_whole)
+    # the log reads as one run: nothing the killed run logged after its resume state is repeated
+    assert log_rows(killed) == log_rows(tmp_path / "whole")
+
+
+@pytest.mark.slow
+def test_trainer_under_torchrun_with_two_gloo_processes_writes_a_loadable_checkpoint(corpus, tmp_path):
+    out = tmp_path / "ddp"
+    proc = run_trainer("--data", corpus, "--out", out, *TINY_TRAIN_ARGS, "--max-iters", 6, "--eval-interval", 3,
+                       "--gradient-accumulation-steps", 2, "--device", "cpu", nproc=2)
+    model, _, meta = load_checkpoint(out)
+    assert isinstance(model, GPT)
+    assert meta["world_size"] == 2
+    assert final_state(out)[1]["tokens_seen"] == 6 * 4 * 16 * 2 * 2  # iters x batch x context x accum x ranks
+    assert [r["iter"] for r in read_log(out) if r["kind"] == "eval"] == [0, 3, 6]  # rank 0 alone logs
+    assert "world 2" in proc.stdout + proc.stderr
