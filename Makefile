@@ -3,9 +3,9 @@ PYTHON := .venv/bin/python
 
 .PHONY: install test serve
 
+# torch first and pinned: the CPU build lies on local disk; unpinned, pip would fetch a multi-GB CUDA build.
 install:
 	test -x $(PYTHON) || python3 -m venv .venv
-	# torch first and pinned: the CPU build lies on local disk; unpinned, pip would fetch a multi-GB CUDA build
 	$(PYTHON) -m pip install -q torch==2.13.0
 	$(PYTHON) -m pip install -q -e '.[test]'
 
