@@ -9,8 +9,8 @@ install:
 	$(PYTHON) -m pip install -q torch==2.13.0
 	$(PYTHON) -m pip install -q -e '.[test]'
 
-test:
+test: install
 	$(PYTHON) -m pytest -q
 
-serve:
+serve: install
 	$(PYTHON) -m app

@@ -34,6 +34,8 @@ class TrainConfig:
     log_interval: int = opt(10, "steps between train-loss log lines")
     seed: int = opt(1337, "seeds the weights, the batches and dropout")
     device: str = opt("auto", "auto picks cuda, then mps, then cpu", choices=["auto", "cpu", "cuda", "mps"])
+    dtype: str = opt("auto", "autocast precision; auto: bfloat16 on GPUs that support it, else float32",
+                     choices=["auto", "float32", "bfloat16"])
     compile: bool = opt(False, "torch.compile the model (needs a C compiler; pays off on GPUs)")
     resume: bool = opt(False, "continue the run in --out from its resume state")
     overwrite: bool = opt(False, "start afresh even if --out already holds a run")

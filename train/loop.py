@@ -44,6 +44,16 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
+def make_autocast(dtype, device):
+    """bf16 autocast where asked for (or, with auto, on a GPU that has it); fp32 otherwise."""
+    kind = device.split(":")[0]
+    if dtype == "auto":
+        dtype = "bfloat16" if kind == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(kind, dtype=torch.bfloat16)
+
+
 def model_args(cfg, vocab_size):
     if cfg.model == "gpt":
         return dict(vocab_size=vocab_size, context_size=cfg.context_size, hidden_size=cfg.hidden_size,
@@ -190,8 +200,7 @@ def train(cfg):
             data_gen.manual_seed(cfg.seed + rank + start_iter)
 
     is_cuda = device.startswith("cuda")
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if is_cuda and torch.cuda.is_bf16_supported()
-                else contextlib.nullcontext())
+    autocast = make_autocast(cfg.dtype, device)
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
