@@ -3,6 +3,8 @@ import asyncio
 import hmac
 import json
 
+from starlette.exceptions import HTTPException
+
 OPEN_PATHS = {"/health", "/ready"}
 
 
@@ -29,7 +31,7 @@ class APIKeyMiddleware:
 
 
 class BodyLimitMiddleware:
-    """Refuses bodies over `limit` bytes with 413, by Content-Length or while reading."""
+    """Refuses bodies over `limit` bytes with 413, by Content-Length or while reading (chunked)."""
 
     def __init__(self, app, limit):
         self.app, self.limit = app, limit
@@ -37,27 +39,22 @@ class BodyLimitMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        message = f"request body over {self.limit} bytes"
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await send_error(send, 413, f"request body over {self.limit} bytes", "invalid_request_error")
+            return await send_error(send, 413, message, "invalid_request_error")
         seen = 0
 
         async def limited_receive():
             nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
+            received = await receive()
+            seen += len(received.get("body", b""))
             if seen > self.limit:
-                raise BodyTooLarge()
-            return message
+                # an HTTPException, because FastAPI turns any other error while reading the body into 400
+                raise HTTPException(413, message)
+            return received
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except BodyTooLarge:
-            await send_error(send, 413, f"request body over {self.limit} bytes", "invalid_request_error")
-
-
-class BodyTooLarge(Exception):
-    pass
+        await self.app(scope, limited_receive, send)
 
 
 class SendTimeoutMiddleware:

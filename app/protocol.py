@@ -32,7 +32,7 @@ def check_prompt(prompt):
 class GenerateRequest(Strict):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float = Field(0.8, ge=0.0, le=MAX_TEMPERATURE, description="0 is greedy")
+    temperature: float = Field(0.8, ge=0.0, le=MAX_TEMPERATURE, description="0 (or below 1e-5) is greedy")
     top_k: int | None = Field(None, ge=1, le=MAX_TOP_K)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when absent; returned")

@@ -41,6 +41,14 @@ class GenerationFailed(Exception):
 
 
 @dataclass
+class Job:
+    """An admitted request: queued in its engine, its events arriving on `events`."""
+    req: Request
+    events: asyncio.Queue
+    seed: int
+
+
+@dataclass
 class ServedModel:
     name: str
     path: Path
@@ -79,7 +87,6 @@ class Service:
         self.models = {}
         self.ready = False
         self.draining = False
-        self.streams = 0  # generations in progress, for draining
 
     def load(self):
         paths = self.settings.checkpoints or default_checkpoints()
@@ -104,6 +111,10 @@ class Service:
         for served in self.models.values():
             served.engine.stop()
 
+    def in_flight(self):
+        """Generations running or queued, in every engine (admitted requests are queued at once)."""
+        return sum(sum(m.engine.counts()) for m in self.models.values())
+
     def get(self, name):
         if name is None:
             return next(iter(self.models.values()))
@@ -113,7 +124,7 @@ class Service:
         return self.models[name]
 
     def admit(self, served, params):
-        """Everything that can refuse a request, before any work is queued for it."""
+        """Everything that can refuse a request; then queue it, and return its Job."""
         if self.draining or not self.ready:
             raise APIError(503, "the server is shutting down" if self.draining else "the server is starting",
                            type="unavailable", headers={"Retry-After": "5"})
@@ -125,21 +136,23 @@ class Service:
         if running + queued >= self.settings.max_running + self.settings.max_queued:
             raise APIError(429, f"model {served.name!r} is at capacity ({running} running, {queued} queued); "
                            "retry shortly", type="rate_limit_error", headers={"Retry-After": "1"})
-        return ids
-
-    async def generate(self, served, params, ids):
-        """Yield TokenEvents, then one final dict; raise GenerationFailed if the engine fails."""
+        # Queued now, not when the response starts streaming: requests that arrive together must
+        # each see the ones admitted before them, or a burst would slip past the limit.
         loop = asyncio.get_running_loop()
         events = asyncio.Queue()
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         req = Request(ids, params.max_new_tokens,
                       emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, (ev, time.perf_counter())),
                       temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=seed)
+        served.engine.submit(req)
+        return Job(req, events, seed)
+
+    async def generate(self, served, params, job):
+        """Yield TokenEvents, then one final dict; raise GenerationFailed if the engine fails."""
+        req, events, seed, ids = job.req, job.events, job.seed, job.req.prompt
         text = TextStream(served.tokenizer, params.stop)
         first = last = None
         index = 0
-        self.streams += 1
-        served.engine.submit(req)
         try:
             while True:
                 (kind, value), at = await events.get()
@@ -180,14 +193,13 @@ class Service:
             }
         finally:
             req.cancel()  # the client left, a stop string matched, or we are done: free the slot
-            self.streams -= 1
 
     async def drain(self, timeout):
         """Stop admitting; wait for streams in flight, up to `timeout`; then end the rest."""
         self.draining = True
         self.ready = False
         deadline = time.monotonic() + timeout
-        while self.streams and time.monotonic() < deadline:
+        while self.in_flight() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for served in self.models.values():
             await asyncio.to_thread(served.engine.stop)  # the rest get ("finish", "error: engine stopped")

@@ -25,9 +25,14 @@ import torch.nn.functional as F
 from model.gpt import GPT
 
 
+# Below this, sampling differs from argmax only between logits closer than ~1e-4, and logits /
+# temperature can overflow to inf (a NaN softmax that would fail the whole batch): so it is greedy.
+MIN_TEMPERATURE = 1e-5
+
+
 def sample_next_token(logits, generator, temperature=1.0, top_k=None, top_p=1.0):
-    """One token from (V,) logits: argmax at temperature 0, else filtered multinomial."""
-    if temperature == 0:
+    """One token from (V,) logits: argmax at temperature 0 (or below MIN_TEMPERATURE), else filtered multinomial."""
+    if temperature < MIN_TEMPERATURE:
         return int(logits.argmax())
     logits = logits.float() / temperature if logits.dtype in (torch.float16, torch.bfloat16) else logits / temperature
     if top_k is not None and top_k < logits.size(-1):

@@ -1,0 +1,545 @@
+"""The HTTP API in-process: what each route sends, and how it refuses what it must refuse."""
+import asyncio
+import contextlib
+import hashlib
+import json
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from service_helpers import metric, parse_sse
+
+from app import serving as serving_module
+from app.main import create_app
+from app.metrics import Metrics
+from app.serving import Service
+from app.settings import Settings
+
+DONE_FIELDS = {"finish_reason", "text", "usage", "timings", "seed", "model", "checkpoint_sha256"}
+ERROR_FIELDS = {"message", "type", "param", "code"}
+
+
+def settings(checkpoints, names=("tiny-gpt", "tiny-lstm", "byte-gpt"), **overrides):
+    return Settings(_env_file=None, checkpoints=[str(checkpoints[n]) for n in names], **overrides)
+
+
+@pytest.fixture(scope="module")
+def client(checkpoints):
+    with TestClient(create_app(settings(checkpoints))) as c:
+        yield c
+
+
+@contextlib.contextmanager
+def serving(app):
+    with TestClient(app) as c:
+        yield c
+
+
+@contextlib.asynccontextmanager
+async def async_serving(app):
+    """An AsyncClient whose requests can run concurrently; the lifespan loads and warms the models."""
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://quill") as c:
+            yield c
+
+
+def stream(client, **body):
+    r = client.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = parse_sse(r.text)
+    return [data for name, data in events if name == "token"], events[-1]
+
+
+def complete(client, **body):
+    r = client.post("/generate", json={**body, "stream": False})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def assert_error(r, status, param=None):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == ERROR_FIELDS
+    assert body["error"]["code"] == status
+    assert body["error"]["message"]
+    if param is not None:
+        assert body["error"]["param"] == param
+        assert param.split(".")[0] in body["error"]["message"]
+    return body["error"]
+
+
+# -- POST /generate --
+
+def test_generate_streams_one_event_per_token_then_done(client, checkpoints):
+    tokens, (name, done) = stream(client, prompt="Hello", max_new_tokens=12, seed=3)
+    assert name == "done"
+    assert [t["index"] for t in tokens] == list(range(12))
+    assert all(isinstance(t["id"], int) and isinstance(t["text"], str) for t in tokens)
+    assert set(done) == DONE_FIELDS
+    assert done["finish_reason"] == "length"
+    assert done["text"] == "".join(t["text"] for t in tokens)
+    assert done["usage"] == {"prompt_tokens": 5, "completion_tokens": 12, "total_tokens": 17}
+    assert set(done["timings"]) == {"queue_s", "time_to_first_token_s", "total_s", "tokens_per_s"}
+    assert done["seed"] == 3
+    assert done["model"] == "tiny-gpt"
+    weights = checkpoints["tiny-gpt"] / "model.safetensors"
+    assert done["checkpoint_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+def test_generate_without_stream_returns_the_done_fields_as_one_object(client):
+    body = complete(client, prompt="Hello", max_new_tokens=12, seed=3)
+    _, (_, done) = stream(client, prompt="Hello", max_new_tokens=12, seed=3)
+    assert set(body) == DONE_FIELDS
+    assert {k: v for k, v in body.items() if k != "timings"} == {k: v for k, v in done.items() if k != "timings"}
+
+
+def test_generate_with_accept_text_plain_streams_the_bare_text(client):
+    r = client.post("/generate", json={"prompt": "Hello", "max_new_tokens": 20, "seed": 4},
+                    headers={"Accept": "text/plain"})
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    assert r.text == complete(client, prompt="Hello", max_new_tokens=20, seed=4)["text"] + "\n"
+
+
+def test_generate_same_seed_same_text_and_another_seed_another_text(client):
+    texts = [complete(client, prompt="Once", max_new_tokens=30, seed=s)["text"] for s in (9, 9, 10)]
+    assert texts[0] == texts[1] != texts[2]
+
+
+def test_generate_without_a_seed_returns_the_one_it_used_and_it_reproduces_the_text(client):
+    first = complete(client, prompt="Once", max_new_tokens=30)
+    again = complete(client, prompt="Once", max_new_tokens=30, seed=first["seed"])
+    assert again["text"] == first["text"]
+
+
+def test_generate_temperature_zero_ignores_the_seed(client):
+    texts = {complete(client, prompt="Once", max_new_tokens=30, temperature=0, seed=s)["text"] for s in (1, 2)}
+    assert len(texts) == 1
+
+
+def test_generate_stop_string_ends_with_finish_reason_stop_and_is_never_sent(client):
+    free = complete(client, prompt="Hello", max_new_tokens=40, temperature=0)["text"]
+    stop = free[12:15]
+    expected = free[:free.index(stop)]
+    tokens, (_, done) = stream(client, prompt="Hello", max_new_tokens=40, temperature=0, stop=[stop])
+    assert done["finish_reason"] == "stop"
+    assert done["text"] == expected
+    assert "".join(t["text"] for t in tokens) == expected
+    assert done["usage"]["completion_tokens"] == len(tokens)
+
+
+def test_generate_stop_string_that_never_appears_sends_everything(client):
+    free = complete(client, prompt="Hello", max_new_tokens=40, temperature=0)["text"]
+    body = complete(client, prompt="Hello", max_new_tokens=40, temperature=0, stop=["never there"])
+    assert (body["finish_reason"], body["text"]) == ("length", free)
+
+
+def test_generate_top_k_1_gives_the_greedy_text(client):
+    greedy = complete(client, prompt="Hello", max_new_tokens=30, temperature=0)["text"]
+    assert complete(client, prompt="Hello", max_new_tokens=30, temperature=1.5, top_k=1, seed=8)["text"] == greedy
+
+
+def test_generate_vanishing_temperature_gives_the_greedy_text(client):
+    greedy = complete(client, prompt="Hello", max_new_tokens=30, temperature=0)["text"]
+    assert complete(client, prompt="Hello", max_new_tokens=30, temperature=1e-300)["text"] == greedy
+
+
+def test_generate_chooses_the_model_by_name_and_defaults_to_the_first(client):
+    assert complete(client, prompt="Hi", max_new_tokens=3)["model"] == "tiny-gpt"
+    assert complete(client, prompt="Hi", max_new_tokens=3, model="tiny-lstm")["model"] == "tiny-lstm"
+
+
+def test_generate_with_a_byte_model_never_splits_a_character(client):
+    # random weights emit random bytes: some form whole multi-byte characters, most are invalid
+    for seed in range(20):
+        tokens, (_, done) = stream(client, prompt="héllo", max_new_tokens=300, temperature=1.0, seed=seed,
+                                   model="byte-gpt")
+        sent = "".join(t["text"] for t in tokens)
+        assert sent == done["text"] == bytes(t["id"] for t in tokens).decode("utf-8", errors="replace")
+        if any(ord(c) > 127 and c != "\ufffd" for c in sent):
+            return
+    pytest.fail("no seed produced a multi-byte character, so this test proved nothing")
+
+
+def test_generate_prompt_longer_than_the_context_is_served(client):
+    body = complete(client, prompt="abc " * 100, max_new_tokens=5)
+    assert body["usage"]["prompt_tokens"] == 400
+    assert body["usage"]["completion_tokens"] == 5
+
+
+def test_generate_same_seed_same_text_when_requests_share_a_batch(checkpoints):
+    async def run():
+        async with async_serving(create_app(settings(checkpoints, ["tiny-gpt"]))) as c:
+            body = {"prompt": "Hello", "max_new_tokens": 60, "stream": False}
+            alone = (await c.post("/generate", json={**body, "seed": 5})).json()["text"]
+            seeds = [5, 6, 5, 7, 5]
+            rs = await asyncio.gather(*[c.post("/generate", json={**body, "seed": s}) for s in seeds])
+            metrics = (await c.get("/metrics")).text
+            return alone, [r.json()["text"] for r, s in zip(rs, seeds) if s == 5], metrics
+
+    alone, batched, metrics = asyncio.run(run())
+    assert metric(metrics, "quill_batch_size_bucket", le="1.0") < metric(metrics, "quill_batch_size_count"), \
+        "no step ever ran more than one request, so this test proved nothing"
+    assert batched == [alone] * 3
+
+
+def test_engine_failure_mid_stream_ends_with_an_error_event_and_the_server_keeps_serving(checkpoints, monkeypatch):
+    app = create_app(settings(checkpoints, ["tiny-gpt"]))
+    with serving(app) as c:
+        cache = app.state.service.models["tiny-gpt"].engine.cache
+        real_decode, calls = cache.decode, []
+
+        def decode_failing_once(ids):
+            calls.append(ids)
+            if len(calls) == 3:
+                raise RuntimeError("injected failure")
+            return real_decode(ids)
+
+        monkeypatch.setattr(cache, "decode", decode_failing_once)
+        r = c.post("/generate", json={"prompt": "Hi", "max_new_tokens": 10})
+        assert r.status_code == 200  # the stream had started
+        events = parse_sse(r.text)
+        assert [name for name, _ in events] == ["token"] * 3 + ["error"]
+        assert "injected failure" in events[-1][1]["error"]["message"]
+        assert events[-1][1]["error"]["type"] == "server_error"
+        assert metric(c.get("/metrics").text, "quill_requests_total", route="/generate", status="500") == 1
+        assert complete(c, prompt="Hi", max_new_tokens=10)["usage"]["completion_tokens"] == 10
+
+
+def test_engine_failure_without_stream_gives_500_in_the_error_shape(checkpoints, monkeypatch):
+    app = create_app(settings(checkpoints, ["tiny-gpt"]))
+    with serving(app) as c:
+        monkeypatch.setattr(app.state.service.models["tiny-gpt"].engine.cache, "decode", lambda ids: 1 / 0)
+        error = assert_error(c.post("/generate", json={"prompt": "Hi", "max_new_tokens": 10, "stream": False}), 500)
+        assert "ZeroDivisionError" in error["message"]
+
+
+# -- bad input: 422, one error shape, naming the field --
+
+BAD_GENERATE = [
+    ('{"prompt": "Hi", "temperature": NaN}', "temperature"),
+    ('{"prompt": "Hi", "temperature": Infinity}', "temperature"),
+    ('{"prompt": "Hi", "top_p": -Infinity}', "top_p"),
+    ('{"prompt": "Hi", "temperature": 1e999}', "temperature"),
+    ('{"prompt": "Hi", "temperature": -0.5}', "temperature"),
+    ('{"prompt": "Hi", "temperature": 1e300}', "temperature"),
+    ('{"prompt": "Hi", "max_new_tokens": -1}', "max_new_tokens"),
+    ('{"prompt": "Hi", "max_new_tokens": 0}', "max_new_tokens"),
+    ('{"prompt": "Hi", "max_new_tokens": 100000000000000000000000}', "max_new_tokens"),
+    ('{"prompt": "Hi", "max_new_tokens": 1.5}', "max_new_tokens"),
+    ('{"prompt": "Hi", "max_new_tokens": "5"}', "max_new_tokens"),
+    ('{"prompt": "Hi", "max_new_tokens": true}', "max_new_tokens"),
+    ('{"prompt": "Hi", "temperature": "0.5"}', "temperature"),
+    ('{"prompt": "Hi", "temperature": false}', "temperature"),
+    ('{"prompt": "Hi", "top_k": 0}', "top_k"),
+    ('{"prompt": "Hi", "top_k": true}', "top_k"),
+    ('{"prompt": "Hi", "top_p": 0}', "top_p"),
+    ('{"prompt": "Hi", "top_p": 1.5}', "top_p"),
+    ('{"prompt": "Hi", "seed": -1}', "seed"),
+    ('{"prompt": "Hi", "seed": 18446744073709551616}', "seed"),
+    ('{"prompt": "Hi", "seed": "42"}', "seed"),
+    ('{"prompt": "Hi", "stream": "yes"}', "stream"),
+    ('{"prompt": ""}', "prompt"),
+    ('{"prompt": " \\n\\t "}', "prompt"),
+    ('{"prompt": 5}', "prompt"),
+    ('{"prompt": null}', "prompt"),
+    ('{"max_new_tokens": 5}', "prompt"),
+    (json.dumps({"prompt": "a" * 16_001}), "prompt"),
+    ('{"prompt": "h\\u00e9llo"}', "prompt"),  # the character model has no "é"
+    ('{"prompt": "Hi \\ud83c"}', "prompt"),  # a lone surrogate
+    ('{"prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}', "stop"),
+    ('{"prompt": "Hi", "stop": [""]}', "stop.0"),
+    ('{"prompt": "Hi", "stop": "a"}', "stop"),
+    ('{"prompt": "Hi", "max_tokens": 5}', "max_tokens"),
+    ('{"prompt": "Hi", "model": 3}', "model"),
+]
+
+BAD_COMPLETIONS = [
+    ('{"prompt": "Hi", "temperature": NaN}', "temperature"),
+    ('{"prompt": "Hi", "max_tokens": 0}', "max_tokens"),
+    ('{"prompt": "Hi", "max_tokens": "16"}', "max_tokens"),
+    ('{"prompt": "Hi", "n": 2}', "n"),
+    ('{"prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}', "stop"),
+    ('{"prompt": "Hi", "stream_options": {"include_usage": 1}}', "stream_options.include_usage"),
+    ('{"prompt": "Hi", "logprobs": 5}', "logprobs"),
+    ('{"prompt": "   "}', "prompt"),
+]
+
+BAD_BODIES = [("/generate", body, param) for body, param in BAD_GENERATE] + \
+             [("/v1/completions", body, param) for body, param in BAD_COMPLETIONS]
+
+
+@pytest.mark.parametrize("route, body, param", BAD_BODIES, ids=[f"{r} {b[:60]}" for r, b, _ in BAD_BODIES])
+def test_bad_parameter_gives_422_in_the_error_shape_naming_the_field(client, route, body, param):
+    r = client.post(route, content=body, headers={"Content-Type": "application/json"})
+    assert_error(r, 422, param)
+
+
+@pytest.mark.parametrize("body", ["not json", "[]", '"prompt"', "", '{"prompt": "Hi",}'])
+def test_body_that_is_not_a_json_object_gives_422(client, body):
+    assert_error(client.post("/generate", content=body, headers={"Content-Type": "application/json"}), 422)
+
+
+def test_server_keeps_serving_after_every_bad_request(client):
+    for route, body, _ in BAD_BODIES:
+        assert client.post(route, content=body, headers={"Content-Type": "application/json"}).status_code == 422
+        assert complete(client, prompt="Hi", max_new_tokens=2)["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("route", ["/generate", "/v1/completions"])
+def test_unknown_model_gives_404_in_the_error_shape(client, route):
+    error = assert_error(client.post(route, json={"prompt": "Hi", "model": "nope"}), 404, "model")
+    assert "tiny-gpt" in error["message"]  # says what is served
+
+
+def test_oversized_body_gives_413(client):
+    assert_error(client.post("/generate", json={"prompt": "a" * 300_000}), 413)
+
+
+def test_oversized_body_without_a_length_gives_413(client):
+    def chunks():  # chunked transfer: no Content-Length to refuse it by
+        yield b'{"prompt": "'
+        for _ in range(100):
+            yield b"a" * 4096
+        yield b'"}'
+
+    assert_error(client.post("/generate", content=chunks(), headers={"Content-Type": "application/json"}), 413)
+    assert complete(client, prompt="Hi", max_new_tokens=2)["finish_reason"] == "length"
+
+
+def test_unknown_route_gives_404_in_the_error_shape(client):
+    assert_error(client.get("/nope"), 404)
+
+
+def test_wrong_method_gives_405_in_the_error_shape(client):
+    assert_error(client.get("/generate"), 405)
+
+
+# -- operations --
+
+def test_health_says_ok(client):
+    r = client.get("/health")
+    assert (r.status_code, r.json()) == (200, {"status": "ok"})
+
+
+def test_ready_lists_the_models_once_loaded(client):
+    r = client.get("/ready")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ready", "models": ["tiny-gpt", "tiny-lstm", "byte-gpt"]}
+
+
+def test_ready_is_503_before_the_models_are_loaded(checkpoints):
+    app = create_app(settings(checkpoints))
+    r = TestClient(app).get("/ready")  # outside `with`: the lifespan has not run
+    assert_error(r, 503)
+    assert "Retry-After" in r.headers
+
+
+def test_no_checkpoint_configured_or_bundled_fails_saying_how_to_train_one(monkeypatch, tmp_path):
+    monkeypatch.setattr(serving_module, "BUNDLED", tmp_path)
+    with pytest.raises(SystemExit, match="python -m train"):
+        Service(Settings(_env_file=None), Metrics()).load()
+
+
+def test_without_a_configured_checkpoint_the_bundled_ones_are_served_gpt_first(checkpoints, monkeypatch, tmp_path):
+    for bundled, fixture in (("shakespeare-lstm", "tiny-lstm"), ("shakespeare-gpt", "tiny-gpt")):
+        (tmp_path / bundled).symlink_to(checkpoints[fixture])
+    monkeypatch.setattr(serving_module, "BUNDLED", tmp_path)
+    service = Service(Settings(_env_file=None), Metrics())
+    service.load()
+    assert list(service.models) == ["shakespeare-gpt", "shakespeare-lstm"]
+
+
+def test_metrics_count_requests_by_route_and_status_and_every_token(client):
+    before = client.get("/metrics").text
+    tokens_before = metric(before, "quill_tokens_generated_total", model="tiny-lstm") or 0
+    ok_before = metric(before, "quill_requests_total", route="/generate", status="200") or 0
+    bad_before = metric(before, "quill_requests_total", route="/generate", status="422") or 0
+    complete(client, prompt="Hi", max_new_tokens=7, model="tiny-lstm")
+    client.post("/generate", json={"prompt": ""})
+
+    after = client.get("/metrics")
+    assert after.status_code == 200
+    assert after.headers["content-type"].startswith("text/plain")
+    text = after.text
+    assert metric(text, "quill_tokens_generated_total", model="tiny-lstm") == tokens_before + 7
+    assert metric(text, "quill_requests_total", route="/generate", status="200") == ok_before + 1
+    assert metric(text, "quill_requests_total", route="/generate", status="422") == bad_before + 1
+    for name in ("quill_requests_running", "quill_requests_queued"):
+        assert metric(text, name) == 0
+    for name in ("quill_batch_size", "quill_time_to_first_token_seconds", "quill_inter_token_latency_seconds"):
+        assert metric(text, name + "_count") > 0
+        assert metric(text, name + "_bucket", le="+Inf") == metric(text, name + "_count")
+
+
+# -- OpenAI-compatible --
+
+def test_v1_models_lists_every_served_model(client):
+    r = client.get("/v1/models")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["tiny-gpt", "tiny-lstm", "byte-gpt"]
+    assert all(m["object"] == "model" for m in body["data"])
+
+
+def test_v1_completions_returns_a_text_completion(client):
+    r = client.post("/v1/completions", json={"model": "tiny-lstm", "prompt": "Hello", "max_tokens": 9, "seed": 2})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "text_completion" and body["model"] == "tiny-lstm"
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["choices"][0]["text"] == complete(client, prompt="Hello", max_new_tokens=9, seed=2,
+                                                  model="tiny-lstm", temperature=1.0)["text"]
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}
+
+
+def test_v1_completions_stream_ends_with_done_and_can_include_usage(client):
+    body = {"prompt": "Hello", "max_tokens": 9, "seed": 2, "stream": True, "stream_options": {"include_usage": True}}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200
+    data = [d for _, d in parse_sse(r.text)]
+    assert data[-1] == "[DONE]"
+    chunks = data[:-1]
+    usage = chunks[-1]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 9
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    text = "".join(c["choices"][0]["text"] for c in chunks[:-1])
+    assert text == client.post("/v1/completions", json={**body, "stream": False}).json()["choices"][0]["text"]
+
+
+def test_v1_completions_stream_without_include_usage_sends_no_usage(client):
+    r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4, "stream": True})
+    data = [d for _, d in parse_sse(r.text)]
+    assert data[-1] == "[DONE]"
+    assert all("usage" not in d and d["choices"] for d in data[:-1])
+
+
+def test_v1_completions_stop_accepts_one_string_and_is_never_sent(client):
+    free = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 40, "temperature": 0}).json()
+    text = free["choices"][0]["text"]
+    stop = text[10:12]
+    r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 40, "temperature": 0, "stop": stop})
+    choice = r.json()["choices"][0]
+    assert (choice["finish_reason"], choice["text"]) == ("stop", text[:text.index(stop)])
+
+
+# -- API key and CORS --
+
+def route_requests(app):
+    """One well-formed request per route of the app, so that a new route cannot escape these tests."""
+    bodies = {"/generate": {"prompt": "Hi", "max_new_tokens": 2}, "/v1/completions": {"prompt": "Hi", "max_tokens": 2}}
+    routes = {path: {m.upper() for m in ops} for path, ops in app.openapi()["paths"].items()}
+    for route in app.routes:  # the documentation pages, which the schema leaves out
+        if hasattr(route, "path"):
+            routes.setdefault(route.path, route.methods - {"HEAD"})
+    for path, methods in sorted(routes.items()):
+        for method in sorted(methods):
+            if method == "POST":
+                assert path in bodies, f"add a body for the new route {path}"
+            yield method, path, bodies.get(path)
+
+
+def test_api_key_when_set_is_required_on_every_route_but_health_and_ready(checkpoints):
+    app = create_app(settings(checkpoints, ["tiny-gpt"], api_key="s3cret"))
+    requests = list(route_requests(app))
+    assert {("POST", "/generate"), ("GET", "/metrics"), ("GET", "/docs")} <= {(m, p) for m, p, _ in requests}
+    with serving(app) as c:
+        for method, path, body in requests:
+            open_path = path in ("/health", "/ready")
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                r = c.request(method, path, json=body, headers=headers)
+                if open_path:
+                    assert r.status_code == 200, (method, path)
+                else:
+                    assert_error(r, 401)
+                    assert r.headers["www-authenticate"] == "Bearer"
+            r = c.request(method, path, json=body, headers={"Authorization": "Bearer s3cret"})
+            assert r.status_code == 200, (method, path, r.text)
+
+
+def test_cors_is_closed_by_default(client):
+    preflight = client.options("/generate", headers={"Origin": "https://example.com",
+                                                     "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers
+    r = client.get("/health", headers={"Origin": "https://example.com"})
+    assert "access-control-allow-origin" not in r.headers
+
+
+def test_cors_is_open_to_the_configured_origins_only(checkpoints):
+    app = create_app(settings(checkpoints, ["tiny-gpt"], cors_origins=["https://ok.example"]))
+    with serving(app) as c:
+        preflight = c.options("/generate", headers={"Origin": "https://ok.example",
+                                                    "Access-Control-Request-Method": "POST",
+                                                    "Access-Control-Request-Headers": "content-type"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "https://ok.example"
+        r = c.post("/generate", json={"prompt": "Hi", "max_new_tokens": 2, "stream": False},
+                   headers={"Origin": "https://ok.example"})
+        assert r.headers["access-control-allow-origin"] == "https://ok.example"
+        other = c.get("/health", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_cors_preflight_needs_no_api_key(checkpoints):
+    app = create_app(settings(checkpoints, ["tiny-gpt"], api_key="s3cret", cors_origins=["https://ok.example"]))
+    with serving(app) as c:
+        preflight = c.options("/generate", headers={"Origin": "https://ok.example",
+                                                    "Access-Control-Request-Method": "POST",
+                                                    "Access-Control-Request-Headers": "authorization"})
+        assert preflight.status_code == 200
+
+
+# -- admission --
+
+def test_request_beyond_running_and_queued_limits_gets_429_with_retry_after_at_once(checkpoints):
+    app = create_app(settings(checkpoints, ["tiny-gpt"], max_running=1, max_queued=0))
+    models = app.state.service.models  # filled by the lifespan
+
+    async def run():
+        async with async_serving(app) as c:
+            held = asyncio.create_task(c.post("/generate", json={"prompt": "Hi", "max_new_tokens": 2048}))
+            while models["tiny-gpt"].engine.counts() != (1, 0):
+                await asyncio.sleep(0.01)
+            refused = await asyncio.wait_for(c.post("/generate", json={"prompt": "Hi", "max_new_tokens": 2}), 5)
+            held.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await held
+            while models["tiny-gpt"].engine.counts() != (0, 0):
+                await asyncio.sleep(0.01)
+            after = await c.post("/generate", json={"prompt": "Hi", "max_new_tokens": 2, "stream": False})
+            return refused, after
+
+    refused, after = asyncio.run(run())
+    error = assert_error(refused, 429)
+    assert error["type"] == "rate_limit_error"
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert after.status_code == 200
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_burst_of_requests_admits_exactly_running_plus_queued(checkpoints, stream):
+    app = create_app(settings(checkpoints, ["tiny-gpt"], max_running=2, max_queued=1))
+
+    async def run():
+        async with async_serving(app) as c:
+            body = {"prompt": "Hi", "max_new_tokens": 300, "stream": stream}
+            return await asyncio.gather(*[c.post("/generate", json=body) for _ in range(7)])
+
+    statuses = sorted(r.status_code for r in asyncio.run(run()))
+    assert statuses == [200] * 3 + [429] * 4
+
+
+def test_draining_service_refuses_new_requests_with_503(checkpoints):
+    app = create_app(settings(checkpoints, ["tiny-gpt"]))
+
+    async def run():
+        async with async_serving(app) as c:
+            await app.state.service.drain(0)
+            return await c.post("/generate", json={"prompt": "Hi"}), await c.get("/ready")
+
+    refused, ready = asyncio.run(run())
+    assert_error(refused, 503)
+    assert assert_error(ready, 503)["message"] == "not ready: draining"

@@ -1,0 +1,338 @@
+"""The engine, specified against the naive GPT.generate / LSTM.generate and against itself."""
+import threading
+
+import pytest
+import torch
+from service_helpers import CONTEXT, tiny_gpt, tiny_lstm, wait_until
+
+from model.engine import Engine, Request, sample_next_token
+
+VOCAB = 40
+PROMPT = [1, 2, 3, 4]
+
+
+def gpt64():
+    return tiny_gpt(VOCAB).double()  # double: the oracle comparisons are about logic, not float noise
+
+
+def lstm64():
+    return tiny_lstm(VOCAB).double()
+
+
+MODELS = pytest.mark.parametrize("make", [gpt64, lstm64], ids=["gpt", "lstm"])
+
+
+def naive(model, prompt, n, seed, temperature=1.0):
+    torch.manual_seed(seed)  # GPT.generate samples from the global generator
+    return model.generate(torch.tensor([prompt]), n, temperature=temperature)[0, len(prompt):].tolist()
+
+
+def greedy(model, prompt, n):
+    """Argmax decoding by full forwards over the context: the reference for temperature 0."""
+    ids = list(prompt)
+    for _ in range(n):
+        logits, _ = model(torch.tensor([ids[-CONTEXT:]]))
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+class Recorder:
+    """A request's emit callback that keeps every event."""
+
+    def __init__(self):
+        self.events = []
+
+    def __call__(self, event):
+        self.events.append(event)
+
+    @property
+    def tokens(self):
+        return [v for kind, v in self.events if kind == "token"]
+
+    @property
+    def finish(self):
+        return self.events[-1][1] if self.events and self.events[-1][0] == "finish" else None
+
+
+def request(prompt, n, seed=0, **sampling):
+    return Request(list(prompt), n, Recorder(), seed=seed, **sampling)
+
+
+def run_until_done(engine, *reqs):
+    while any(r.emit.finish is None for r in reqs):
+        engine.step()
+
+
+@MODELS
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_engine_tokens_equal_naive_generate_for_the_same_seed(make, temperature):
+    model = make()
+    # GPT: the last token is still predicted from a context that fits. The LSTM has no context limit.
+    n = CONTEXT + 1 - len(PROMPT) if make is gpt64 else 80
+    expected = naive(model, PROMPT, n, seed=7, temperature=temperature)
+    assert Engine(model, max_batch=4).generate(PROMPT, n, seed=7, temperature=temperature) == expected
+
+
+@MODELS
+def test_engine_past_the_context_continues_and_returns_the_requested_count(make):
+    n = 3 * CONTEXT + 5
+    out = Engine(make(), max_batch=2).generate(PROMPT, n, seed=1)
+    assert len(out) == n
+    assert all(0 <= t < VOCAB for t in out)
+
+
+def sliding_greedy(model, prompt, n):
+    """Greedy decoding over the documented window: the last context tokens, and once that overflows,
+    the last context // 2 + 1, growing again until the next overflow."""
+    ids = list(prompt)
+    start = max(0, len(ids) - CONTEXT)
+    for _ in range(n):
+        if len(ids) - start > CONTEXT:
+            start = len(ids) - (CONTEXT // 2 + 1)
+        logits, _ = model(torch.tensor([ids[start:]]))
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("prompt_length", [4, 3 * CONTEXT])
+def test_engine_past_the_context_slides_a_window_that_halves(prompt_length):
+    model = gpt64()
+    prompt = [i % VOCAB for i in range(prompt_length)]
+    n = 3 * CONTEXT
+    assert Engine(model).generate(prompt, n, temperature=0.0) == sliding_greedy(model, prompt, n)
+
+
+def test_engine_prompt_longer_than_the_context_uses_its_last_context_tokens():
+    model = gpt64()
+    prompt = [i % VOCAB for i in range(3 * CONTEXT)]
+    expected = naive(model, prompt[-CONTEXT:], 1, seed=5)
+    assert Engine(model).generate(prompt, 1, seed=5) == expected
+
+
+@MODELS
+def test_engine_temperature_zero_is_argmax_whatever_the_seed(make):
+    model = make()
+    engine = Engine(model)
+    out = engine.generate(PROMPT, 20, seed=1, temperature=0.0)
+    assert out == engine.generate(PROMPT, 20, seed=2, temperature=0.0)
+    if make is gpt64:
+        assert out == greedy(model, PROMPT, 20)
+
+
+@pytest.mark.parametrize("sampling", [dict(top_k=1), dict(top_p=1e-9)], ids=["top_k=1", "tiny top_p"])
+def test_engine_keeping_only_the_best_token_equals_greedy(sampling):
+    engine = Engine(gpt64())
+    assert engine.generate(PROMPT, 20, seed=3, temperature=1.0, **sampling) == \
+        engine.generate(PROMPT, 20, temperature=0.0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 17])
+def test_engine_max_new_tokens_is_respected(n):
+    req = request(PROMPT, n)
+    engine = Engine(gpt64())
+    engine.submit(req)
+    run_until_done(engine, req)
+    assert len(req.emit.tokens) == n
+    assert req.emit.finish == "length"
+
+
+def test_engine_same_seed_same_tokens_alone_or_batched_with_others():
+    model = tiny_gpt(VOCAB)  # float32, as served
+    # different prompts and lengths, some past the context (each row slides on its own)
+    jobs = [([1, 2, 3], 90, 11), ([5] * 40, 30, 12), ([7, 8], 70, 13), ([9, 1, 9, 1], 50, 11)]
+    alone = [Engine(model, max_batch=1).generate(p, n, seed=s) for p, n, s in jobs]
+
+    sizes = []
+    engine = Engine(model, max_batch=8, on_step=sizes.append)
+    results = [None] * len(jobs)
+    barrier = threading.Barrier(len(jobs))
+
+    def client(i):
+        prompt, n, seed = jobs[i]
+        barrier.wait()
+        results[i] = engine.generate(prompt, n, seed=seed)
+
+    engine.start()
+    try:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        engine.stop()
+    assert max(sizes) > 1, "the requests never shared a batch, so this test proved nothing"
+    assert results == alone
+
+
+def test_engine_cancelled_request_leaves_the_batch_and_the_others_continue_unchanged():
+    model = gpt64()
+    expected = Engine(model).generate([6, 7], 25, seed=2)
+    engine = Engine(model, max_batch=4)
+    first, second = request(PROMPT, 100, seed=1), request([6, 7], 25, seed=2)
+    engine.submit(first)
+    engine.submit(second)
+    for _ in range(5):
+        engine.step()
+    assert engine.counts() == (2, 0)
+
+    first.cancel()  # slot 0 frees, and the second row moves into it
+    engine.step()
+    tokens_then = len(first.emit.tokens)
+    assert first.emit.finish == "cancelled"
+    assert engine.counts() == (1, 0)
+
+    run_until_done(engine, second)
+    assert len(first.emit.tokens) == tokens_then
+    assert second.emit.tokens == expected
+
+
+def test_engine_request_cancelled_while_waiting_finishes_without_tokens():
+    engine = Engine(gpt64())
+    req = request(PROMPT, 10)
+    engine.submit(req)
+    req.cancel()
+    engine.step()
+    assert req.emit.events == [("finish", "cancelled")]
+    assert engine.counts() == (0, 0)
+
+
+def test_engine_failed_step_ends_every_active_request_with_an_error_and_keeps_serving(monkeypatch):
+    model = gpt64()
+    engine = Engine(model, max_batch=4)
+    reqs = [request(PROMPT, 50, seed=1), request([3, 3], 50, seed=2)]
+    for r in reqs:
+        engine.submit(r)
+    engine.step()
+
+    real_decode = engine.cache.decode
+    calls = []
+
+    def decode_failing_once(ids):
+        calls.append(ids)
+        if len(calls) == 1:
+            raise RuntimeError("injected failure")
+        return real_decode(ids)
+
+    monkeypatch.setattr(engine.cache, "decode", decode_failing_once)
+    engine.step()
+    for r in reqs:
+        assert r.emit.finish.startswith("error: ")
+        assert "injected failure" in r.emit.finish
+    assert engine.counts() == (0, 0)
+
+    assert engine.generate([6, 7], 25, seed=2) == Engine(model).generate([6, 7], 25, seed=2)
+
+
+def test_engine_failed_step_in_the_thread_reaches_the_waiting_caller(monkeypatch):
+    engine = Engine(gpt64())
+    monkeypatch.setattr(engine.cache, "decode", lambda ids: 1 / 0)
+    engine.start()
+    try:
+        with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+            engine.generate(PROMPT, 5)
+    finally:
+        engine.stop()
+
+
+def test_engine_stopped_with_requests_in_flight_ends_them_with_an_error():
+    engine = Engine(gpt64(), max_batch=1)
+    reqs = [request(PROMPT, 10_000), request(PROMPT, 10)]  # one running, one waiting
+    for r in reqs:
+        engine.submit(r)
+    engine.start()
+    assert wait_until(lambda: reqs[0].emit.tokens, timeout=30)
+    engine.stop()
+    assert [r.emit.finish for r in reqs] == ["error: engine stopped"] * 2
+
+
+def test_engine_listener_that_raises_cancels_only_its_own_request():
+    engine = Engine(gpt64())
+    broken = request(PROMPT, 30)
+
+    def raising(event):
+        raise ValueError("client went away")
+
+    broken.emit = raising
+    healthy = request([6, 7], 30)
+    engine.submit(broken)
+    engine.submit(healthy)
+    run_until_done(engine, healthy)
+    assert healthy.emit.finish == "length"
+    assert len(healthy.emit.tokens) == 30
+    assert engine.counts() == (0, 0)
+
+
+def test_engine_refuses_an_empty_prompt():
+    with pytest.raises(ValueError):
+        Engine(gpt64()).submit(request([], 5))
+
+
+# -- sample_next_token --
+
+def test_sample_next_token_at_temperature_zero_is_argmax_and_consumes_no_randomness():
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    assert sample_next_token(torch.tensor([0.1, 3.0, -1.0, 2.9]), g, temperature=0) == 1
+    assert torch.equal(g.get_state(), state)
+
+
+@pytest.mark.parametrize("logits", [[0.1, 3.0, -1.0, 2.9], [-5.0, -0.5, -9.0, -0.6]], ids=["mixed", "negative"])
+@pytest.mark.parametrize("temperature", [1e-300, 1e-40, 1e-6])
+def test_sample_next_token_at_a_vanishing_temperature_is_argmax(logits, temperature):
+    g = torch.Generator().manual_seed(0)
+    assert sample_next_token(torch.tensor(logits), g, temperature=temperature) == 1
+
+
+def test_engine_request_at_a_vanishing_temperature_is_greedy_and_harms_no_one_in_its_batch():
+    model = gpt64()
+    engine = Engine(model)
+    expected = engine.generate([6, 7], 30, seed=2)
+    tiny, other = request(PROMPT, 30, temperature=1e-300), request([6, 7], 30, seed=2)
+    engine.submit(tiny)
+    engine.submit(other)
+    run_until_done(engine, tiny, other)
+    assert (tiny.emit.finish, other.emit.finish) == ("length", "length")
+    assert tiny.emit.tokens == greedy(model, PROMPT, 30)
+    assert other.emit.tokens == expected
+
+
+def test_sample_next_token_draws_as_multinomial_over_the_tempered_softmax():
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(1))
+    for seed in range(20):
+        probs = torch.softmax(logits / 0.7, -1)
+        expected = int(torch.multinomial(probs.unsqueeze(0), 1, generator=torch.Generator().manual_seed(seed)))
+        assert sample_next_token(logits, torch.Generator().manual_seed(seed), temperature=0.7) == expected
+
+
+def test_sample_next_token_with_top_k_only_draws_from_the_k_best():
+    logits = torch.tensor([1.0, 5.0, 0.0, 4.9, -2.0, 4.8])
+    g = torch.Generator().manual_seed(0)
+    drawn = {sample_next_token(logits, g, temperature=5.0, top_k=2) for _ in range(300)}
+    assert drawn == {1, 3}
+
+
+def test_sample_next_token_with_top_k_above_the_vocabulary_keeps_everything():
+    logits = torch.zeros(4)
+    g = torch.Generator().manual_seed(0)
+    assert {sample_next_token(logits, g, top_k=10) for _ in range(300)} == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("top_p, allowed", [(0.5, {0}), (0.6, {0, 1}), (0.85, {0, 1, 2}), (1.0, {0, 1, 2, 3})])
+def test_sample_next_token_with_top_p_keeps_the_smallest_set_reaching_that_mass(top_p, allowed):
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    g = torch.Generator().manual_seed(0)
+    assert {sample_next_token(logits, g, top_p=top_p) for _ in range(400)} == allowed
+
+
+def test_sample_next_token_same_seed_same_token():
+    logits = torch.zeros(1000)
+    draws = [sample_next_token(logits, torch.Generator().manual_seed(42)) for _ in range(3)]
+    assert len(set(draws)) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sample_next_token_accepts_half_precision_logits(dtype):
+    logits = torch.tensor([0.0, 10.0, 0.0], dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    assert sample_next_token(logits, g, temperature=0.5, top_k=2, top_p=0.9) == 1

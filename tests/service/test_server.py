@@ -1,0 +1,153 @@
+"""A real `python -m app` over the network: streaming, disconnects, overload, SIGTERM."""
+import time
+
+import httpx
+import pytest
+from service_helpers import app_command, metric, parse_sse, running_server, wait_until
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+LONG = 2048  # the most a request may ask for: far longer than any check below takes
+
+
+class Events:
+    """The SSE events of a streaming response, read as they arrive."""
+
+    def __init__(self, response):
+        self.stream = self._parse(response.iter_text())
+
+    @staticmethod
+    def _parse(chunks):
+        buffer = ""
+        for chunk in chunks:
+            *blocks, buffer = (buffer + chunk).replace("\r\n", "\n").split("\n\n")
+            for block in blocks:
+                yield from parse_sse(block)
+        yield from parse_sse(buffer)
+
+    def tokens(self, n):
+        """Read until `n` token events have arrived; return the events read."""
+        events = []
+        for event in self.stream:
+            events.append(event)
+            if sum(name == "token" for name, _ in events) == n:
+                break
+        return events
+
+    def rest(self):
+        return list(self.stream)
+
+
+def open_stream(client, url, **body):
+    response = client.send(client.build_request("POST", url + "/generate", json=body), stream=True)
+    assert response.status_code == 200, response.read()
+    return response
+
+
+def test_stream_arrives_over_the_network_as_events(server):
+    with httpx.stream("POST", server.url + "/generate", json={"prompt": "Hello", "max_new_tokens": 40, "seed": 1},
+                      timeout=60) as r:
+        assert r.status_code == 200
+        events = Events(r).rest()
+    names = [name for name, _ in events]
+    assert names == ["token"] * 40 + ["done"]
+    done = events[-1][1]
+    assert done["finish_reason"] == "length"
+    assert done["text"] == "".join(data["text"] for _, data in events[:-1])
+
+
+DISCONNECTING = {
+    "sse": ("/generate", {"prompt": "Hello", "max_new_tokens": LONG}, {}),
+    "text": ("/generate", {"prompt": "Hello", "max_new_tokens": LONG}, {"Accept": "text/plain"}),
+    "openai": ("/v1/completions", {"prompt": "Hello", "max_tokens": LONG, "stream": True}, {}),
+}
+
+
+@pytest.mark.parametrize("kind", DISCONNECTING)
+def test_client_that_disconnects_mid_stream_leaves_the_batch(server, kind):
+    path, body, headers = DISCONNECTING[kind]
+    tokens_before = metric(server.metrics(), "quill_tokens_generated_total", model="tiny-gpt") or 0
+    with httpx.stream("POST", server.url + path, json=body, headers=headers, timeout=60) as r:
+        assert r.status_code == 200
+        assert next(r.iter_bytes())
+    # leaving the block closed the connection, mid-stream
+
+    def idle():
+        text = server.metrics()
+        return metric(text, "quill_requests_running") == 0 and metric(text, "quill_requests_queued") == 0
+
+    assert wait_until(idle, timeout=5), "the abandoned request is still in the batch"
+    generated = metric(server.metrics(), "quill_tokens_generated_total", model="tiny-gpt") - tokens_before
+    assert generated < LONG
+
+
+def test_overload_gets_429_at_once_and_admitted_streams_complete(server):
+    # the server admits 4 running + 2 queued per model
+    with httpx.Client(timeout=120) as client:
+        admitted = [open_stream(client, server.url, prompt="Hi", max_new_tokens=LONG) for _ in range(6)]
+        try:
+            for _ in range(3):
+                started = time.monotonic()
+                r = client.post(server.url + "/generate", json={"prompt": "Hi", "max_new_tokens": 5})
+                assert r.status_code == 429, r.text
+                assert r.headers["Retry-After"]
+                assert time.monotonic() - started < 2
+            # the other model has its own limits
+            other = client.post(server.url + "/generate",
+                                json={"prompt": "Hi", "max_new_tokens": 5, "model": "tiny-lstm", "stream": False})
+            assert other.status_code == 200
+            for response in admitted:
+                events = Events(response).rest()
+                assert events[-1][0] == "done" and events[-1][1]["finish_reason"] == "length"
+                assert sum(name == "token" for name, _ in events) == LONG
+        finally:
+            for response in admitted:
+                response.close()
+
+
+def test_sigterm_drains_streams_in_flight_then_exits_zero(checkpoints, tmp_path):
+    drain_timeout = 2.0
+    env = {"QUILL_DRAIN_TIMEOUT": str(drain_timeout)}
+    with running_server(app_command([checkpoints["tiny-gpt"]]), env, tmp_path / "server.log") as server, \
+            httpx.Client(timeout=60) as client:
+        long = Events(open_stream(client, server.url, prompt="Hi", max_new_tokens=LONG))
+        short = Events(open_stream(client, server.url, prompt="Hi", max_new_tokens=200))
+        assert long.tokens(1) and short.tokens(1)
+
+        server.terminate()
+        signalled = time.monotonic()
+        ready = client.get(server.url + "/ready")
+        assert ready.status_code == 503
+        assert "draining" in ready.json()["error"]["message"]
+        refused = client.post(server.url + "/generate", json={"prompt": "Hi", "max_new_tokens": 5})
+        assert refused.status_code == 503
+
+        short_end = short.rest()[-1]
+        assert short_end[0] == "done", short_end  # it had time to finish
+        long_end = long.rest()[-1]
+        assert long_end[0] in ("done", "error"), long_end  # finished, or ended at the drain timeout
+        if long_end[0] == "error":
+            assert long_end[1]["error"]["message"]
+        assert time.monotonic() - signalled < drain_timeout + 5
+
+        assert server.proc.wait(timeout=drain_timeout + 20) == 0
+
+
+def test_second_sigterm_exits_at_once(checkpoints, tmp_path):
+    env = {"QUILL_DRAIN_TIMEOUT": "60"}
+    with running_server(app_command([checkpoints["tiny-gpt"]]), env, tmp_path / "server.log") as server, \
+            httpx.Client(timeout=60) as client:
+        stream = Events(open_stream(client, server.url, prompt="Hi", max_new_tokens=LONG))
+        assert stream.tokens(1)
+        server.terminate()
+        assert wait_until(lambda: client.get(server.url + "/ready").status_code == 503, timeout=5)
+        server.terminate()
+        server.proc.wait(timeout=10)  # not the 60 s drain
+
+
+def test_uvicorn_serves_app_main_with_settings_from_the_environment(checkpoints, tmp_path):
+    env = {"QUILL_CHECKPOINTS": f"{checkpoints['tiny-lstm']},{checkpoints['tiny-gpt']}", "QUILL_API_KEY": "k"}
+    with running_server(["-m", "uvicorn", "app.main:app"], env, tmp_path / "server.log") as server:
+        assert httpx.get(server.url + "/v1/models").status_code == 401
+        r = httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer k"})
+        assert [m["id"] for m in r.json()["data"]] == ["tiny-lstm", "tiny-gpt"]
