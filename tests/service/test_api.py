@@ -43,6 +43,13 @@ async def async_serving(app):
             yield c
 
 
+async def until(predicate, timeout=30):
+    async def poll():
+        while not predicate():
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(poll(), timeout)
+
+
 def stream(client, **body):
     r = client.post("/generate", json=body)
     assert r.status_code == 200, r.text
@@ -501,14 +508,12 @@ def test_request_beyond_running_and_queued_limits_gets_429_with_retry_after_at_o
     async def run():
         async with async_serving(app) as c:
             held = asyncio.create_task(c.post("/generate", json={"prompt": "Hi", "max_new_tokens": 2048}))
-            while models["tiny-gpt"].engine.counts() != (1, 0):
-                await asyncio.sleep(0.01)
+            await until(lambda: models["tiny-gpt"].engine.counts() == (1, 0))
             refused = await asyncio.wait_for(c.post("/generate", json={"prompt": "Hi", "max_new_tokens": 2}), 5)
             held.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await held
-            while models["tiny-gpt"].engine.counts() != (0, 0):
-                await asyncio.sleep(0.01)
+            await until(lambda: models["tiny-gpt"].engine.counts() == (0, 0))
             after = await c.post("/generate", json={"prompt": "Hi", "max_new_tokens": 2, "stream": False})
             return refused, after
 
