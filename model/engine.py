@@ -259,16 +259,20 @@ class Engine:
     def _admit(self):
         self._leave()
         while self.waiting and len(self.active) < self.max_batch:
-            with self.cond:
-                req = self.waiting.popleft()
+            req = self.waiting[0]
             if req.cancelled:
+                with self.cond:
+                    self.waiting.popleft()
                 self._emit(req, ("finish", "cancelled"))
                 continue
             req.started_at = self.clock()
             req.generator = torch.Generator().manual_seed(req.seed)
             req.tokens = list(req.prompt)
             slot = len(self.active)
+            # active before it leaves the queue: counts() may see it twice, never zero times
             self.active.append(req)
+            with self.cond:
+                self.waiting.popleft()
             context = self.cache.context or len(req.tokens)
             self._sample(req, self.cache.prefill(slot, req.tokens[-context:]))
         self._leave()
