@@ -6,7 +6,7 @@ import logging
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from app import routes_generate, routes_openai, routes_ops
+from app import routes_generate, routes_openai, routes_ops, routes_playground
 from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import APIKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, SendTimeoutMiddleware
@@ -33,7 +33,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Train a small language model on your own text and stream it over HTTP.")
     app.state.settings, app.state.metrics, app.state.service = settings, metrics, service
     install_error_handlers(app)
-    for module in (routes_generate, routes_openai, routes_ops):
+    for module in (routes_generate, routes_openai, routes_ops, routes_playground):
         app.include_router(module.router)
     # added innermost first: metrics sees every response, including refusals by the others
     app.add_middleware(SendTimeoutMiddleware, timeout=settings.send_timeout)

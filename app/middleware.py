@@ -5,7 +5,9 @@ import json
 
 from starlette.exceptions import HTTPException
 
-OPEN_PATHS = {"/health", "/ready"}
+from app.routes_playground import PLAYGROUND_PATHS
+
+OPEN_PATHS = {"/health", "/ready", *PLAYGROUND_PATHS}
 
 
 async def send_error(send, status, message, type, headers=()):
@@ -16,7 +18,7 @@ async def send_error(send, status, message, type, headers=()):
 
 
 class APIKeyMiddleware:
-    """Every route except /health and /ready needs `Authorization: Bearer KEY`."""
+    """Every route except /health, /ready and the playground's page needs `Authorization: Bearer KEY`."""
 
     def __init__(self, app, api_key):
         self.app, self.expected = app, f"Bearer {api_key}".encode()

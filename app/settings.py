@@ -18,7 +18,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(256 * 1024, ge=1024)  # larger request bodies get 413
     send_timeout: float = Field(30.0, gt=0)  # a client that reads nothing for this long is cut off
     drain_timeout: float = Field(30.0, ge=0)  # on SIGTERM, how long streams in flight may finish
-    api_key: SecretStr | None = None  # when set, every route but /health and /ready needs it
+    api_key: SecretStr | None = None  # when set, every route but /health, /ready and the playground page needs it
     cors_origins: Annotated[list[str], NoDecode] = []  # closed unless listed
 
     @field_validator("checkpoints", "cors_origins", mode="before")

@@ -12,6 +12,7 @@ from service_helpers import metric, parse_sse
 from app import serving as serving_module
 from app.main import create_app
 from app.metrics import Metrics
+from app.routes_playground import PLAYGROUND_PATHS
 from app.serving import Service
 from app.settings import Settings
 
@@ -449,13 +450,13 @@ def route_requests(app):
             yield method, path, bodies.get(path)
 
 
-def test_api_key_when_set_is_required_on_every_route_but_health_and_ready(checkpoints):
+def test_api_key_when_set_is_required_on_every_route_but_health_ready_and_the_playground_page(checkpoints):
     app = create_app(settings(checkpoints, ["tiny-gpt"], api_key="s3cret"))
     requests = list(route_requests(app))
     assert {("POST", "/generate"), ("GET", "/metrics"), ("GET", "/docs")} <= {(m, p) for m, p, _ in requests}
     with serving(app) as c:
         for method, path, body in requests:
-            open_path = path in ("/health", "/ready")
+            open_path = path in ("/health", "/ready") or path in PLAYGROUND_PATHS
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
                 r = c.request(method, path, json=body, headers=headers)
                 if open_path:

@@ -1,0 +1,50 @@
+"""The playground's page and assets as HTTP resources (in-process; the browser test drives the page)."""
+import re
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.routes_playground import ASSETS
+from app.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def client(checkpoints):
+    settings = Settings(_env_file=None, checkpoints=[str(checkpoints["tiny-gpt"])], api_key="s3cret")
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+@pytest.mark.parametrize("path", ASSETS)
+def test_playground_asset_is_served_without_an_api_key_with_its_type_and_a_strict_policy(client, path):
+    r = client.get(path)
+    assert r.status_code == 200
+    assert r.headers["content-type"] == ASSETS[path][1]
+    assert r.headers["content-security-policy"].startswith("default-src 'self'")
+    assert r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_playground_page_loads_nothing_from_elsewhere(client):
+    page = client.get("/").text
+    links = re.findall(r'(?:src|href)="([^"]*)"', page)
+    assert "/static/playground.js" in links and "/static/playground.css" in links
+    assert all(link.startswith("/") or link.startswith("data:") for link in links), links
+
+
+def test_playground_page_links_only_assets_that_are_served(client):
+    page = client.get("/").text
+    for link in re.findall(r'(?:src|href)="(/static/[^"]*)"', page):
+        assert link in ASSETS
+
+
+@pytest.mark.parametrize("path", ["/static/", "/static/index.html", "/static/../main.py", "/playground.js"])
+def test_other_paths_near_the_playground_are_not_served(client, path):
+    r = client.get(path, headers={"Authorization": "Bearer s3cret"})
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == 404
+
+
+def test_the_api_behind_the_page_still_needs_the_key(client):
+    assert client.get("/v1/models").status_code == 401
+    assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
