@@ -1,0 +1,146 @@
+"""Batching over HTTP, and the cost of HTTP itself, against a real uvicorn server on loopback.
+
+    python -m benchmarks.http [--quick] [--checkpoint PATH]
+
+1. C concurrent streaming clients (httpx) for C in 1, 4, 16, 32, 64: aggregate tokens/s,
+   time to first token and inter-token latency at p50 and p99.
+2. Batch 1: tokens/s through /generate (SSE) against the engine called directly in-process.
+"""
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from benchmarks.common import markdown_table, median_time, percentile, write_results
+from model import load_checkpoint
+from model.engine import Engine
+from app.serving import default_checkpoints
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "ROMEO:\n"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(checkpoint, port, max_running):
+    env = {**os.environ, "QUILL_MAX_RUNNING": str(max_running), "QUILL_MAX_QUEUED": "256", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--checkpoint", str(checkpoint), "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("the server did not become ready in 120 s")
+
+
+async def one_stream(client, url, tokens, seed):
+    """Returns (arrival time, token times) for one streamed generation."""
+    start = time.perf_counter()
+    times = []
+    body = {"prompt": PROMPT, "max_new_tokens": tokens, "temperature": 1.0, "seed": seed}
+    async with client.stream("POST", url, json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("event: token"):
+                times.append(time.perf_counter())
+            elif line.startswith("event: error"):
+                raise RuntimeError("the server sent an error event")
+    return start, times
+
+
+async def concurrent(port, clients, tokens):
+    url = f"http://127.0.0.1:{port}/generate"
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(300), limits=limits) as client:
+        t0 = time.perf_counter()
+        runs = await asyncio.wait_for(asyncio.gather(*(one_stream(client, url, tokens, i) for i in range(clients))), 600)
+        wall = time.perf_counter() - t0
+    ttft = [times[0] - start for start, times in runs]
+    gaps = [b - a for _, times in runs for a, b in zip(times, times[1:])]
+    total = sum(len(times) for _, times in runs)
+    return {"clients": clients, "tokens_per_client": tokens, "aggregate_tok_s": total / wall,
+            "ttft_p50_ms": 1e3 * percentile(ttft, 50), "ttft_p99_ms": 1e3 * percentile(ttft, 99),
+            "itl_p50_ms": 1e3 * percentile(gaps, 50), "itl_p99_ms": 1e3 * percentile(gaps, 99)}
+
+
+def http_overhead(checkpoint, port, tokens, repeats):
+    model, tokenizer, _ = load_checkpoint(checkpoint)
+    engine = Engine(model, max_batch=1)
+    ids = tokenizer.encode(PROMPT)
+    t_engine = median_time(lambda: engine.generate(ids, tokens, seed=1), repeats)
+    t_http = median_time(lambda: asyncio.run(concurrent(port, 1, tokens)), repeats)
+    return {"tokens": tokens, "engine_tok_s": tokens / t_engine, "http_tok_s": tokens / t_http,
+            "ratio": t_engine / t_http}
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    c = [r["clients"] for r in rows]
+    ax.plot(c, [r["aggregate_tok_s"] for r in rows], "o-", color="tab:blue", label="aggregate tokens/s")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("aggregate tokens/s", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(c, [r["ttft_p99_ms"] for r in rows], "s--", color="tab:red", label="p99 time to first token")
+    ax2.plot(c, [r["itl_p99_ms"] for r in rows], "^--", color="tab:orange", label="p99 inter-token latency")
+    ax2.set_ylabel("milliseconds", color="tab:red")
+    fig.legend(loc="upper left", bbox_to_anchor=(0.12, 0.88))
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1 and 4 clients, few tokens (a smoke test)")
+    ap.add_argument("--checkpoint", help="default: the bundled GPT")
+    ap.add_argument("--tokens", type=int, default=128, help="tokens each client generates")
+    args = ap.parse_args()
+    checkpoint = args.checkpoint or next(p for p in default_checkpoints() if "gpt" in p.name)
+    levels, tokens, repeats = ([1, 4], 16, 1) if args.quick else ([1, 4, 16, 32, 64], args.tokens, 3)
+    port = free_port()
+    server = start_server(checkpoint, port, max_running=max(levels))
+    try:
+        asyncio.run(concurrent(port, 2, 8))  # warm the connection pool and the engine
+        rows = [asyncio.run(concurrent(port, c, tokens)) for c in levels]
+        overhead = http_overhead(checkpoint, port, 4 * tokens, repeats)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+    base = rows[0]["aggregate_tok_s"]
+    table = markdown_table(
+        ["streams", "aggregate tok/s", "x one stream", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"],
+        [[r["clients"], f"{r['aggregate_tok_s']:.0f}", f"{r['aggregate_tok_s'] / base:.1f}x", f"{r['ttft_p50_ms']:.0f}",
+          f"{r['ttft_p99_ms']:.0f}", f"{r['itl_p50_ms']:.1f}", f"{r['itl_p99_ms']:.1f}"] for r in rows])
+    table += "\n\n" + markdown_table(
+        ["batch 1, tokens", "engine tok/s", "/generate SSE tok/s", "HTTP / engine"],
+        [[overhead["tokens"], f"{overhead['engine_tok_s']:.0f}", f"{overhead['http_tok_s']:.0f}", f"{overhead['ratio']:.2f}"]])
+    name = "http" + ("-quick" if args.quick else "")
+    if not args.quick:
+        plot(rows, ROOT / "docs" / "bench-http.png")
+    write_results(name, {"concurrency": rows, "overhead": overhead, "checkpoint": str(checkpoint)}, table)
+
+
+if __name__ == "__main__":
+    main()
