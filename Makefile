@@ -1,7 +1,7 @@
 # One place for set-up: .ci/run and a person on a fresh machine both use these targets.
 PYTHON := .venv/bin/python
 
-.PHONY: install test serve
+.PHONY: install test serve bench
 
 # torch first and pinned: the CPU build lies on local disk; unpinned, pip would fetch a multi-GB CUDA build.
 # Chromium from Debian, for the playground's browser test (playwright drives it; it never downloads one).
@@ -18,3 +18,7 @@ test: install
 
 serve: install
 	$(PYTHON) -m app
+
+# Every benchmark, then docs/benchmarks.md regenerated from the results (about 10 minutes).
+bench: install
+	$(PYTHON) -m benchmarks
