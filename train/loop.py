@@ -209,9 +209,10 @@ def train(cfg):
 
     splits = {"train": train_data, "val": val_data}
     tokens_per_iter = cfg.batch_size * cfg.context_size * cfg.gradient_accumulation_steps * world
+    version = code_version()  # the code this run started with, not whatever HEAD is at save time
     meta = lambda it: {"iter": it, "best_val_loss": best_val, "tokens_seen": tokens_seen,  # noqa: E731
                        "train_seconds": round(seconds, 1), "corpus_sha256": corpus_sha,
-                       "code_version": code_version(), "train_config": dataclasses.asdict(cfg),
+                       "code_version": version, "train_config": dataclasses.asdict(cfg),
                        "world_size": world, "tokenizer": tokenizer.to_dict()}
     if master and resume_state is not None:
         trim_log(out / LOG_NAME, start_iter)
