@@ -30,8 +30,8 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv \
-    && groupadd --system --gid 10001 quill \
-    && useradd --system --create-home --uid 10001 --gid quill quill
+    && groupadd --gid 10001 quill \
+    && useradd --create-home --uid 10001 --gid quill quill
 
 WORKDIR /app
 
