@@ -1,14 +1,17 @@
 """Turns a request into engine work and the engine's tokens into text events. Knows no HTTP."""
 import asyncio
 import hashlib
+import os
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from app.errors import APIError
+from app.protocol import MAX_SEED
 from app.textstream import TextStream
 from model import load_checkpoint
 from model.engine import Engine, Request
@@ -61,7 +64,7 @@ class ServedModel:
 
 def default_checkpoints():
     found = sorted(p.parent for p in BUNDLED.glob("*/model.safetensors"))
-    # the GPT first: it is the better model, so it should be the default
+    # the GPT first: it is the project's main model, so it is the default
     return sorted(found, key=lambda p: ("gpt" not in p.name, p.name))
 
 
@@ -71,13 +74,41 @@ def pick_device(name):
     return name
 
 
-def load_served_model(path, device, max_batch, on_step):
+def load_served_model(path, device, max_batch, on_step, threads=None):
     path = Path(path)
     weights = path / "model.safetensors" if path.is_dir() else path
     model, tokenizer, meta = load_checkpoint(weights, device=device)
     name = weights.parent.name if weights.name == "model.safetensors" else weights.stem
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
-    return ServedModel(name, weights, model, tokenizer, meta, sha, Engine(model, max_batch, on_step=on_step))
+    engine = Engine(model, max_batch, on_step=on_step, threads=threads)
+    return ServedModel(name, weights, model, tokenizer, meta, sha, engine)
+
+
+class EventRelay:
+    """Carries engine events into the event loop with one wake-up per burst instead of one per
+    token: each call_soon_threadsafe writes the loop's self-pipe, and at 32 streams those
+    syscalls and wake-ups, not the model, limited the tokens/s."""
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.pending = deque()
+        self.scheduled = False
+
+    def send(self, queue, event):  # engine thread
+        self.pending.append((queue, (event, time.perf_counter())))
+        if not self.scheduled:
+            self.scheduled = True
+            try:
+                self.loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the loop is closed: the engine's emit cancels the request
+                self.scheduled = False
+                raise
+
+    def _deliver(self):  # event loop; the flag is cleared first, so a send racing with us schedules anew
+        self.scheduled = False
+        while self.pending:
+            queue, item = self.pending.popleft()
+            queue.put_nowait(item)
 
 
 class Service:
@@ -87,6 +118,7 @@ class Service:
         self.models = {}
         self.ready = False
         self.draining = False
+        self.relay = None
 
     def load(self):
         paths = self.settings.checkpoints or default_checkpoints()
@@ -94,7 +126,8 @@ class Service:
             raise SystemExit(f"no checkpoint configured and none bundled under {BUNDLED}; {TRAIN_HINT}")
         device = pick_device(self.settings.device)
         for p in paths:
-            served = load_served_model(p, device, self.settings.max_running, self.metrics.batch_size.observe)
+            served = load_served_model(p, device, self.settings.max_running, self.metrics.batch_size.observe,
+                                       self.settings.torch_threads or max(1, (os.cpu_count() or 2) - 1))
             if served.name in self.models:
                 raise SystemExit(f"two checkpoints are both named {served.name!r}; rename a run directory")
             self.models[served.name] = served
@@ -139,10 +172,12 @@ class Service:
         # Queued now, not when the response starts streaming: requests that arrive together must
         # each see the ones admitted before them, or a burst would slip past the limit.
         loop = asyncio.get_running_loop()
+        if self.relay is None or self.relay.loop is not loop:
+            self.relay = EventRelay(loop)
         events = asyncio.Queue()
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        seed = params.seed if params.seed is not None else secrets.randbelow(MAX_SEED + 1)
         req = Request(ids, params.max_new_tokens,
-                      emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, (ev, time.perf_counter())),
+                      emit=lambda ev: self.relay.send(events, ev),
                       temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=seed)
         served.engine.submit(req)
         return Job(req, events, seed)

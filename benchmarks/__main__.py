@@ -18,13 +18,14 @@ STEPS = ["decode", "http", "train"]
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke-test every script")
+    ap.add_argument("--report-only", action="store_true", help="rebuild docs/benchmarks.md from the last results")
     args = ap.parse_args()
-    for step in STEPS:
+    for step in [] if args.report_only else STEPS:
         print(f"== benchmarks.{step}", flush=True)
         subprocess.run([sys.executable, "-m", f"benchmarks.{step}", *(["--quick"] if args.quick else [])], check=True)
     if args.quick:
         return
-    m = machine()
+    m = json.loads((DOCS / "bench-train.json").read_text())["machine"] if args.report_only else machine()
     parts = ["# Benchmarks", "",
              f"Measured on {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}, {m['date']}. "
              "Regenerate with `make bench` (about 10 minutes). Timings are medians; ratios come from one run.", ""]

@@ -83,12 +83,12 @@ def main():
                              "eval_iters": 1, "dropout": 0.0})
         results.append(run("GPT 6/6/384, ctx 256, batch 12", big, peak, out))
         # An LSTM about the cpu GPT's size, given about the cpu GPT's training time.
-        probe = TrainConfig(**{**common, "model": "lstm", "n_layer": 2, "hidden_size": 224, "context_size": 64,
+        probe = TrainConfig(**{**common, "log_interval": 1, "model": "lstm", "n_layer": 2, "hidden_size": 224, "context_size": 64,
                                "batch_size": 12, "max_iters": 10, "eval_iters": 1, "learning_rate": 2e-3,
                                "min_lr": 2e-4, "warmup_iters": 0, "dropout": 0.0})
         per_iter = run("probe", probe, peak, out)["s_per_iter"]
         budget = results[0]["train_seconds"]
-        lstm = TrainConfig(**{**vars(probe), "max_iters": max(10, int(budget / per_iter)), "warmup_iters": 100,
+        lstm = TrainConfig(**{**vars(probe), "log_interval": 10, "max_iters": max(10, int(budget / per_iter)), "warmup_iters": 100,
                               "eval_interval": max(10, int(budget / per_iter)), "eval_iters": 20})
         results.append(run("LSTM 2x224, ctx 64, batch 12 (cpu preset's time)", lstm, peak, out))
         for r, cfg in zip(results, (cpu, big, lstm)):  # the full validation split, every character once

@@ -43,6 +43,7 @@ def sample_next_token(logits, generator, temperature=1.0, top_k=None, top_p=1.0)
         sorted_probs, order = probs.sort(descending=True)
         # keep the smallest prefix whose mass reaches top_p (always at least one token)
         drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        drop[0] = False  # even when top_p rounds to 0 in the logits' precision (5e-324 does in float32)
         probs = probs.scatter(0, order[drop], 0.0)
     # (1, V) consumes the generator exactly as GPT.generate's batched call does for one row
     return int(torch.multinomial(probs.unsqueeze(0), 1, generator=generator))
@@ -170,11 +171,12 @@ class Request:
 class Engine:
     """Continuous batching over one model in a dedicated thread."""
 
-    def __init__(self, model, max_batch=32, on_step=None, clock=time.perf_counter):
+    def __init__(self, model, max_batch=32, on_step=None, clock=time.perf_counter, threads=None):
         self.model = model.eval()
         self.max_batch = max_batch
         self.cache = GPTCache(model, max_batch) if isinstance(model, GPT) else LSTMState(model, max_batch)
         self.on_step = on_step  # called after each decode step with the batch size (metrics)
+        self.threads = threads  # torch threads for the engine thread (OpenMP's setting is per thread)
         self.clock = clock
         self.waiting = deque()
         self.active = []  # active[i] occupies cache slot i
@@ -234,6 +236,8 @@ class Engine:
     # -- the engine thread --
 
     def _loop(self):
+        if self.threads:
+            torch.set_num_threads(self.threads)
         while True:
             with self.cond:
                 while self.running and not self.waiting and not self.active:

@@ -70,8 +70,11 @@ def report(runs, figure):
         cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items() if k != "vocab_size")
         lines.append(f"| {r['type']} | `{r['name']}` | {r['params'] / 1e6:.2f}M | {cfg} | {r['seconds'] / 60:.1f} min "
                      f"| {r['tokens'] / 1e6:.1f}M | {r['val_loss']:.4f} | {r['bpc']:.3f} |")
-    lines += ["", f"![validation loss against tokens seen]({figure.name})", "",
-              f"## Samples ({SAMPLE_TOKENS} characters, seed {SEED})", ""]
+    lines += ["", f"![validation loss against tokens seen]({figure.name})", ""]
+    notes = figure.parent / "comparison-notes.md"  # the reading of the numbers, written by a person
+    if notes.exists():
+        lines += [notes.read_text().strip(), ""]
+    lines += [f"## Samples ({SAMPLE_TOKENS} characters, seed {SEED})", ""]
     for p in PROMPTS:
         for t in TEMPERATURES:
             lines.append(f"### Prompt {p.strip().splitlines()[0]!r}, temperature {t}")
