@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+# tests point this elsewhere so a smoke run never overwrites the committed results
+DOCS = Path(os.environ.get("QUILL_BENCH_DOCS", Path(__file__).resolve().parent.parent / "docs"))
 
 
 def machine():

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import markdown_table, median_time, percentile, write_results
+from benchmarks.common import DOCS, markdown_table, median_time, percentile, write_results
 from model import load_checkpoint
 from model.engine import Engine
 from app.serving import default_checkpoints
@@ -138,7 +138,7 @@ def main():
         [[overhead["tokens"], f"{overhead['engine_tok_s']:.0f}", f"{overhead['http_tok_s']:.0f}", f"{overhead['ratio']:.2f}"]])
     name = "http" + ("-quick" if args.quick else "")
     if not args.quick:
-        plot(rows, ROOT / "docs" / "bench-http.png")
+        plot(rows, DOCS / "bench-http.png")
     write_results(name, {"concurrency": rows, "overhead": overhead, "checkpoint": str(checkpoint)}, table)
 
 

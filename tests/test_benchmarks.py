@@ -1,0 +1,42 @@
+"""Each benchmark script runs in its --quick mode and writes its results (timings are not checked)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def run_quick(name, tmp_path):
+    out = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--quick"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "QUILL_BENCH_DOCS": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads((tmp_path / f"bench-{name}-quick.json").read_text())
+
+
+@pytest.mark.slow
+def test_decode_benchmark_quick_mode_reports_engine_reference_and_floor(tmp_path):
+    rows = run_quick("decode", tmp_path)["results"]
+    assert rows and all(r["engine_tok_s"] > 0 and r["generate_tok_s"] > 0 and r["floor_ms_per_token"] > 0
+                        for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_http_benchmark_quick_mode_streams_from_a_real_server(tmp_path):
+    result = run_quick("http", tmp_path)["results"]
+    assert [r["clients"] for r in result["concurrency"]] == [1, 4]
+    assert all(r["aggregate_tok_s"] > 0 for r in result["concurrency"])
+    assert result["overhead"]["ratio"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CORPUS.exists(), reason="Tiny Shakespeare is not at ../shared/data")
+def test_train_benchmark_quick_mode_reports_speed_mfu_and_loss(tmp_path):
+    result = run_quick("train", tmp_path)["results"]
+    assert result["peak_flops"] > 0
+    assert len(result["runs"]) == 3 and all(0 < r["mfu"] and r["val_loss_full"] > 0 for r in result["runs"])
