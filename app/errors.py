@@ -5,9 +5,38 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 log = logging.getLogger("quill")
+
+ERROR_DESCRIPTIONS = {
+    400: "Request body could not be read (not UTF-8)",
+    401: "Missing or wrong API key (when the server has one)",
+    404: "No such model",
+    413: "Request body too large",
+    422: "Invalid request body",
+    429: "The model is at capacity: retry after Retry-After seconds",
+    431: "Too many request headers, or too large",
+    500: "Internal error",
+    503: "Starting or shutting down: retry after Retry-After seconds",
+}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: int
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+def error_responses(*statuses):
+    """OpenAPI `responses` for these statuses, each in the one error shape (so the schema tells the truth)."""
+    return {status: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[status]} for status in statuses}
 
 
 class APIError(Exception):

@@ -2,11 +2,13 @@
 import asyncio
 import hmac
 import json
+import logging
 
 from starlette.exceptions import HTTPException
 
 from app.routes_playground import PLAYGROUND_PATHS
 
+log = logging.getLogger("quill")
 OPEN_PATHS = {"/health", "/ready", *PLAYGROUND_PATHS}
 
 
@@ -29,6 +31,22 @@ class APIKeyMiddleware:
             if not hmac.compare_digest(given, self.expected):  # constant time
                 return await send_error(send, 401, "missing or wrong API key: send Authorization: Bearer KEY",
                                         "authentication_error", [(b"www-authenticate", b"Bearer")])
+        await self.app(scope, receive, send)
+
+
+class HeaderLimitMiddleware:
+    """Refuses more than `count` request headers, or more than `size` bytes of them, with 431."""
+
+    def __init__(self, app, count, size):
+        self.app, self.count, self.size = app, count, size
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = scope["headers"]
+            if len(headers) > self.count:
+                return await send_error(send, 431, f"more than {self.count} request headers", "invalid_request_error")
+            if sum(len(k) + len(v) for k, v in headers) > self.size:
+                return await send_error(send, 431, f"request headers over {self.size} bytes", "invalid_request_error")
         await self.app(scope, receive, send)
 
 
@@ -66,10 +84,25 @@ class SendTimeoutMiddleware:
         self.app, self.timeout = app, timeout
 
     async def __call__(self, scope, receive, send):
-        async def timed_send(message):
-            await asyncio.wait_for(send(message), self.timeout)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        timed_out = False
 
-        await self.app(scope, receive, timed_send if scope["type"] == "http" else send)
+        async def timed_send(message):
+            nonlocal timed_out
+            try:
+                await asyncio.wait_for(send(message), self.timeout)
+            except TimeoutError:
+                timed_out = True
+                raise
+
+        try:
+            await self.app(scope, receive, timed_send)
+        except Exception:
+            if not timed_out:
+                raise
+            # A slow client, not a server error: one line, no traceback; the server closes the connection.
+            log.warning("%s read nothing for %g s: its response is cut", scope.get("client"), self.timeout)
 
 
 class MetricsMiddleware:

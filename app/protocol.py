@@ -9,7 +9,7 @@ MAX_TEMPERATURE = 5.0
 MAX_TOP_K = 1000
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 64
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**53 - 1  # the largest integer every JSON client reads exactly (JavaScript's too)
 
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 
@@ -17,6 +17,11 @@ StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_
 class Strict(BaseModel):
     # JSON numbers only (no "5", no true), finite floats, no unknown fields.
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
+
+
+def whole_number(v):
+    # JSON Schema, and so the documented API, counts 16.0 as an integer; 16.5, "16" and true stay refused.
+    return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
 def check_prompt(prompt):
@@ -41,10 +46,19 @@ class GenerateRequest(Strict):
     model: str | None = None
 
     _prompt = field_validator("prompt")(check_prompt)
+    _whole = field_validator("max_new_tokens", "top_k", "seed", mode="before")(whole_number)
 
 
 class StreamOptions(Strict):
     include_usage: bool = False
+
+
+def document_stop_limit(schema):
+    """The schema of `stop` says the list holds at most MAX_STOP_STRINGS (a validator enforces it, with a
+    clearer message than a constraint inside the union would give)."""
+    for option in schema["anyOf"]:
+        if option.get("type") == "array":
+            option["maxItems"] = MAX_STOP_STRINGS
 
 
 class CompletionRequest(Strict):
@@ -55,7 +69,8 @@ class CompletionRequest(Strict):
     max_tokens: int = Field(16, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: StopString | list[StopString] | None = Field(None, validate_default=True)
+    stop: StopString | list[StopString] | None = Field(None, validate_default=True,
+                                                       json_schema_extra=document_stop_limit)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -63,6 +78,7 @@ class CompletionRequest(Strict):
     user: str | None = None
 
     _prompt = field_validator("prompt")(check_prompt)
+    _whole = field_validator("max_tokens", "seed", mode="before")(whole_number)
 
     @field_validator("stop")
     @classmethod

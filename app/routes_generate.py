@@ -5,11 +5,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from sse_starlette import EventSourceResponse
 
-from app.errors import APIError, error_body
+from app.errors import APIError, error_body, error_responses
 from app.protocol import GenerateRequest
 from app.serving import GenerationFailed, Params, TokenEvent
 
 router = APIRouter()
+# Besides JSON, a 200 can be server-sent events (the schema is one event's) or bare text; both are documented.
+SSE_EVENT = {"type": "object", "required": ["data"],
+             "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}
+STREAMED = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT},
+                              "text/plain": {"schema": {"type": "string"}}}}}
 
 
 def params_of(body: GenerateRequest):
@@ -51,7 +56,8 @@ async def collect(events):
         raise APIError(500, f"generation failed: {e}", type="server_error") from None
 
 
-@router.post("/generate", summary="Generate text from a prompt, streamed as server-sent events")
+@router.post("/generate", summary="Generate text from a prompt, streamed as server-sent events",
+             responses={**STREAMED, **error_responses(400, 401, 404, 422, 429, 503)})
 async def generate(body: GenerateRequest, request: Request):
     service = request.app.state.service
     served = service.get(body.model)

@@ -6,9 +6,9 @@ import uuid
 from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse
 
-from app.errors import error_body
+from app.errors import error_body, error_responses
 from app.protocol import CompletionRequest
-from app.routes_generate import collect
+from app.routes_generate import STREAMED, collect
 from app.serving import GenerationFailed, Params, TokenEvent
 
 router = APIRouter(prefix="/v1")
@@ -18,7 +18,8 @@ def choice(text, finish_reason):
     return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
 
 
-@router.post("/completions", summary="OpenAI-compatible text completion")
+@router.post("/completions", summary="OpenAI-compatible text completion",
+             responses={**STREAMED, **error_responses(400, 401, 404, 422, 429, 503)})
 async def completions(body: CompletionRequest, request: Request):
     service = request.app.state.service
     served = service.get(body.model)
@@ -50,7 +51,7 @@ async def completions(body: CompletionRequest, request: Request):
     return EventSourceResponse(chunks())
 
 
-@router.get("/models", summary="The models this server serves")
+@router.get("/models", summary="The models this server serves", responses=error_responses(401))
 async def models(request: Request):
     service = request.app.state.service
     return {"object": "list", "data": [

@@ -1,8 +1,9 @@
 """Liveness, readiness and Prometheus metrics."""
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.errors import error_response
+from app.errors import error_response, error_responses
 
 router = APIRouter()
 
@@ -12,7 +13,7 @@ async def health():
     return {"status": "ok"}
 
 
-@router.get("/ready", summary="Models loaded and warmed up, and not draining")
+@router.get("/ready", summary="Models loaded and warmed up, and not draining", responses=error_responses(503))
 async def ready(request: Request):
     service = request.app.state.service
     if not service.ready:
@@ -21,6 +22,7 @@ async def ready(request: Request):
     return {"status": "ready", "models": list(service.models)}
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
+            responses=error_responses(401))
 async def metrics(request: Request):
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

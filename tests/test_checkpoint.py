@@ -206,7 +206,7 @@ def test_checkpoint_killed_mid_save_leaves_the_previous_or_the_new_file_whole(tm
                              env=trainer_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     rng, seen = random.Random(0), []
     try:
-        for _ in range(20):
+        for _ in range(50):  # at least 50 kills at random moments
             saver.stdin.write("go\n")
             saver.stdin.flush()
             pid = int(saver.stdout.readline())

@@ -3,4 +3,9 @@ from train.config import parse_config
 from train.loop import train
 
 if __name__ == "__main__":
-    train(parse_config())
+    cfg = parse_config()
+    try:
+        train(cfg)
+    except OSError as e:  # a full disk, a read-only or vanished directory: one clear line, not a traceback
+        raise SystemExit(f"python -m train: cannot write in {cfg.out}: {e.strerror or e}; the checkpoints "
+                         "already there are whole (every save is atomic)") from None
