@@ -15,7 +15,8 @@ OPEN_PATHS = {"/health", "/ready", *PLAYGROUND_PATHS}
 async def send_error(send, status, message, type, headers=()):
     body = json.dumps({"error": {"message": message, "type": type, "param": None, "code": status}}).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), *headers]})
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()), *headers]})
     await send({"type": "http.response.body", "body": body})
 
 
