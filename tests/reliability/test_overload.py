@@ -12,7 +12,9 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 RUNNING, QUEUED = 4, 4
 BURST = 100  # refused requests, sent all at once while the admitted ones stream
 ONE_BY_ONE = 50  # then refused requests sent one after another: the cost of one refusal, without queueing
-P99_BOUND_S = 2.0  # a refusal does no model work: on an idle machine it takes milliseconds
+# A refusal does no model work: alone it takes milliseconds; 100 at once queue in one event loop. The bounds
+# leave room for a busy machine and are still far below a 2,048-token stream's seconds.
+P99_BOUND_S = {"at once": 5.0, "one by one": 2.0}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,7 @@ def test_burst_beyond_capacity_gets_429_with_retry_after_quickly_and_admitted_st
         assert sum(name == "token" for name, _ in events) == LONG
     assert idle and server_errors(metrics) == 0
     burst, one_by_one = [s for _, s in refused[:BURST]], [s for _, s in refused[BURST:]]
-    for name, seconds in ((f"{BURST} at once", burst), (f"{ONE_BY_ONE} one by one", one_by_one)):
-        print(f"\n429 latency, {name}: p50 {percentile(seconds, 50) * 1000:.1f} ms, "
+    for name, seconds in (("at once", burst), ("one by one", one_by_one)):
+        print(f"\n429 latency, {len(seconds)} {name}: p50 {percentile(seconds, 50) * 1000:.1f} ms, "
               f"p99 {percentile(seconds, 99) * 1000:.1f} ms, max {max(seconds) * 1000:.1f} ms")
-        assert percentile(seconds, 99) < P99_BOUND_S
+        assert percentile(seconds, 99) < P99_BOUND_S[name]
