@@ -2,7 +2,9 @@
 
 One thread runs a loop of steps. Each step admits waiting requests (a prefill each), then
 advances every active request by one token with a single batched forward that reads the
-KV cache (GPT) or the carried hidden state (LSTM). Finished or cancelled requests leave
+KV cache (GPT) or the carried hidden state (LSTM). Both are the model's own forward (its
+kv_cache or state argument): this module holds only the storage, the slots and the schedule,
+so serving runs the arithmetic that training ran. Finished or cancelled requests leave
 between steps, and their slot goes to the next request.
 
 Active requests always occupy slots 0..B-1, so a step reads the caches as views without
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from model.gpt import GPT
+from model.gpt import GPT, KVCache
 
 
 # Below this, sampling differs from argmax only between logits closer than ~1e-4, and logits /
@@ -50,16 +52,15 @@ def sample_next_token(logits, generator, temperature=1.0, top_k=None, top_p=1.0)
 
 
 class GPTCache:
-    """Preallocated keys and values for max_batch rows of a GPT, with a length per row."""
+    """Storage for the GPT's cached forward: preallocated keys and values for max_batch rows and a
+    length per row. The model reads and writes them (GPT.forward's kv_cache); this class only slots them."""
 
     def __init__(self, model: GPT, max_batch):
         self.model = model
         cfg = model.config
-        self.n_head = cfg["n_head"]
-        self.head_size = cfg["hidden_size"] // cfg["n_head"]
         self.context = cfg["context_size"]
         p = next(model.parameters())
-        shape = (cfg["n_layer"], max_batch, self.n_head, self.context, self.head_size)
+        shape = (cfg["n_layer"], max_batch, cfg["n_head"], self.context, cfg["hidden_size"] // cfg["n_head"])
         self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.length = [0] * max_batch
@@ -69,45 +70,22 @@ class GPTCache:
 
     def prefill(self, slot, ids):
         """Fill row `slot` from scratch with `ids` (at most context_size); return last logits (V,)."""
-        m, T = self.model, len(ids)
-        x = torch.tensor(ids, device=self.k.device)
-        h = m.tok_emb(x) + m.pos_emb(torch.arange(T, device=x.device))  # (T, D)
-        for layer, block in enumerate(m.blocks):
-            q, k, v = (t.transpose(0, 1) for t in self._qkv(block, h))  # (nh, T, hs)
-            self.k[layer, slot, :, :T] = k
-            self.v[layer, slot, :, :T] = v
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (nh, T, hs)
-            h = h + block.attn.proj(y.transpose(0, 1).reshape(T, -1))
-            h = h + block.mlp(block.ln2(h))
-        self.length[slot] = T
-        return m.lm_head(m.ln_f(h[-1]))
+        self.length[slot] = 0
+        return self._forward(slot, [ids])[0, -1]
 
     def decode(self, ids):
         """Append one token to each of rows 0..B-1 and return their next-token logits (B, V)."""
-        m, B = self.model, len(ids)
-        lengths = torch.tensor(self.length[:B], device=self.k.device)
-        rows = torch.arange(B, device=self.k.device)
-        x = torch.tensor(ids, device=self.k.device)
-        h = m.tok_emb(x) + m.pos_emb(lengths)  # (B, D)
-        T = max(self.length[:B]) + 1
-        # row b sees positions 0..length[b]; the rest of the cache is stale or empty
-        visible = (torch.arange(T, device=x.device)[None, :] <= lengths[:, None])[:, None, None, :]  # (B,1,1,T)
-        for layer, block in enumerate(m.blocks):
-            q, k, v = self._qkv(block, h)  # (B, nh, hs)
-            self.k[layer, rows, :, lengths] = k
-            self.v[layer, rows, :, lengths] = v
-            keys, values = self.k[layer, :B, :, :T], self.v[layer, :B, :, :T]  # (B, nh, T, hs)
-            y = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=visible)  # (B, nh, 1, hs)
-            h = h + block.attn.proj(y.reshape(B, -1))
-            h = h + block.mlp(block.ln2(h))
-        for b in range(B):
-            self.length[b] += 1
-        return m.lm_head(m.ln_f(h))
+        return self._forward(0, [[t] for t in ids])[:, -1]
 
-    def _qkv(self, block, h):
-        """(..., D) -> q, k, v, each (..., nh, hs)."""
-        qkv = block.attn.qkv(block.ln1(h)).view(*h.shape[:-1], 3, self.n_head, self.head_size)
-        return qkv.unbind(-3)
+    def _forward(self, first, ids):
+        """The model's forward over rows first.. with ids (N, T) as their new tokens; logits (N, T, V)."""
+        rows = slice(first, first + len(ids))
+        held = self.length[rows]
+        lengths = torch.tensor(held, device=self.k.device)
+        cache = KVCache(self.k[:, rows], self.v[:, rows], lengths, max(held))  # views: written in place
+        logits, _ = self.model(torch.tensor(ids, device=self.k.device), kv_cache=cache)
+        self.length[rows] = [n + len(ids[0]) for n in held]
+        return logits
 
     def move(self, src, dst):
         self.k[:, dst] = self.k[:, src]
@@ -116,31 +94,29 @@ class GPTCache:
 
 
 class LSTMState:
-    """The carried (h, c) of an LSTM for max_batch rows: no context limit, nothing to slide."""
+    """Storage for the LSTM's carried (h, c) of max_batch rows: no context limit, nothing to slide."""
 
     context = None
 
     def __init__(self, model, max_batch):
         self.model = model
-        p = next(model.parameters())
-        shape = (model.config["n_layer"], max_batch, model.config["hidden_size"])
-        self.h = torch.zeros(shape, dtype=p.dtype, device=p.device)
-        self.c = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.h, self.c = model.zero_state(max_batch)  # (n_layer, max_batch, D) each
 
     def room(self, slot):
         return math.inf
 
     def prefill(self, slot, ids):
-        logits, (h, c) = self.model.run(torch.tensor([ids], device=self.h.device))
-        self.h[:, slot], self.c[:, slot] = h[:, 0], c[:, 0]
-        return logits[0, -1]
+        self.h[:, slot], self.c[:, slot] = 0, 0
+        return self._forward(slot, [ids])[0, -1]
 
     def decode(self, ids):
-        B = len(ids)
-        x = torch.tensor(ids, device=self.h.device).unsqueeze(1)  # (B, 1)
-        logits, (h, c) = self.model.run(x, (self.h[:, :B].contiguous(), self.c[:, :B].contiguous()))
-        self.h[:, :B], self.c[:, :B] = h, c
-        return logits[:, -1]
+        return self._forward(0, [[t] for t in ids])[:, -1]
+
+    def _forward(self, first, ids):
+        rows = slice(first, first + len(ids))
+        # views of the storage, which the model's forward overwrites with the state after ids
+        logits, _ = self.model(torch.tensor(ids, device=self.h.device), state=(self.h[:, rows], self.c[:, rows]))
+        return logits
 
     def move(self, src, dst):
         self.h[:, dst], self.c[:, dst] = self.h[:, src], self.c[:, src]

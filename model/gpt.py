@@ -1,9 +1,53 @@
-"""The GPT of the course specification: causal self-attention, pre-LN blocks, tied weights."""
+"""The GPT of the course specification: causal self-attention, pre-LN blocks, tied weights.
+
+GPT, Block and the multi-head attention take an optional `kv_cache` (a KVCache): x then holds only
+each row's new tokens, whose keys and values go into the cache and which attend to the row's earlier
+ones too. Training (no cache) and the serving engine (a cache) run the same layers.
+"""
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the tokens a forward has already seen; the caller owns the storage.
+
+    k, v: (n_layer, N, nh, context_size, hs) for GPT.forward, and one layer's (N, nh, context_size, hs)
+    for a Block or the attention (GPT.forward hands each block `layer(i)`). Written in place.
+    lengths: (N,) long, the tokens each row holds; a forward's T new tokens go at lengths .. lengths + T - 1.
+    longest: max(lengths) as a Python int, so that sizing the attention never waits on the device.
+    One KVCache serves one forward: what all its layers need is worked out once (`where`).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    lengths: torch.Tensor
+    longest: int
+
+    def __post_init__(self):
+        self._shared = {}  # where(T), worked out by the first layer and read by the others
+
+    def layer(self, i):
+        view = KVCache(self.k[i], self.v[i], self.lengths, self.longest)
+        view._shared = self._shared
+        return view
+
+    def where(self, T):
+        """For T new tokens a row: rows (N, 1) and positions (N, T) to store them at, and which of the
+        longest + T positions each new token sees, (N, 1, T, longest + T); None when all rows start empty."""
+        if T not in self._shared:
+            device = self.lengths.device
+            rows = torch.arange(len(self.lengths), device=device)[:, None]
+            at = self.lengths[:, None] + torch.arange(T, device=device)
+            visible = None
+            if self.longest:  # rows differ in length: a token sees up to its own position, not the stale rest
+                visible = (torch.arange(self.longest + T, device=device) <= at[:, :, None])[:, None]
+            self._shared[T] = rows, at, visible
+        return self._shared[T]
 
 
 class CausalSelfAttention(nn.Module):
@@ -37,17 +81,26 @@ class MultiHeadCausalSelfAttention(nn.Module):
         # The fused kernel computes the same function; the explicit path is kept as its reference.
         self.fused = True
 
-    def forward(self, x):
+    def forward(self, x, kv_cache=None):
         N, T, D = x.shape
-        q, k, v = self.qkv(x).split(D, dim=2)
-        q, k, v = (t.view(N, T, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))  # (N, nh, T, hs)
+        qkv = self.qkv(x).view(N, T, 3, self.n_head, D // self.n_head)
+        visible = None  # None: causal over these T tokens alone
+        if kv_cache is not None:
+            rows, at, visible = kv_cache.where(T)
+            # each row's new keys and values, (N, T, nh, hs), at the row's own positions
+            kv_cache.k[rows, :, at], kv_cache.v[rows, :, at] = qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (N, nh, T, hs) each
+        if visible is not None:  # the new tokens see the cached ones too
+            Tk = visible.size(-1)
+            k, v = kv_cache.k[:, :, :Tk], kv_cache.v[:, :, :Tk]  # (N, nh, Tk, hs)
         if self.fused:
             p = self.attn_dropout.p if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=p, is_causal=visible is None)
         else:
-            scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (N, nh, T, T)
-            future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
-            att = self.attn_dropout(F.softmax(scores.masked_fill(future, float("-inf")), dim=-1))
+            scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (N, nh, T, Tk)
+            if visible is None:
+                visible = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            att = self.attn_dropout(F.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1))
             y = att @ v  # (N, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(N, T, D)
         return self.resid_dropout(self.proj(y))
@@ -73,8 +126,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(hidden_size)
         self.mlp = MLP(hidden_size, dropout)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln1(x), kv_cache=kv_cache)
         return x + self.mlp(self.ln2(x))
 
 
@@ -103,18 +156,20 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, x, y=None):
+    def forward(self, x, y=None, kv_cache=None):
         N, T = x.shape
-        if T > self.context_size:
-            raise ValueError(f"sequence length {T} exceeds context_size {self.context_size}")
-        pos = torch.arange(T, device=x.device)
+        held = 0 if kv_cache is None else kv_cache.longest
+        if held + T > self.context_size:
+            raise ValueError(f"sequence length {held + T} exceeds context_size {self.context_size}")
+        pos = torch.arange(T, device=x.device) if kv_cache is None else kv_cache.where(T)[1]  # (T,) or (N, T)
         h = self.drop(self.tok_emb(x) + self.pos_emb(pos))  # (N, T, D)
-        for block in self.blocks:
-            h = block(h)
+        for i, block in enumerate(self.blocks):
+            h = block(h, kv_cache=None if kv_cache is None else kv_cache.layer(i))
         logits = self.lm_head(self.ln_f(h))  # (N, T, V)
         if y is None:
             return logits, None
-        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+        # reshape, not view: targets are often a strided slice such as x[:, 1:]
+        return logits, F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
 
     def configure_optimizers(self, weight_decay, learning_rate, betas):
         return configure_adamw(self, weight_decay, learning_rate, betas)

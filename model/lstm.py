@@ -17,16 +17,29 @@ class LSTM(nn.Module):
                             batch_first=True)
         self.head = nn.Linear(hidden_size, vocab_size)
 
-    def run(self, x, state=None):
-        """Logits for x given the carried (h, c) state, and the state after x."""
-        h, state = self.lstm(self.drop(self.embedding(x)), state)  # (N, T, D)
-        return self.head(self.drop(h)), state  # (N, T, V)
+    def forward(self, x, y=None, state=None):
+        """Logits (N, T, V) and the loss against y (None without y).
 
-    def forward(self, x, y=None):
-        logits, _ = self.run(x)
+        state: optional (h, c), each (n_layer, N, D): the state before x (zeros when None), overwritten
+        in place with the state after x, so that a caller (generate, the engine) can carry it on.
+        """
+        # nn.LSTM wants contiguous states, and an engine passes a strided view of its storage
+        before = None if state is None else tuple(s.contiguous() for s in state)
+        h, after = self.lstm(self.drop(self.embedding(x)), before)  # (N, T, D)
+        if state is not None:
+            for old, new in zip(state, after):
+                old.copy_(new)
+        logits = self.head(self.drop(h))  # (N, T, V)
         if y is None:
             return logits, None
-        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+        # reshape, not view: targets are often a strided slice such as x[:, 1:]
+        return logits, F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+
+    def zero_state(self, n):
+        """A fresh (h, c) for n rows, for forward's `state`."""
+        p = self.head.weight
+        shape = (self.config["n_layer"], n, self.config["hidden_size"])
+        return torch.zeros(shape, dtype=p.dtype, device=p.device), torch.zeros(shape, dtype=p.dtype, device=p.device)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas):
         return configure_adamw(self, weight_decay, learning_rate, betas)
@@ -36,12 +49,13 @@ class LSTM(nn.Module):
         """Samples like GPT.generate, carrying the hidden state instead of re-reading a context."""
         was_training = self.training
         self.eval()
-        logits, state = self.run(x)
+        state = self.zero_state(x.size(0))
+        logits, _ = self(x, state=state)
         for i in range(max_new_tokens):
             probs = F.softmax(logits[:, -1, :] / temperature, dim=-1)
             nxt = torch.multinomial(probs, num_samples=1)
             x = torch.cat([x, nxt], dim=1)
             if i + 1 < max_new_tokens:
-                logits, state = self.run(nxt, state)
+                logits, _ = self(nxt, state=state)
         self.train(was_training)
         return x

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from helpers import TINY_GPT, TINY_LSTM
 from model import GPT, LSTM, MLP, Block, CausalSelfAttention, MultiHeadCausalSelfAttention
+from model.gpt import KVCache
 
 D, T, N = 32, 10, 3
 
@@ -191,6 +192,13 @@ def test_gpt_forward_returns_n_t_v_logits_and_cross_entropy():
 def test_gpt_forward_without_targets_returns_logits_and_none():
     logits, loss = GPT(**TINY_GPT)(torch.randint(0, 40, (N, 5)))
     assert logits.shape == (N, 5, 40) and loss is None
+
+
+@pytest.mark.parametrize("make", [lambda: GPT(**TINY_GPT), lambda: LSTM(**TINY_LSTM)], ids=["gpt", "lstm"])
+def test_forward_accepts_targets_that_are_a_strided_slice_of_the_input(make):
+    model, x = make(), torch.randint(0, 40, (N, 16))
+    logits, loss = model(x[:, :-1], x[:, 1:])  # x[:, 1:] is not contiguous
+    torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, 40), x[:, 1:].contiguous().view(-1)))
 
 
 def test_gpt_forward_when_longer_than_context_raises_value_error():
@@ -403,3 +411,69 @@ def test_lstm_optimizer_decays_matrices_only_and_holds_each_parameter_once():
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     grouped = [id(p) for p in decay["params"] + no_decay["params"]]
     assert sorted(grouped) == sorted(id(p) for p in lstm.parameters())
+
+
+def test_lstm_forward_with_a_state_carries_it_on_in_place():
+    lstm, x = LSTM(**TINY_LSTM).eval(), torch.randint(0, 40, (N, 12))
+    state = lstm.zero_state(N)
+    first, _ = lstm(x[:, :5], state=state)
+    after_first = [s.clone() for s in state]
+    rest, _ = lstm(x[:, 5:], state=state)
+    torch.testing.assert_close(torch.cat([first, rest], dim=1), lstm(x)[0])
+    assert not torch.equal(state[0], after_first[0])  # updated again by the second call
+
+
+# 9. The cached forward (what the serving engine runs)
+
+def storage(gpt, rows):
+    """Keys and values for `rows` rows, full of junk that a forward must never read before writing it."""
+    c = gpt.config
+    shape = (c["n_layer"], rows, c["n_head"], c["context_size"], c["hidden_size"] // c["n_head"])
+    return torch.randn(shape) * 100, torch.randn(shape) * 100
+
+
+def cached(k, v, lengths):
+    return KVCache(k, v, torch.tensor(lengths), max(lengths))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_gpt_cached_forward_chunk_then_token_by_token_equals_the_full_forward(fused):
+    gpt, x = GPT(**TINY_GPT).eval(), torch.randint(0, 40, (N, 16))
+    if not fused:
+        explicit(gpt)
+    k, v = storage(gpt, N)
+    steps = [gpt(x[:, :6], kv_cache=cached(k, v, [0] * N))[0]]
+    for t in range(6, 16):
+        steps.append(gpt(x[:, t:t + 1], kv_cache=cached(k, v, [t] * N))[0])
+    torch.testing.assert_close(torch.cat(steps, dim=1), gpt(x)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_gpt_cached_forward_of_rows_with_different_lengths_equals_each_row_alone(fused):
+    gpt, lengths = GPT(**TINY_GPT).eval(), [3, 9, 1]
+    if not fused:
+        explicit(gpt)
+    rows = [torch.randint(0, 40, (1, n + 1)) for n in lengths]
+    k, v = storage(gpt, len(lengths))  # junk past each row's length: must be ignored
+    for i, (row, n) in enumerate(zip(rows, lengths)):
+        gpt(row[:, :n], kv_cache=cached(k[:, i:i + 1], v[:, i:i + 1], [0]))
+    last, _ = gpt(torch.cat([row[:, -1:] for row in rows]), kv_cache=cached(k, v, lengths))  # (N, 1, V)
+    for i, row in enumerate(rows):
+        torch.testing.assert_close(last[i, 0], gpt(row)[0][0, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_gpt_cached_forward_writes_each_rows_keys_at_its_own_length_only():
+    gpt, lengths = GPT(**TINY_GPT).eval(), [2, 5]
+    k, v = storage(gpt, len(lengths))
+    k0 = k.clone()
+    gpt(torch.randint(0, 40, (2, 3)), kv_cache=cached(k, v, lengths))
+    written = (k != k0).any(dim=(0, 2, 4))  # (N, context): which positions changed
+    assert written[0].nonzero().flatten().tolist() == [2, 3, 4]
+    assert written[1].nonzero().flatten().tolist() == [5, 6, 7]
+
+
+def test_gpt_cached_forward_past_the_context_raises_value_error():
+    gpt = GPT(**TINY_GPT)
+    k, v = storage(gpt, 1)
+    with pytest.raises(ValueError, match="context_size"):
+        gpt(torch.randint(0, 40, (1, 3)), kv_cache=cached(k, v, [14]))

@@ -5,6 +5,7 @@ import pytest
 import torch
 from service_helpers import CONTEXT, tiny_gpt, tiny_lstm, wait_until
 
+from model import LSTM, Block, MultiHeadCausalSelfAttention
 from model.engine import Engine, Request, sample_next_token
 
 VOCAB = 40
@@ -71,6 +72,24 @@ def test_engine_tokens_equal_naive_generate_for_the_same_seed(make, temperature)
     n = CONTEXT + 1 - len(PROMPT) if make is gpt64 else 80
     expected = naive(model, PROMPT, n, seed=7, temperature=temperature)
     assert Engine(model, max_batch=4).generate(PROMPT, n, seed=7, temperature=temperature) == expected
+
+
+@pytest.mark.parametrize("make, layer, width", [(gpt64, Block, 32), (gpt64, MultiHeadCausalSelfAttention, 32),
+                                                 (lstm64, LSTM, VOCAB)], ids=["gpt-block", "gpt-attention", "lstm"])
+def test_engine_runs_the_models_own_forward_so_a_changed_layer_changes_its_tokens(monkeypatch, make, layer, width):
+    """The engine holds no copy of any layer's arithmetic: it follows an edit to the layer's forward."""
+    model = make()
+    before = Engine(model).generate(PROMPT, 20, temperature=0.0)
+    real, shift = layer.forward, torch.randn(width, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def shifted(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        return (out[0] + shift, out[1]) if isinstance(out, tuple) else out + shift
+
+    monkeypatch.setattr(layer, "forward", shifted)
+    after = Engine(model).generate(PROMPT, 20, temperature=0.0)
+    assert after != before, "the edit changed nothing, so this test proved nothing"
+    assert after == greedy(model, PROMPT, 20)
 
 
 @MODELS
