@@ -1,20 +1,29 @@
 # One place for set-up: .ci/run and a person on a fresh machine both use these targets.
 PYTHON := .venv/bin/python
 
-.PHONY: install test serve bench checkpoints
+.PHONY: install test-deps test serve bench reliability checkpoints
 
-# torch first and pinned: the CPU build lies on local disk; unpinned, pip would fetch a multi-GB CUDA build.
-# Chromium from Debian, for the playground's browser test (playwright drives it; it never downloads one).
-# Without apt-get (not Debian) there is nothing to install it with, and that test skips itself.
+# torch first and pinned. From the default package index, torch==2.13.0 on Linux is the CUDA build (about
+# 5 GB with its nvidia wheels). CPU only: make install TORCH_INDEX=<PyTorch's CPU wheel index> (README).
+TORCH_INDEX ?=
 install:
 	test -x $(PYTHON) || python3 -m venv .venv
-	command -v chromium >/dev/null || ! command -v apt-get >/dev/null || \
-	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
-	$(PYTHON) -m pip install -q torch==2.13.0
+	$(PYTHON) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PYTHON) -m pip install -q -e '.[test]'
 
-test: install
-	$(PYTHON) -m pytest -q
+# Chromium, for the playground's browser tests only (playwright drives Debian's package; it never downloads
+# one). Installing it needs root and apt-get; without them this says how and succeeds: the tests then skip.
+test-deps:
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	elif command -v apt-get >/dev/null; then \
+	  echo "test-deps: no chromium, and installing it needs root: sudo apt-get install chromium"; \
+	else echo "test-deps: no chromium, and no apt-get to install it: use your system's package manager"; fi
+
+# -rs prints why tests skipped: the browser tests' one line says how to enable them.
+test: install test-deps
+	$(PYTHON) -m pytest -q -rs
 
 serve: install
 	$(PYTHON) -m app

@@ -1,57 +1,159 @@
-"""python -m app [--checkpoint PATH ...] [--host H] [--port P]
+"""python -m app [--checkpoint PATH [PATH ...]] [--host H] [--port P] [--device D]
 
-SIGTERM (or Ctrl-C) drains: /ready turns 503 and new requests get 503 at once, streams in
-flight may finish for up to QUILL_DRAIN_TIMEOUT seconds, the rest end with an error event,
-and the process exits 0. A second signal exits at once.
+Start-up checks what it can before loading any model (the settings, that each checkpoint exists, that
+the port is free), and a failure to start is one line on stderr and exit 1, never a traceback.
+
+SIGTERM or Ctrl-C drains: /ready turns 503 and new requests get 503 at once, streams in flight may
+finish for up to QUILL_DRAIN_TIMEOUT seconds, the rest end with an `error` event (code server_shutdown),
+and the process exits 0. Ctrl-C again ends them all at once, the same way; a third Ctrl-C kills it.
 """
 import argparse
 import asyncio
+import errno
 import logging
+import signal
+import socket
 
 import uvicorn
+from pydantic import ValidationError
+from sse_starlette.sse import AppStatus
 
-from app.main import create_app
-from app.settings import Settings
+log = logging.getLogger("quill")
+
+EPILOG = """\
+Without --checkpoint, every run directory under checkpoints/ is served: the bundled models, and
+yours if you trained it with --out checkpoints/NAME. To serve a run from elsewhere next to the
+bundled ones, name them all (the first is the default model):
+  python -m app --checkpoint checkpoints/shakespeare-gpt checkpoints/shakespeare-lstm runs/my-run
+or set QUILL_CHECKPOINTS=checkpoints/shakespeare-gpt,runs/my-run. Every setting: README, "Settings".
+
+Ctrl-C or SIGTERM drains (streams may finish for QUILL_DRAIN_TIMEOUT s); Ctrl-C again stops at once."""
 
 
 class DrainingServer(uvicorn.Server):
     def __init__(self, config, service, drain_timeout):
         super().__init__(config)
-        self.service, self.drain_timeout, self.draining = service, drain_timeout, False
+        self.service, self.drain_timeout = service, drain_timeout
+        self.stage = "starting"  # -> draining -> stopping (second Ctrl-C) ; finished once serve returns
+        self.loop = None
+
+    async def serve(self, sockets=None):
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+        self.stage = "finished"  # a signal now, after uvicorn gave the handler back to us, changes nothing
+
+    async def startup(self, sockets=None):
+        await super().startup(sockets)
+        if self.started and self.stage == "starting" and not self.should_exit:
+            self.stage = "serving"
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            log.info("listening on http://%s:%d (Ctrl-C to stop)", f"[{host}]" if ":" in host else host, port)
 
     def handle_exit(self, sig, frame):
-        if self.draining:  # second signal: stop now
-            self.should_exit = self.force_exit = True
-            return
-        self.draining = True
-        self.service.draining = True  # effective at once, before the loop runs again
-        self.service.ready = False
-        asyncio.get_event_loop().call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+        # A signal handler: it runs in the main thread between two bytecodes, maybe inside the event loop's
+        # own code, so it only sets flags and schedules the work onto the loop.
+        if self.stage == "starting":  # warming up, nothing admitted yet: exit once started, nothing to drain
+            self.should_exit = True
+        elif self.stage == "serving":
+            self.stage = "draining"
+            self.service.draining, self.service.ready = True, False  # refuse new work before the loop runs again
+            self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+        elif self.stage == "draining" and sig == signal.SIGINT:
+            self.stage = "stopping"
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # a third Ctrl-C kills at once, whatever is stuck
+            self.loop.call_soon_threadsafe(self._stop_now)
+        # Otherwise nothing: in particular a repeated SIGTERM, which is what `make serve` sends. SIGTERM to its
+        # process group reaches the server twice (make forwards its own to its child) and, when the two were
+        # handled apart, the second one used to stop the server mid-drain.
 
     async def _drain(self):
+        n = self.service.in_flight()
+        log.info("draining %d stream%s, up to %g s; Ctrl-C again to stop now", n, "s" * (n != 1), self.drain_timeout)
         await self.service.drain(self.drain_timeout)
         self.should_exit = True  # deliberately not re-raising the signal: a drained exit is exit 0
 
+    def _stop_now(self):
+        n = self.service.in_flight()
+        log.info("stopping now: %d stream%s end%s with an error event", n, "s" * (n != 1), "s" * (n == 1))
+        self.service.stop_now()
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m app", description="Serve Quill checkpoints over HTTP.")
-    p.add_argument("--checkpoint", action="append", help="run directory or .safetensors file; repeat "
-                   "to serve several (the first is the default); default: the bundled checkpoints")
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m app", description="Serve Quill checkpoints over HTTP.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", nargs="+", action="extend", metavar="PATH",
+                   help="run directories or .safetensors files (the flag may be repeated); the first is the "
+                   "default model; default: every run under checkpoints/ (QUILL_CHECKPOINTS)")
     p.add_argument("--host", help="default 127.0.0.1 (QUILL_HOST); 0.0.0.0 to listen on all interfaces")
     p.add_argument("--port", type=int, help="default 8000 (QUILL_PORT)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (QUILL_DEVICE)")
-    args = p.parse_args(argv)
-    overrides = {k: v for k, v in {"checkpoints": args.checkpoint, "host": args.host, "port": args.port,
-                                   "device": args.device}.items() if v is not None}
-    settings = Settings(**overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
+    return p.parse_args(argv)
+
+
+def bind(host, port):
+    """The server's socket, bound now so that a port in use fails before any model loads. asyncio starts
+    listening on it only when the server starts: until then a connection is refused, not left waiting."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        hint = "; is another server running? choose another with --port" if e.errno == errno.EADDRINUSE else ""
+        raise SystemExit(f"python -m app: cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
+    return sock
+
+
+def stop_starting(sig, frame):
+    """Ctrl-C or SIGTERM before the server has taken the signals over: stop start-up quietly (main says so)."""
+    for each in (signal.SIGINT, signal.SIGTERM):  # once: `make serve` sends SIGTERM twice (DrainingServer)
+        signal.signal(each, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop_starting)
+    try:
+        # imported here, inside the try: torch takes seconds to import, and Ctrl-C meanwhile is no error
+        from app.main import create_app
+        from app.serving import checkpoint_files, pick_device
+        from app.settings import Settings
+        from model import CheckpointError
+
+        overrides = {k: v for k, v in {"checkpoints": args.checkpoint, "host": args.host, "port": args.port,
+                                       "device": args.device}.items() if v is not None}
+        try:
+            settings = Settings(**overrides)
+        except ValidationError as e:
+            raise SystemExit("python -m app: " + "; ".join(
+                f"setting {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        app = create_app(settings)
+        try:
+            checkpoint_files(settings.checkpoints)  # each exists, no two share a name: before the port, the load
+            pick_device(settings.device)
+            sock = bind(settings.host, settings.port)
+            app.state.service.load()  # here rather than in the lifespan, whose failures uvicorn prints as tracebacks
+        except CheckpointError as e:
+            raise SystemExit(f"python -m app: cannot serve {e}") from None
+        except ValueError as e:
+            raise SystemExit(f"python -m app: {e}") from None
+        except (OSError, RuntimeError) as e:  # an unreadable file, or a device that is not there
+            raise SystemExit(f"python -m app: cannot load the models: {str(e).splitlines()[0]}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("python -m app: stopped before serving") from None
+
     # h11 buffers at most this much of a request head; past our own header limit, so that heads up to 8x it
     # get our 431 in the API's error shape rather than h11's bare 400, however the bytes arrive
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                            h11_max_incomplete_event_size=8 * settings.max_header_bytes)
+    config = uvicorn.Config(app, log_level="info", h11_max_incomplete_event_size=8 * settings.max_header_bytes)
     server = DrainingServer(config, app.state.service, settings.drain_timeout)
-    server.run()
+    # Our drain ends every stream with an event of its own; sse-starlette's would cancel them mid-stream.
+    AppStatus.disable_automatic_graceful_drain()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the handler uvicorn puts back when it is done, too
+        signal.signal(sig, server.handle_exit)
+    server.run(sockets=[sock])
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ log = logging.getLogger("quill")
 ERROR_DESCRIPTIONS = {
     400: "Request body could not be read (not UTF-8)",
     401: "Missing or wrong API key (when the server has one)",
+    403: "A body not declared application/json, from a web page on another site",
     404: "No such model",
     413: "Request body too large",
     422: "Invalid request body",
@@ -58,10 +59,27 @@ def _field(loc):
     return ".".join(parts) or "body"
 
 
+JSON_KINDS = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number",
+              type(None): "null"}
+
+
+def _body_problem(e):
+    """What is wrong with the body as a whole, or None when one field is to blame."""
+    if e["type"] == "json_invalid":
+        return f"it is not valid JSON: {e.get('ctx', {}).get('error', 'parse error')} at character {e['loc'][-1]}"
+    if tuple(e["loc"]) != ("body",):
+        return None
+    if e["type"] == "missing":
+        return "it is empty"
+    return f"it is {JSON_KINDS.get(type(e['input']), 'something else')}"
+
+
 def _validation_message(errors):
     def one(e):
-        if e["type"] == "json_invalid":
-            return f"body is not valid JSON ({e.get('ctx', {}).get('error', 'parse error')})"
+        # Every body is read as JSON whatever its Content-Type (app.middleware.JSONBodyMiddleware), so a
+        # body that is not a JSON object may have been meant as a form: say what to send instead.
+        if (problem := _body_problem(e)) is not None:
+            return f"the body must be a JSON object ({problem}); send Content-Type: application/json"
         return f"{_field(e['loc'])}: {e['msg']}"
     return "; ".join(one(e) for e in errors[:5])
 
@@ -70,7 +88,7 @@ def install_error_handlers(app: FastAPI):
     @app.exception_handler(RequestValidationError)
     async def validation(request: Request, exc: RequestValidationError):
         errors = exc.errors()
-        param = _field(errors[0]["loc"]) if errors and errors[0]["type"] != "json_invalid" else None
+        param = _field(errors[0]["loc"]) if errors and _body_problem(errors[0]) is None else None
         return error_response(422, _validation_message(errors), "invalid_request_error", param)
 
     @app.exception_handler(APIError)

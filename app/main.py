@@ -9,8 +9,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from app import routes_generate, routes_openai, routes_ops, routes_playground
 from app.errors import error_responses, install_error_handlers
 from app.metrics import Metrics
-from app.middleware import (APIKeyMiddleware, BodyLimitMiddleware, HeaderLimitMiddleware, MetricsMiddleware,
-                            SendTimeoutMiddleware)
+from app.middleware import (APIKeyMiddleware, BodyLimitMiddleware, HeaderLimitMiddleware, JSONBodyMiddleware,
+                            MetricsMiddleware, SendTimeoutMiddleware)
 from app.serving import Service
 from app.settings import Settings
 
@@ -24,7 +24,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        await asyncio.to_thread(service.load)
+        if not service.models:  # `python -m app` loads them before serving, to report a bad one in one line
+            await asyncio.to_thread(service.load)
         await asyncio.to_thread(service.start)
         log.info("serving %s", ", ".join(f"{m.name} ({m.path})" for m in service.models.values()))
         yield
@@ -40,6 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # added innermost first: metrics sees every response, including refusals by the others
     app.add_middleware(SendTimeoutMiddleware, timeout=settings.send_timeout)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(JSONBodyMiddleware, cors_origins=settings.cors_origins)
     if settings.api_key is not None:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key.get_secret_value())
     if settings.cors_origins:
@@ -50,4 +52,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-app = create_app()
+def __getattr__(name):
+    """`app` for `uvicorn app.main:app`, built when first asked for: importing create_app reads no settings."""
+    if name == "app":
+        globals()["app"] = create_app()
+        return globals()["app"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: API key, body size, send timeout, and request metrics."""
+"""Pure ASGI middleware: API key, JSON bodies, header and body size, send timeout, and request metrics."""
 import asyncio
 import hmac
 import json
@@ -32,6 +32,41 @@ class APIKeyMiddleware:
             if not hmac.compare_digest(given, self.expected):  # constant time
                 return await send_error(send, 401, "missing or wrong API key: send Authorization: Bearer KEY",
                                         "authentication_error", [(b"www-authenticate", b"Bearer")])
+        await self.app(scope, receive, send)
+
+
+def is_json_type(content_type):
+    """application/json or application/*+json, parameters aside: the types FastAPI reads as JSON."""
+    mime = content_type.split(b";")[0].strip().lower()
+    return mime == b"application/json" or (mime.startswith(b"application/") and mime.endswith(b"+json"))
+
+
+class JSONBodyMiddleware:
+    """Every POST body is read as JSON, whatever its declared Content-Type: `curl -d` declares a form.
+    Only JSON stops a page on another site from posting here: a browser sends a form or text/plain
+    body cross-site without asking first (no CORS preflight). So another type is accepted only when
+    the request's Origin, if any, is this server's own or one that CORS allows (curl and SDKs send none)."""
+
+    def __init__(self, app, cors_origins):
+        self.app, self.trusted = app, {o.lower().encode() for o in cors_origins}
+
+    def trusted_origin(self, scope, origin):
+        own = f"{scope['scheme']}://".encode() + dict(scope["headers"]).get(b"host", b"")
+        return origin.lower() in (own.lower(), *self.trusted) or b"*" in self.trusted
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = dict(scope["headers"])
+            declared = headers.get(b"content-type", b"")
+            if not is_json_type(declared):
+                origin = headers.get(b"origin")
+                if origin is not None and not self.trusted_origin(scope, origin):
+                    return await send_error(
+                        send, 403, f"a cross-site request must send Content-Type: application/json "
+                        f"(got {declared.decode('latin-1') or 'none'} from {origin.decode('latin-1')})",
+                        "permission_error")
+                scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                         + [(b"content-type", b"application/json")]}
         await self.app(scope, receive, send)
 
 

@@ -31,7 +31,7 @@ async def sse_events(events, request):
                 yield {"event": "done", "data": json.dumps(ev)}
     except GenerationFailed as e:
         request.state.failed = True
-        yield {"event": "error", "data": json.dumps(error_body(f"generation failed: {e}", "server_error"))}
+        yield {"event": "error", "data": json.dumps(error_body(e.message, e.type, code=e.code))}
 
 
 async def text_chunks(events, request):
@@ -44,7 +44,7 @@ async def text_chunks(events, request):
                 yield "\n"
     except GenerationFailed as e:
         request.state.failed = True
-        yield f"\n[error: generation failed: {e}]\n"
+        yield f"\n[error: {e.message}]\n"
 
 
 async def collect(events):
@@ -53,11 +53,11 @@ async def collect(events):
             if not isinstance(ev, TokenEvent):
                 return ev
     except GenerationFailed as e:
-        raise APIError(500, f"generation failed: {e}", type="server_error") from None
+        raise APIError(e.status, e.message, type=e.type, headers=e.headers) from None
 
 
 @router.post("/generate", summary="Generate text from a prompt, streamed as server-sent events",
-             responses={**STREAMED, **error_responses(400, 401, 404, 422, 429, 503)})
+             responses={**STREAMED, **error_responses(400, 401, 403, 404, 422, 429, 503)})
 async def generate(body: GenerateRequest, request: Request):
     service = request.app.state.service
     served = service.get(body.model)

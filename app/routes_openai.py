@@ -19,7 +19,7 @@ def choice(text, finish_reason):
 
 
 @router.post("/completions", summary="OpenAI-compatible text completion",
-             responses={**STREAMED, **error_responses(400, 401, 404, 422, 429, 503)})
+             responses={**STREAMED, **error_responses(400, 401, 403, 404, 422, 429, 503)})
 async def completions(body: CompletionRequest, request: Request):
     service = request.app.state.service
     served = service.get(body.model)
@@ -45,7 +45,7 @@ async def completions(body: CompletionRequest, request: Request):
                     yield json.dumps({**head, "choices": [], "usage": ev["usage"]})
         except GenerationFailed as e:
             request.state.failed = True
-            yield json.dumps(error_body(f"generation failed: {e}", "server_error"))
+            yield json.dumps(error_body(e.message, e.type, code=e.code))
         yield "[DONE]"
 
     return EventSourceResponse(chunks())

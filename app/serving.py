@@ -1,6 +1,8 @@
 """Turns a request into engine work and the engine's tokens into text events. Knows no HTTP."""
 import asyncio
 import hashlib
+import logging
+import math
 import os
 import secrets
 import time
@@ -13,9 +15,10 @@ import torch
 from app.errors import APIError
 from app.protocol import MAX_SEED
 from app.textstream import TextStream
-from model import load_checkpoint
+from model import CheckpointError, load_checkpoint
 from model.engine import Engine, Request
 
+log = logging.getLogger("quill")
 BUNDLED = Path(__file__).resolve().parent.parent / "checkpoints"
 TRAIN_HINT = ("train one with: python -m train --data ../shared/data/tinyshakespeare.txt "
               "--out checkpoints/shakespeare-gpt --preset cpu (or see the README)")
@@ -39,8 +42,20 @@ class TokenEvent:
     text: str
 
 
-class GenerationFailed(Exception):
-    """The engine ended a generation with an error (its batch failed, or the server is stopping)."""
+class GenerationFailed(APIError):
+    """A generation ended before its end: its batch failed (500), or the server is shutting down (503).
+    A stream already under way ends with an `error` event of this message, type and code."""
+
+    def __init__(self, message, status=500, type="server_error", code=None):
+        super().__init__(status, message, type=type, headers={"Retry-After": "5"} if status == 503 else None)
+        self.code = code
+
+
+SHUTTING_DOWN = "the server is shutting down"
+
+
+def shutdown_failure():
+    return GenerationFailed(SHUTTING_DOWN, 503, "unavailable", code="server_shutdown")
 
 
 @dataclass
@@ -69,16 +84,48 @@ def default_checkpoints():
 
 
 def pick_device(name):
+    """The torch device that `name` stands for (auto: cuda when available, else cpu), checked to exist here."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a torch device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and (device.index or 0) >= (torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        raise ValueError(f"device {name!r}: no such CUDA device on this machine (QUILL_DEVICE=auto picks one)")
     return name
 
 
-def load_served_model(path, device, max_batch, on_step, threads=None):
-    path = Path(path)
-    weights = path / "model.safetensors" if path.is_dir() else path
+def model_name(weights):
+    """A run directory's name, or a loose .safetensors file's stem."""
+    return weights.parent.name if weights.name == "model.safetensors" else weights.stem
+
+
+def checkpoint_files(configured):
+    """{model name: weights file} for the configured paths (or the bundled run directories), checked to
+    exist and to name distinct models, so that a typo fails before any model is loaded. A missing file
+    is a CheckpointError; no checkpoint at all, or two of one name, a SystemExit (nothing to serve)."""
+    paths = [Path(p) for p in configured] or default_checkpoints()
+    if not paths:
+        raise SystemExit(f"no checkpoint configured and none bundled under {BUNDLED}; {TRAIN_HINT}")
+    files = {}
+    for path in paths:
+        weights = path / "model.safetensors" if path.is_dir() else path
+        if not weights.is_file():
+            raise CheckpointError(f"{path}: no such checkpoint (a run directory holding model.safetensors, "
+                                  "or a .safetensors file)")
+        name = model_name(weights)
+        if name in files:
+            raise SystemExit(f"two checkpoints are both named {name!r} ({files[name]} and {weights}); "
+                             "rename a run directory")
+        files[name] = weights
+    return files
+
+
+def load_served_model(weights, device, max_batch, on_step, threads=None):
+    weights = Path(weights)
     model, tokenizer, meta = load_checkpoint(weights, device=device)
-    name = weights.parent.name if weights.name == "model.safetensors" else weights.stem
+    name = model_name(weights)
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
     engine = Engine(model, max_batch, on_step=on_step, threads=threads)
     return ServedModel(name, weights, model, tokenizer, meta, sha, engine)
@@ -118,19 +165,19 @@ class Service:
         self.models = {}
         self.ready = False
         self.draining = False
+        self.drain_deadline = math.inf  # drain() lets streams run until then; stop_now() brings it forward
+        self.ended = False  # the engines were stopped by the shutdown: what they end reads as one
         self.relay = None
 
     def load(self):
-        paths = self.settings.checkpoints or default_checkpoints()
-        if not paths:
-            raise SystemExit(f"no checkpoint configured and none bundled under {BUNDLED}; {TRAIN_HINT}")
+        """Load every checkpoint; a CheckpointError says which one cannot be served, and why."""
+        files = checkpoint_files(self.settings.checkpoints)
         device = pick_device(self.settings.device)
-        for p in paths:
-            served = load_served_model(p, device, self.settings.max_running, self.metrics.batch_size.observe,
-                                       self.settings.torch_threads or max(1, (os.cpu_count() or 2) - 1))
-            if served.name in self.models:
-                raise SystemExit(f"two checkpoints are both named {served.name!r}; rename a run directory")
-            self.models[served.name] = served
+        log.info("loading %s", ", ".join(f"{name} ({path})" for name, path in files.items()))
+        for name, path in files.items():
+            self.models[name] = load_served_model(path, device, self.settings.max_running,
+                                                  self.metrics.batch_size.observe,
+                                                  self.settings.torch_threads or max(1, (os.cpu_count() or 2) - 1))
         self.metrics.track_engines([m.engine for m in self.models.values()])
 
     def start(self):
@@ -210,7 +257,8 @@ class Service:
                     value = "stop"
                     break
             if value != "stop" and value != "length":
-                raise GenerationFailed(value.removeprefix("error: "))
+                raise shutdown_failure() if self.ended else GenerationFailed(
+                    f"generation failed: {value.removeprefix('error: ')}")
             done = time.perf_counter()
             started = req.started_at or done
             yield {
@@ -230,11 +278,17 @@ class Service:
             req.cancel()  # the client left, a stop string matched, or we are done: free the slot
 
     async def drain(self, timeout):
-        """Stop admitting; wait for streams in flight, up to `timeout`; then end the rest."""
+        """Stop admitting; wait for streams in flight, up to `timeout` (or until stop_now); then end the rest,
+        each with a server_shutdown error."""
         self.draining = True
         self.ready = False
-        deadline = time.monotonic() + timeout
-        while self.in_flight() and time.monotonic() < deadline:
+        self.drain_deadline = min(self.drain_deadline, time.monotonic() + timeout)
+        while self.in_flight() and time.monotonic() < self.drain_deadline:
             await asyncio.sleep(0.05)
+        self.ended = True
         for served in self.models.values():
             await asyncio.to_thread(served.engine.stop)  # the rest get ("finish", "error: engine stopped")
+
+    def stop_now(self):
+        """End the drain at once (a second Ctrl-C): streams in flight end with a server_shutdown error."""
+        self.drain_deadline = 0

@@ -22,7 +22,7 @@ class Settings(BaseSettings):
     max_headers: int = Field(100, ge=10)  # requests with more headers get 431 (Apache's limit)
     max_header_bytes: int = Field(16 * 1024, ge=1024)  # ... or with more bytes of them (Node's limit)
     send_timeout: float = Field(30.0, gt=0)  # a client that reads nothing for this long is cut off
-    drain_timeout: float = Field(30.0, ge=0)  # on SIGTERM, how long streams in flight may finish
+    drain_timeout: float = Field(30.0, ge=0)  # on Ctrl-C or SIGTERM (python -m app), how long streams may finish
     api_key: SecretStr | None = None  # when set, every route but /health, /ready and the playground page needs it
     cors_origins: Annotated[list[str], NoDecode] = []  # closed unless listed
 

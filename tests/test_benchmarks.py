@@ -40,3 +40,14 @@ def test_train_benchmark_quick_mode_reports_speed_mfu_and_loss(tmp_path):
     result = run_quick("train", tmp_path)["results"]
     assert result["peak_flops"] > 0
     assert len(result["runs"]) == 3 and all(0 < r["mfu"] and r["val_loss_full"] > 0 for r in result["runs"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CORPUS.exists(), reason="Tiny Shakespeare is not at ../shared/data")
+def test_threads_benchmark_quick_mode_times_both_thread_counts_alone_and_beside_a_busy_process(tmp_path):
+    result = run_quick("threads", tmp_path)["results"]
+    assert sorted((r["threads"], r["busy_process"]) for r in result["runs"]) == [(1, False), (1, True),
+                                                                                 (2, False), (2, True)]
+    assert all(r["tokens_per_s"] > 0 and len(r["samples"]) == result["repeats"] for r in result["runs"])
+    assert len(result["load_average_before"]) == 3
+    assert "| --threads |" in (tmp_path / "bench-threads-quick.md").read_text()

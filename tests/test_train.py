@@ -15,6 +15,7 @@ from model import GPT, LSTM, CharTokenizer, load_checkpoint
 from model.checkpoint import read_safetensors
 from train import data as data_module
 from train.config import PRESETS, parse_config
+from train import loop as loop_module
 from train.loop import get_lr, train
 
 
@@ -92,6 +93,41 @@ def test_trainer_when_data_is_not_utf8_says_so(tmp_path):
 def test_trainer_when_data_is_missing_says_so(tmp_path):
     with pytest.raises(SystemExit, match="cannot read --data"):
         train(config(tmp_path / "nope.txt", tmp_path / "run", "--max-iters", 1))
+
+
+@pytest.mark.parametrize("problem", ["missing", "not utf-8", "too small"])
+def test_trainer_that_fails_to_start_leaves_no_run_folder(tmp_path, problem):
+    data = tmp_path / "data.txt"
+    if problem == "not utf-8":
+        data.write_bytes(b"\xff\xfe" * 2000)
+    elif problem == "too small":
+        data.write_text("tiny" * 20)
+    with pytest.raises(SystemExit):
+        train(config(data, tmp_path / "runs" / "new", "--max-iters", 1))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_trainer_from_the_command_line_with_missing_data_exits_non_zero_and_leaves_no_folder(tmp_path):
+    proc = subprocess.run(trainer_command("--data", "/nonexistent", "--out", tmp_path / "run", "--max-iters", 1),
+                          cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "cannot read --data /nonexistent" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_trainer_failing_before_its_first_checkpoint_removes_only_a_folder_it_created(corpus, tmp_path, monkeypatch):
+    def broken_eval(*args, **kwargs):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(loop_module, "estimate_loss", broken_eval)
+    with pytest.raises(RuntimeError):
+        train(config(corpus, tmp_path / "new", "--max-iters", 2))
+    assert not (tmp_path / "new").exists()
+    mine = tmp_path / "mine"
+    (mine / "notes").mkdir(parents=True)
+    with pytest.raises(RuntimeError):
+        train(config(corpus, mine, "--max-iters", 2))
+    assert (mine / "notes").is_dir()  # a folder the user made is theirs: only the trainer's files may change
 
 
 def test_trainer_when_corpus_is_too_small_for_the_context_says_so(tmp_path):
@@ -179,6 +215,59 @@ def test_trainer_refuses_to_overwrite_a_run_without_resume_or_overwrite(corpus, 
 def test_trainer_resume_without_a_run_says_so(corpus, tmp_path):
     with pytest.raises(SystemExit, match="cannot resume"):
         train(config(corpus, tmp_path / "empty", "--max-iters", 2, "--resume"))
+    assert not (tmp_path / "empty").exists()
+
+
+def bundled_like_folder(corpus, out):
+    """A folder like checkpoints/shakespeare-gpt: a trained model.safetensors, and no resume state."""
+    train(config(corpus, out, "--max-iters", 2, "--eval-interval", 100))
+    (out / "resume.safetensors").unlink()
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def test_trainer_refuses_an_out_folder_holding_a_model_and_writes_nothing(corpus, tmp_path):
+    out = tmp_path / "shakespeare-gpt"
+    before = bundled_like_folder(corpus, out)
+    proc = subprocess.run(trainer_command("--data", corpus, "--out", out, *TINY_TRAIN_ARGS, "--max-iters", 10),
+                          cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert str(out) in lines[0] and "--resume" in lines[0] and "--overwrite" in lines[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # byte for byte, and no new file
+
+
+def test_trainer_with_overwrite_replaces_a_model_folder(corpus, tmp_path):
+    out = tmp_path / "shakespeare-gpt"
+    before = bundled_like_folder(corpus, out)
+    train(config(corpus, out, "--max-iters", 4, "--eval-interval", 2, "--overwrite"))
+    assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]
+    assert load_checkpoint(out)[2]["train_config"]["max_iters"] == 4
+
+
+# threads
+
+def test_trainer_threads_option_sets_torchs_intra_op_threads(corpus, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        train(config(corpus, tmp_path / "run", "--max-iters", 1, "--threads", 2))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert load_checkpoint(tmp_path / "run")[2]["train_config"]["threads"] == 2
+
+
+def test_trainer_threads_default_leaves_torchs_choice(corpus, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    train(config(corpus, tmp_path / "run", "--max-iters", 1))
+    assert calls == []
+
+
+def test_trainer_threads_below_one_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--data", "x", "--out", "y", "--threads", "0"])
+    assert "--threads must be >= 1" in capsys.readouterr().err
 
 
 def test_trainer_resume_on_another_corpus_is_refused(corpus, tmp_path):
@@ -253,3 +342,31 @@ def test_trainer_under_torchrun_with_two_gloo_processes_writes_a_loadable_checkp
     assert final_state(out)[1]["tokens_seen"] == 6 * 4 * 16 * 2 * 2  # iters x batch x context x accum x ranks
     assert [r["iter"] for r in read_log(out) if r["kind"] == "eval"] == [0, 3, 6]  # rank 0 alone logs
     assert "world 2" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_trainer_interrupted_by_ctrl_c_says_where_its_last_checkpoint_is(corpus, tmp_path):
+    out, err = tmp_path / "run", tmp_path / "trainer.err"
+    cmd = trainer_command("--data", corpus, "--out", out, *TINY_TRAIN_ARGS, "--max-iters", 10**6, "--eval-interval", 5)
+    with open(err, "wb") as f:  # a file, not a pipe: a full pipe would stall the trainer
+        # SIGINT back to its default, in case this test runs where it is ignored (a background job)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=trainer_env(), stdout=subprocess.DEVNULL, stderr=f,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    try:  # signal once a checkpoint exists and training has gone on past it
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "resume.safetensors").exists() and any(s > 5 for s in logged_train_steps(out)):
+                proc.send_signal(signal.SIGINT)
+                break
+            time.sleep(0.01)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    stderr = err.read_text()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    saved = read_safetensors(out / "resume.safetensors")[1]["iter"]
+    assert last.startswith("python -m train: interrupted at iteration ")
+    assert f"the last checkpoint is in {out} (iteration {saved})" in last and "--resume" in last
+    assert [line for line in stderr.splitlines() if "interrupted" in line] == [last]  # one line

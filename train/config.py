@@ -40,6 +40,8 @@ class TrainConfig:
     resume: bool = opt(False, "continue the run in --out from its resume state")
     overwrite: bool = opt(False, "start afresh even if --out already holds a run")
     preset: str = opt(None, "named recipe whose values replace the defaults", choices=["cpu", "gpu"])
+    threads: int = opt(None, "torch intra-op threads (default: torch's choice, one per core); lower it when "
+                             "another busy process shares the cores, see the README")
 
 
 # nanoGPT's Shakespeare-char recipes; explicit options still win over them.
@@ -55,7 +57,8 @@ def build_parser():
     p = argparse.ArgumentParser(prog="python -m train", description="Train a character GPT or LSTM on a text file.")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        kw = {"help": f"{f.metadata['help']} (default: {f.default})", "default": None}
+        default = "" if f.default is None else f" (default: {f.default})"
+        kw = {"help": f.metadata["help"] + default, "default": None}
         if f.type is bool:
             p.add_argument(flag, action="store_true", **kw)
         else:
@@ -82,6 +85,8 @@ def validate(cfg):
                  "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
+    if cfg.threads is not None and cfg.threads < 1:
+        problems.append("--threads must be >= 1")
     if cfg.max_iters < 0 or cfg.warmup_iters < 0:
         problems.append("--max-iters and --warmup-iters must be >= 0")
     if cfg.model == "gpt" and cfg.hidden_size % cfg.n_head:

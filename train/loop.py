@@ -5,6 +5,7 @@ import io
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -18,10 +19,15 @@ from model.checkpoint import (CheckpointError, atomic_write_bytes, build_model, 
 from model.tokenizer import tokenizer_from_dict
 from train.data import get_batch, make_tokenizer, read_corpus, split
 
+MODEL_NAME = "model.safetensors"
 RESUME_NAME = "resume.safetensors"
 LOG_NAME = "log.jsonl"
 PLOT_NAME = "loss.png"
 EVAL_SEED = 12345  # every evaluation reads the same batches, so estimates are comparable
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training; its message says where the last checkpoint is (empty on ranks > 0)."""
 
 
 def pick_device(name):
@@ -161,17 +167,31 @@ def setup_distributed(device):
     return rank, world, device
 
 
+def refuse_to_replace_a_run(out, cfg):
+    """A folder holding weights (a bundled model, an earlier run) is replaced only when asked to."""
+    held = [name for name in (MODEL_NAME, RESUME_NAME) if (out / name).exists()]
+    if held and not (cfg.resume or cfg.overwrite):
+        raise SystemExit(f"{out} already holds a run ({held[0]}): pass --resume to continue it or --overwrite "
+                         "to replace it, or choose another --out")
+
+
+def interrupted_message(out, it, saved):
+    if saved is None:
+        return f"interrupted at iteration {it}, before this run saved a checkpoint"
+    return (f"interrupted at iteration {it}; the last checkpoint is in {out} (iteration {saved}): "
+            "run the same command with --resume to continue")
+
+
 def train(cfg):
     out = Path(cfg.out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     rank, world, device = setup_distributed(pick_device(cfg.device))
     master = rank == 0
     if master:
-        if (out / RESUME_NAME).exists() and not (cfg.resume or cfg.overwrite):
-            raise SystemExit(f"{out} already holds a run: pass --resume to continue it, --overwrite to "
-                             "start again, or choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(out)
+        refuse_to_replace_a_run(out, cfg)
 
+    # Everything that can fail on bad input happens before the run folder is made.
     text, corpus_sha = read_corpus(cfg.data)
     resume_state = None
     if cfg.resume:
@@ -214,6 +234,10 @@ def train(cfg):
                        "train_seconds": round(seconds, 1), "corpus_sha256": corpus_sha,
                        "code_version": version, "train_config": dataclasses.asdict(cfg),
                        "world_size": world, "tokenizer": tokenizer.to_dict()}
+    created = master and not out.exists()
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(out)
     if master and resume_state is not None:
         trim_log(out / LOG_NAME, start_iter)
     log = open(out / LOG_NAME, "a" if cfg.resume else "w") if master else None
@@ -227,55 +251,68 @@ def train(cfg):
         log.write(json.dumps(row) + "\n")
         log.flush()
 
-    model.train()
-    t_last = time.perf_counter()
-    for it in range(start_iter, cfg.max_iters + 1):
-        lr = get_lr(it, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        evaluate = (it % cfg.eval_interval == 0 or it == cfg.max_iters) and not (resume_state and it == start_iter)
-        if evaluate and master:
-            losses = estimate_loss(raw_model, splits, cfg, device, autocast)
-            write_log({"kind": "eval", "iter": it, "tokens": tokens_seen, "seconds": round(seconds, 2),
-                       "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr})
-            if losses["val"] < best_val:
-                best_val = losses["val"]
-                save_checkpoint(out / "model.safetensors", raw_model, tokenizer, meta(it))
-            save_resume(out / RESUME_NAME, raw_model, optimizer, data_gen, meta(it))
-            plot_losses(out / LOG_NAME, out / PLOT_NAME)
-            tqdm.write(f"iter {it}: train {losses['train']:.4f}, val {losses['val']:.4f}")
-            t_last = time.perf_counter()  # evaluation time is not training time
-        if it == cfg.max_iters:
-            break
-        for micro in range(cfg.gradient_accumulation_steps):
-            x, y = get_batch(train_data, cfg.batch_size, cfg.context_size, data_gen, device)
-            last = micro == cfg.gradient_accumulation_steps - 1
-            # DDP all-reduces gradients only on the last micro-batch; no_sync() is single-use, so one block.
-            with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
-                with autocast:
-                    loss = model(x, y)[1] / cfg.gradient_accumulation_steps
-                loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_seen += tokens_per_iter
-        now = time.perf_counter()
-        dt, t_last = now - t_last, now
-        seconds += dt
-        bar.update(1)
-        if it % cfg.log_interval == 0 and master:
-            loss_value = loss.item() * cfg.gradient_accumulation_steps
-            tok_s = tokens_per_iter / dt
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-            write_log({"kind": "train", "iter": it, "tokens": tokens_seen, "seconds": round(seconds, 2),
-                       "loss": loss_value, "lr": lr, "tokens_per_s": tok_s})
+    it, saved = start_iter, start_iter if resume_state is not None else None  # saved: the last resume state
+    try:
+        model.train()
+        t_last = time.perf_counter()
+        for it in range(start_iter, cfg.max_iters + 1):
+            lr = get_lr(it, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            evaluate = (it % cfg.eval_interval == 0 or it == cfg.max_iters) and not (resume_state and it == start_iter)
+            if evaluate and master:
+                losses = estimate_loss(raw_model, splits, cfg, device, autocast)
+                write_log({"kind": "eval", "iter": it, "tokens": tokens_seen, "seconds": round(seconds, 2),
+                           "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr})
+                if losses["val"] < best_val:
+                    best_val = losses["val"]
+                    save_checkpoint(out / MODEL_NAME, raw_model, tokenizer, meta(it))
+                save_resume(out / RESUME_NAME, raw_model, optimizer, data_gen, meta(it))
+                saved = it
+                plot_losses(out / LOG_NAME, out / PLOT_NAME)
+                tqdm.write(f"iter {it}: train {losses['train']:.4f}, val {losses['val']:.4f}")
+                t_last = time.perf_counter()  # evaluation time is not training time
+            if it == cfg.max_iters:
+                break
+            for micro in range(cfg.gradient_accumulation_steps):
+                x, y = get_batch(train_data, cfg.batch_size, cfg.context_size, data_gen, device)
+                last = micro == cfg.gradient_accumulation_steps - 1
+                # DDP all-reduces gradients only on the last micro-batch; no_sync() is single-use, so one block.
+                with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
+                    with autocast:
+                        loss = model(x, y)[1] / cfg.gradient_accumulation_steps
+                    loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_seen += tokens_per_iter
+            now = time.perf_counter()
+            dt, t_last = now - t_last, now
+            seconds += dt
+            bar.update(1)
+            if it % cfg.log_interval == 0 and master:
+                loss_value = loss.item() * cfg.gradient_accumulation_steps
+                tok_s = tokens_per_iter / dt
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+                write_log({"kind": "train", "iter": it, "tokens": tokens_seen, "seconds": round(seconds, 2),
+                           "loss": loss_value, "lr": lr, "tokens_per_s": tok_s})
+        if master:
+            save_resume(out / RESUME_NAME, raw_model, optimizer, data_gen, meta(cfg.max_iters))
+    except BaseException as e:
+        bar.close()
+        if log:
+            log.close()
+        if created and saved is None:  # a start that failed leaves no run folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt):
+            raise Interrupted(interrupted_message(out, it, saved) if master else "") from None
+        raise
     bar.close()
     if master:
-        save_resume(out / RESUME_NAME, raw_model, optimizer, data_gen, meta(cfg.max_iters))
         log.close()
         tqdm.write(f"done: best val loss {best_val:.4f}, {tokens_seen} tokens in {seconds:.0f}s; "
-                   f"best weights in {out / 'model.safetensors'}")
+                   f"best weights in {out / MODEL_NAME}")
     if world > 1:
         dist.destroy_process_group()
     return best_val

@@ -115,6 +115,9 @@ function setBusy(busy) {
 async function generate(event) {
   event.preventDefault();
   showError("");
+  // The previous result goes at once: left in place, it would read as this request's output under its error.
+  $("echo").textContent = "";
+  $("output").textContent = "";
   $("stats").hidden = true;
   controller = new AbortController();
   setBusy(true);
@@ -131,7 +134,6 @@ async function generate(event) {
       return;
     }
     $("echo").textContent = $("prompt").value;
-    $("output").textContent = "";
     for await (const { name, data } of sseEvents(response.body)) {
       if (name === "token") {
         tokens += 1;

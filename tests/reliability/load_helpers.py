@@ -4,9 +4,30 @@ import contextlib
 import time
 
 from prometheus_client.parser import text_string_to_metric_families
-from service_helpers import Server, metric, parse_sse
+from service_helpers import Server, app_command, metric, parse_sse
 
 LONG = 2048  # the most tokens a request may ask for: far longer than any check takes
+
+# `python -m app` whose engines take no step while the file named by the first argument exists: requests
+# admitted meanwhile stay admitted, with nothing generated, for as long as a test needs on any machine.
+HELD_ENGINE = """
+import pathlib, runpy, sys, time
+from model.engine import Engine
+hold, step = pathlib.Path(sys.argv.pop(1)), Engine.step
+def held_step(self):
+    while hold.exists():
+        time.sleep(0.01)
+    step(self)
+Engine.step = held_step
+runpy.run_module("app", run_name="__main__", alter_sys=True)
+"""
+
+
+def held_engine_command(checkpoints, hold):
+    """app_command's server, with its engines held while the file `hold` exists."""
+    module, flags = app_command(checkpoints)[:2], app_command(checkpoints)[2:]
+    assert module == ["-m", "app"], module
+    return ["-c", HELD_ENGINE, str(hold), *flags]
 
 
 @contextlib.contextmanager

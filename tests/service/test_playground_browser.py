@@ -8,7 +8,14 @@ from service_helpers import app_command, metric, running_server, wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.server, pytest.mark.slow]
 
-CHROMIUM = "/usr/bin/chromium"
+# Skipped as a module, so that the reason is one line (`make test` installs chromium where it can: root, apt-get)
+CHROMIUM = shutil.which("chromium")  # Debian's package
+if not CHROMIUM:
+    pytest.skip("browser tests skipped: chromium not found; run `sudo apt-get install chromium` or "
+                "`sudo make test-deps`", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api",
+                               reason="browser tests skipped: playwright not found; run `make install`")
+
 # No sandbox: we run as root in a container; the rest keeps Chromium off the network and quiet.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -18,9 +25,6 @@ WAIT_MS = 30_000
 
 @pytest.fixture(scope="module")
 def browser():
-    if not shutil.which(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
@@ -146,6 +150,23 @@ def test_network_failure_is_shown_not_swallowed(page):
     error = page.wait_for_selector("#error", state="visible").inner_text()
     assert error.startswith("Network error: could not reach the server")
     assert page.is_enabled("#generate") and page.is_disabled("#stop")
+
+
+@pytest.mark.parametrize("failure", ["refused", "network"])
+def test_new_request_clears_the_previous_result_so_an_error_is_never_shown_under_it(page, failure):
+    page.fill("#max_new_tokens", "5")
+    page.click("#generate")
+    page.wait_for_selector("#stats", state="visible")
+    assert len(page.text_content("#output")) == 5 and page.text_content("#echo")
+
+    if failure == "refused":
+        page.fill("#temperature", "99")  # the server answers 422
+    else:
+        page.route("**/generate", lambda route: route.abort("connectionrefused"))
+    page.click("#generate")
+    page.wait_for_selector("#error", state="visible")
+    assert page.text_content("#transcript") == ""
+    assert page.is_hidden("#stats")
 
 
 def test_with_an_api_key_the_page_opens_without_it_and_the_key_field_unlocks_the_api(browser, checkpoints,

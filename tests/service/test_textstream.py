@@ -33,6 +33,13 @@ def test_byte_stream_turns_invalid_bytes_into_the_replacement_character():
     assert stream.push(ord("a")) == "a"
 
 
+def test_byte_stream_character_broken_off_by_a_byte_that_cannot_continue_it_becomes_a_replacement():
+    stream = TextStream(BYTES)
+    assert stream.push("é".encode()[0]) == ""  # held: it might still become "é"
+    assert stream.push(ord("a")) == "\ufffda"
+    assert stream.text == "\ufffda"
+
+
 def test_byte_stream_cut_mid_character_flushes_a_replacement_not_raw_bytes():
     stream = TextStream(BYTES)
     assert stream.push("é".encode()[0]) == ""

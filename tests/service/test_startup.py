@@ -1,0 +1,113 @@
+"""`python -m app` start-up: each way it can fail is one or two lines and a non-zero exit, before any model
+loads where it can be; `--checkpoint` takes several paths; `--help` says how to add your own run."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import httpx
+import pytest
+from service_helpers import REPO, free_port, running_server
+
+from app.__main__ import parse_args
+from app.serving import BUNDLED
+
+pytestmark = pytest.mark.slow
+
+LOADING = "INFO quill: loading"  # the line logged just before the first model loads
+
+
+def start(*args, env=None):
+    """`python -m app ARGS --port P` as a user runs it, expected to fail; bounded, however slow torch's import."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    if "--port" not in args:
+        args = (*args, "--port", str(free_port()))
+    return subprocess.run([sys.executable, "-m", "app", *map(str, args)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def assert_short_failure(proc):
+    """Non-zero, at most two lines on stderr, no traceback; returns stderr."""
+    assert proc.returncode != 0, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert len(proc.stderr.strip().splitlines()) <= 2, proc.stderr
+    return proc.stderr
+
+
+def test_a_missing_checkpoint_fails_in_one_line_naming_it_before_anything_loads(tmp_path):
+    missing = tmp_path / "no-such-run"
+    err = assert_short_failure(start("--checkpoint", missing))
+    assert str(missing) in err and "no such checkpoint" in err
+    assert LOADING not in err
+
+
+def test_a_truncated_checkpoint_fails_in_two_lines_naming_it_and_why(checkpoints, tmp_path):
+    run = tmp_path / "cut-short"
+    run.mkdir()
+    whole = (checkpoints["tiny-gpt"] / "model.safetensors").read_bytes()
+    (run / "model.safetensors").write_bytes(whole[: len(whole) // 2])
+    err = assert_short_failure(start("--checkpoint", run))
+    assert str(run / "model.safetensors") in err
+    assert "corrupted" in err or "truncated" in err
+
+
+def test_a_port_in_use_fails_in_one_line_before_any_model_loads(checkpoints):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        err = assert_short_failure(start("--checkpoint", checkpoints["tiny-gpt"], "--port", port))
+    assert f"127.0.0.1:{port}" in err and "in use" in err
+    assert LOADING not in err and "serving" not in err  # decided before the models, not after
+
+
+@pytest.mark.parametrize("args, env, named", [((), {"QUILL_MAX_RUNNING": "0"}, "max_running"),
+                                               (("--device", "banana"), {}, "banana")], ids=["limit", "device"])
+def test_a_bad_setting_fails_in_one_line_naming_it(checkpoints, args, env, named):
+    err = assert_short_failure(start("--checkpoint", checkpoints["tiny-gpt"], *args, env=env))
+    assert named in err and LOADING not in err
+
+
+def test_checkpoint_takes_several_paths_and_may_be_repeated(checkpoints, tmp_path):
+    command = ["-m", "app", "--checkpoint", str(checkpoints["tiny-gpt"]), str(checkpoints["tiny-lstm"]),
+               "--checkpoint", str(checkpoints["byte-gpt"])]
+    with running_server(command, log_path=tmp_path / "server.log") as server:
+        models = httpx.get(server.url + "/v1/models", timeout=10).json()["data"]
+    assert [m["id"] for m in models] == ["tiny-gpt", "tiny-lstm", "byte-gpt"]
+
+
+def test_help_shows_how_to_serve_your_own_run_next_to_the_bundled_ones(capsys):
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "--checkpoint checkpoints/" in line)
+    named = [word for word in line.split() if word.startswith("checkpoints/")]
+    assert named and all((BUNDLED.parent / path / "model.safetensors").is_file() for path in named)  # they exist
+    assert "runs/my-run" in line and "QUILL_CHECKPOINTS" in out
+
+
+# `python -m app` whose models never finish loading: a stop asked for meanwhile lands in the load, on any machine.
+ENDLESS_LOAD = """
+import runpy, time
+from app import serving
+serving.load_served_model = lambda *args, **kwargs: time.sleep(3600)
+runpy.run_module("app", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_while_the_models_load_is_one_line_not_a_traceback(checkpoints, sig):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", ENDLESS_LOAD, "--checkpoint", str(checkpoints["tiny-gpt"]),
+                             "--port", str(free_port())], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert any(LOADING in line for line in proc.stderr)  # read up to the line that says the load has begun
+        proc.send_signal(sig)
+        err = proc.stderr.read()
+        assert proc.wait(timeout=60) != 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert err.strip() == "python -m app: stopped before serving"
