@@ -1,12 +1,16 @@
 """Request bodies and their bounds: the one place that knows each limit."""
+import secrets
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from model.sampling import SamplingParams
 
 MAX_PROMPT_CHARS = 16_000  # longer prompts are cut to the model's context anyway
 MAX_NEW_TOKENS = 2048
 MAX_TEMPERATURE = 5.0
 MAX_TOP_K = 1000
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 10.0  # far below 1, logits / penalty overflow
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 64
 MAX_SEED = 2**53 - 1  # the largest integer every JSON client reads exactly (JavaScript's too)
@@ -24,6 +28,11 @@ def whole_number(v):
     return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
+def choose_seed(seed):
+    """The request's seed, or a random one (returned to the client, so the text can be had again)."""
+    return seed if seed is not None else secrets.randbelow(MAX_SEED + 1)
+
+
 def check_prompt(prompt):
     if not prompt.strip():
         raise ValueError("prompt is empty or only whitespace")
@@ -34,12 +43,20 @@ def check_prompt(prompt):
     return prompt
 
 
+# Shared by /generate and /v1/completions (vLLM accepts the same two beside OpenAI's fields).
+MinP = Field(0.0, ge=0.0, le=1.0, description="keep tokens at least min_p times as likely as the likeliest; 0: off")
+RepetitionPenalty = Field(1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY,
+                          description="above 1, tokens already in the prompt or the output become less likely")
+
+
 class GenerateRequest(Strict):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(0.8, ge=0.0, le=MAX_TEMPERATURE, description="0 (or below 1e-5) is greedy")
     top_k: int | None = Field(None, ge=1, le=MAX_TOP_K)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    min_p: float = MinP
+    repetition_penalty: float = RepetitionPenalty
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when absent; returned")
     stop: list[StopString] = Field([], max_length=MAX_STOP_STRINGS)
     stream: bool = True
@@ -47,6 +64,11 @@ class GenerateRequest(Strict):
 
     _prompt = field_validator("prompt")(check_prompt)
     _whole = field_validator("max_new_tokens", "top_k", "seed", mode="before")(whole_number)
+
+    def to_sampling_params(self):
+        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+                              seed=choose_seed(self.seed), stop=tuple(self.stop))
 
 
 class StreamOptions(Strict):
@@ -69,6 +91,8 @@ class CompletionRequest(Strict):
     max_tokens: int = Field(16, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    min_p: float = MinP
+    repetition_penalty: float = RepetitionPenalty
     stop: StopString | list[StopString] | None = Field(None, validate_default=True,
                                                        json_schema_extra=document_stop_limit)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
@@ -79,6 +103,11 @@ class CompletionRequest(Strict):
 
     _prompt = field_validator("prompt")(check_prompt)
     _whole = field_validator("max_tokens", "seed", mode="before")(whole_number)
+
+    def to_sampling_params(self):
+        return SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+                              seed=choose_seed(self.seed), stop=tuple(self.stop))
 
     @field_validator("stop")
     @classmethod

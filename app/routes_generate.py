@@ -7,7 +7,7 @@ from sse_starlette import EventSourceResponse
 
 from app.errors import APIError, error_body, error_responses
 from app.protocol import GenerateRequest
-from app.serving import GenerationFailed, Params, TokenEvent
+from app.serving import GenerationFailed, TokenEvent
 
 router = APIRouter()
 # Besides JSON, a 200 can be server-sent events (the schema is one event's) or bare text; both are documented.
@@ -15,11 +15,6 @@ SSE_EVENT = {"type": "object", "required": ["data"],
              "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}
 STREAMED = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT},
                               "text/plain": {"schema": {"type": "string"}}}}}
-
-
-def params_of(body: GenerateRequest):
-    return Params(prompt=body.prompt, max_new_tokens=body.max_new_tokens, temperature=body.temperature,
-                  top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=body.stop)
 
 
 async def sse_events(events, request):
@@ -61,8 +56,7 @@ async def collect(events):
 async def generate(body: GenerateRequest, request: Request):
     service = request.app.state.service
     served = service.get(body.model)
-    params = params_of(body)
-    events = service.generate(served, params, service.admit(served, params))
+    events = service.generate(served, body.prompt, body.to_sampling_params())
     accept = request.headers.get("accept", "")
     if "text/plain" in accept and "text/event-stream" not in accept:
         return StreamingResponse(text_chunks(events, request), media_type="text/plain; charset=utf-8")

@@ -9,7 +9,7 @@ from sse_starlette import EventSourceResponse
 from app.errors import error_body, error_responses
 from app.protocol import CompletionRequest
 from app.routes_generate import STREAMED, collect
-from app.serving import GenerationFailed, Params, TokenEvent
+from app.serving import GenerationFailed, TokenEvent
 
 router = APIRouter(prefix="/v1")
 
@@ -23,9 +23,7 @@ def choice(text, finish_reason):
 async def completions(body: CompletionRequest, request: Request):
     service = request.app.state.service
     served = service.get(body.model)
-    params = Params(prompt=body.prompt, max_new_tokens=body.max_tokens, temperature=body.temperature,
-                    top_p=body.top_p, seed=body.seed, stop=body.stop)
-    events = service.generate(served, params, service.admit(served, params))
+    events = service.generate(served, body.prompt, body.to_sampling_params())
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": served.name}
     if not body.stream:

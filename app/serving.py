@@ -4,16 +4,14 @@ import hashlib
 import logging
 import math
 import os
-import secrets
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from app.errors import APIError
-from app.protocol import MAX_SEED
 from app.textstream import TextStream
 from model import CheckpointError, load_checkpoint
 from model.engine import Engine, Request
@@ -22,17 +20,6 @@ log = logging.getLogger("quill")
 BUNDLED = Path(__file__).resolve().parent.parent / "checkpoints"
 TRAIN_HINT = ("train one with: python -m train --data ../shared/data/tinyshakespeare.txt "
               "--out checkpoints/shakespeare-gpt --preset cpu (or see the README)")
-
-
-@dataclass
-class Params:
-    prompt: str
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list = field(default_factory=list)
 
 
 @dataclass
@@ -63,7 +50,6 @@ class Job:
     """An admitted request: queued in its engine, its events arriving on `events`."""
     req: Request
     events: asyncio.Queue
-    seed: int
 
 
 @dataclass
@@ -203,13 +189,13 @@ class Service:
                            param="model", type="not_found_error")
         return self.models[name]
 
-    def admit(self, served, params):
+    def admit(self, served, prompt, params):
         """Everything that can refuse a request; then queue it, and return its Job."""
         if self.draining or not self.ready:
             raise APIError(503, "the server is shutting down" if self.draining else "the server is starting",
                            type="unavailable", headers={"Retry-After": "5"})
         try:
-            ids = served.tokenizer.encode(params.prompt)
+            ids = served.tokenizer.encode(prompt)
         except ValueError as e:
             raise APIError(422, f"prompt: {e}", param="prompt") from None
         running, queued = served.engine.counts()
@@ -222,16 +208,18 @@ class Service:
         if self.relay is None or self.relay.loop is not loop:
             self.relay = EventRelay(loop)
         events = asyncio.Queue()
-        seed = params.seed if params.seed is not None else secrets.randbelow(MAX_SEED + 1)
-        req = Request(ids, params.max_new_tokens,
-                      emit=lambda ev: self.relay.send(events, ev),
-                      temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=seed)
+        req = Request(ids, params, emit=lambda ev: self.relay.send(events, ev))
         served.engine.submit(req)
-        return Job(req, events, seed)
+        return Job(req, events)
 
-    async def generate(self, served, params, job):
+    def generate(self, served, prompt, params):
+        """Admit the request now (raising what refuses it before any response starts); return the
+        async iterator of its TokenEvents and final dict."""
+        return self._events(served, self.admit(served, prompt, params))
+
+    async def _events(self, served, job):
         """Yield TokenEvents, then one final dict; raise GenerationFailed if the engine fails."""
-        req, events, seed, ids = job.req, job.events, job.seed, job.req.prompt
+        req, events, ids, params = job.req, job.events, job.req.prompt, job.req.params
         text = TextStream(served.tokenizer, params.stop)
         first = last = None
         index = 0
@@ -270,7 +258,7 @@ class Service:
                             "time_to_first_token_s": round((first or done) - req.submitted_at, 6),
                             "total_s": round(done - req.submitted_at, 6),
                             "tokens_per_s": round(index / max(done - started, 1e-9), 2)},
-                "seed": seed,
+                "seed": params.seed,
                 "model": served.name,
                 "checkpoint_sha256": served.sha256,
             }

@@ -22,33 +22,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from model.gpt import GPT, KVCache
-
-
-# Below this, sampling differs from argmax only between logits closer than ~1e-4, and logits /
-# temperature can overflow to inf (a NaN softmax that would fail the whole batch): so it is greedy.
-MIN_TEMPERATURE = 1e-5
-
-
-def sample_next_token(logits, generator, temperature=1.0, top_k=None, top_p=1.0):
-    """One token from (V,) logits: argmax at temperature 0 (or below MIN_TEMPERATURE), else filtered multinomial."""
-    if temperature < MIN_TEMPERATURE:
-        return int(logits.argmax())
-    logits = logits.float() / temperature if logits.dtype in (torch.float16, torch.bfloat16) else logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # keep the smallest prefix whose mass reaches top_p (always at least one token)
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-        drop[0] = False  # even when top_p rounds to 0 in the logits' precision (5e-324 does in float32)
-        probs = probs.scatter(0, order[drop], 0.0)
-    # (1, V) consumes the generator exactly as GPT.generate's batched call does for one row
-    return int(torch.multinomial(probs.unsqueeze(0), 1, generator=generator))
+from model.sampling import SamplingParams, sample_next_token
 
 
 class GPTCache:
@@ -128,17 +104,17 @@ class Request:
     ("token", token_id), ("finish", reason) where reason is length/cancelled/error:<message>."""
 
     prompt: list
-    max_new_tokens: int
+    params: SamplingParams
     emit: callable
-    temperature: float = 1.0
-    top_k: int = None
-    top_p: float = 1.0
-    seed: int = 0
     cancelled: bool = False
     tokens: list = field(default_factory=list)  # prompt + generated, the sliding window's source
     generated: int = 0
     submitted_at: float = field(default_factory=time.perf_counter)
     started_at: float = None
+
+    @property
+    def max_new_tokens(self):
+        return self.params.max_new_tokens
 
     def cancel(self):
         self.cancelled = True  # read by the engine thread between steps
@@ -186,7 +162,8 @@ class Engine:
             self.thread.join()
 
     def generate(self, prompt, max_new_tokens, **sampling):
-        """Blocking helper (tests, benchmarks, warm-up): run one request to the end, return its ids."""
+        """Blocking helper (tests, benchmarks, warm-up): run one request to the end, return its ids.
+        `sampling`: SamplingParams' fields."""
         out, done = [], threading.Event()
 
         def emit(event):
@@ -196,7 +173,7 @@ class Engine:
                 out.append(event)
                 done.set()
 
-        req = Request(list(prompt), max_new_tokens, emit, **sampling)
+        req = Request(list(prompt), SamplingParams(max_new_tokens=max_new_tokens, **sampling), emit)
         if self.running:
             self.submit(req)
             done.wait()
@@ -246,7 +223,7 @@ class Engine:
                 self._emit(req, ("finish", "cancelled"))
                 continue
             req.started_at = self.clock()
-            req.generator = torch.Generator().manual_seed(req.seed)
+            req.generator = torch.Generator().manual_seed(req.params.seed)
             req.tokens = list(req.prompt)
             slot = len(self.active)
             # active before it leaves the queue: counts() may see it twice, never zero times
@@ -272,7 +249,10 @@ class Engine:
         self._leave()
 
     def _sample(self, req, logits):
-        token = sample_next_token(logits, req.generator, req.temperature, req.top_k, req.top_p)
+        seen = None
+        if req.params.repetition_penalty != 1.0:  # the prompt counts as seen, as in CTRL and transformers
+            seen = torch.tensor(req.tokens, device=logits.device)
+        token = sample_next_token(logits, req.generator, req.params, seen)
         req.tokens.append(token)
         req.generated += 1
         self._emit(req, ("token", token))

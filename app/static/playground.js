@@ -68,7 +68,7 @@ function numberField(body, id) {
 
 function requestBody() {
   const body = { prompt: $("prompt").value, stream: true };
-  for (const id of ["temperature", "max_new_tokens", "top_k", "top_p", "seed"]) numberField(body, id);
+  for (const id of ["temperature", "max_new_tokens", "top_k", "top_p", "min_p", "repetition_penalty", "seed"]) numberField(body, id);
   if ($("model").value) body.model = $("model").value;
   return body;
 }

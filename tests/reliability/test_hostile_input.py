@@ -14,7 +14,7 @@ from service_helpers import app_command
 from app.main import create_app
 from app.protocol import MAX_SEED
 from app.settings import Settings
-from model.engine import sample_next_token
+from model.sampling import SamplingParams, sample_next_token
 
 MB = 1024 * 1024
 JSON = {"Content-Type": "application/json"}
@@ -114,7 +114,7 @@ def test_seed_chosen_by_the_server_survives_a_javascript_number(client):
 
 def test_top_p_too_small_for_float32_keeps_the_best_token_instead_of_failing_the_batch():
     logits = torch.tensor([0.1, 3.0, -1.0, 2.9])
-    assert sample_next_token(logits, torch.Generator().manual_seed(0), temperature=1.0, top_p=5e-324) == 1
+    assert sample_next_token(logits, torch.Generator().manual_seed(0), SamplingParams(temperature=1.0, top_p=5e-324)) == 1
 
 
 def test_top_p_too_small_for_float32_is_served_as_greedy(client):

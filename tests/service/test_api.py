@@ -262,6 +262,11 @@ BAD_GENERATE = [
     ('{"prompt": "Hi", "stop": "a"}', "stop"),
     ('{"prompt": "Hi", "max_tokens": 5}', "max_tokens"),
     ('{"prompt": "Hi", "model": 3}', "model"),
+    ('{"prompt": "Hi", "min_p": 1.5}', "min_p"),
+    ('{"prompt": "Hi", "min_p": -0.1}', "min_p"),
+    ('{"prompt": "Hi", "repetition_penalty": 0}', "repetition_penalty"),
+    ('{"prompt": "Hi", "repetition_penalty": 5e-324}', "repetition_penalty"),
+    ('{"prompt": "Hi", "repetition_penalty": 10.5}', "repetition_penalty"),
 ]
 
 BAD_COMPLETIONS = [
@@ -273,6 +278,8 @@ BAD_COMPLETIONS = [
     ('{"prompt": "Hi", "stream_options": {"include_usage": 1}}', "stream_options.include_usage"),
     ('{"prompt": "Hi", "logprobs": 5}', "logprobs"),
     ('{"prompt": "   "}', "prompt"),
+    ('{"prompt": "Hi", "min_p": 2}', "min_p"),
+    ('{"prompt": "Hi", "repetition_penalty": -1}', "repetition_penalty"),
 ]
 
 BAD_BODIES = [("/generate", body, param) for body, param in BAD_GENERATE] + \
@@ -283,6 +290,28 @@ BAD_BODIES = [("/generate", body, param) for body, param in BAD_GENERATE] + \
 def test_bad_parameter_gives_422_in_the_error_shape_naming_the_field(client, route, body, param):
     r = client.post(route, content=body, headers={"Content-Type": "application/json"})
     assert_error(r, 422, param)
+
+
+@pytest.mark.parametrize("route, length", [("/generate", "max_new_tokens"), ("/v1/completions", "max_tokens")])
+def test_every_sampling_field_of_the_body_reaches_the_sampler_whole(client, monkeypatch, route, length):
+    from model import engine as engine_module
+    seen = []
+
+    def recording(logits, generator, params, seen_ids=None):
+        seen.append((params, None if seen_ids is None else sorted(set(seen_ids.tolist()))))
+        return 0
+
+    monkeypatch.setattr(engine_module, "sample_next_token", recording)
+    body = {"prompt": "Hi", length: 3, "temperature": 0.7, "top_p": 0.9, "min_p": 0.2, "repetition_penalty": 1.5,
+            "seed": 11, "stop": ["zz"], "stream": False}
+    assert client.post(route, json=body).status_code == 200
+    params = {p for p, _ in seen}
+    assert len(seen) == 3 and len(params) == 1
+    p = params.pop()
+    assert (p.max_new_tokens, p.temperature, p.top_p, p.min_p, p.repetition_penalty, p.seed, p.stop) == \
+        (3, 0.7, 0.9, 0.2, 1.5, 11, ("zz",))
+    prompt_ids = sorted(set(client.app.state.service.get(None).tokenizer.encode("Hi")))
+    assert seen[0][1] == prompt_ids  # the prompt counts as seen by the repetition penalty
 
 
 # -- bodies: JSON whatever the Content-Type, but not from a page on another site --

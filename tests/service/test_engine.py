@@ -6,7 +6,8 @@ import torch
 from service_helpers import CONTEXT, tiny_gpt, tiny_lstm, wait_until
 
 from model import LSTM, Block, MultiHeadCausalSelfAttention
-from model.engine import Engine, Request, sample_next_token
+from model.engine import Engine, Request
+from model.sampling import SamplingParams
 
 VOCAB = 40
 PROMPT = [1, 2, 3, 4]
@@ -56,7 +57,7 @@ class Recorder:
 
 
 def request(prompt, n, seed=0, **sampling):
-    return Request(list(prompt), n, Recorder(), seed=seed, **sampling)
+    return Request(list(prompt), SamplingParams(max_new_tokens=n, seed=seed, **sampling), Recorder())
 
 
 def run_until_done(engine, *reqs):
@@ -286,23 +287,6 @@ def test_engine_refuses_an_empty_prompt():
     with pytest.raises(ValueError):
         Engine(gpt64()).submit(request([], 5))
 
-
-# -- sample_next_token --
-
-def test_sample_next_token_at_temperature_zero_is_argmax_and_consumes_no_randomness():
-    g = torch.Generator().manual_seed(0)
-    state = g.get_state()
-    assert sample_next_token(torch.tensor([0.1, 3.0, -1.0, 2.9]), g, temperature=0) == 1
-    assert torch.equal(g.get_state(), state)
-
-
-@pytest.mark.parametrize("logits", [[0.1, 3.0, -1.0, 2.9], [-5.0, -0.5, -9.0, -0.6]], ids=["mixed", "negative"])
-@pytest.mark.parametrize("temperature", [1e-300, 1e-40, 1e-6])
-def test_sample_next_token_at_a_vanishing_temperature_is_argmax(logits, temperature):
-    g = torch.Generator().manual_seed(0)
-    assert sample_next_token(torch.tensor(logits), g, temperature=temperature) == 1
-
-
 def test_engine_request_at_a_vanishing_temperature_is_greedy_and_harms_no_one_in_its_batch():
     model = gpt64()
     engine = Engine(model)
@@ -316,42 +300,14 @@ def test_engine_request_at_a_vanishing_temperature_is_greedy_and_harms_no_one_in
     assert other.emit.tokens == expected
 
 
-def test_sample_next_token_draws_as_multinomial_over_the_tempered_softmax():
-    logits = torch.randn(50, generator=torch.Generator().manual_seed(1))
-    for seed in range(20):
-        probs = torch.softmax(logits / 0.7, -1)
-        expected = int(torch.multinomial(probs.unsqueeze(0), 1, generator=torch.Generator().manual_seed(seed)))
-        assert sample_next_token(logits, torch.Generator().manual_seed(seed), temperature=0.7) == expected
-
-
-def test_sample_next_token_with_top_k_only_draws_from_the_k_best():
-    logits = torch.tensor([1.0, 5.0, 0.0, 4.9, -2.0, 4.8])
-    g = torch.Generator().manual_seed(0)
-    drawn = {sample_next_token(logits, g, temperature=5.0, top_k=2) for _ in range(300)}
-    assert drawn == {1, 3}
-
-
-def test_sample_next_token_with_top_k_above_the_vocabulary_keeps_everything():
-    logits = torch.zeros(4)
-    g = torch.Generator().manual_seed(0)
-    assert {sample_next_token(logits, g, top_k=10) for _ in range(300)} == {0, 1, 2, 3}
-
-
-@pytest.mark.parametrize("top_p, allowed", [(0.5, {0}), (0.6, {0, 1}), (0.85, {0, 1, 2}), (1.0, {0, 1, 2, 3})])
-def test_sample_next_token_with_top_p_keeps_the_smallest_set_reaching_that_mass(top_p, allowed):
-    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
-    g = torch.Generator().manual_seed(0)
-    assert {sample_next_token(logits, g, top_p=top_p) for _ in range(400)} == allowed
-
-
-def test_sample_next_token_same_seed_same_token():
-    logits = torch.zeros(1000)
-    draws = [sample_next_token(logits, torch.Generator().manual_seed(42)) for _ in range(3)]
-    assert len(set(draws)) == 1
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_sample_next_token_accepts_half_precision_logits(dtype):
-    logits = torch.tensor([0.0, 10.0, 0.0], dtype=dtype)
-    g = torch.Generator().manual_seed(0)
-    assert sample_next_token(logits, g, temperature=0.5, top_k=2, top_p=0.9) == 1
+@MODELS
+def test_engine_repetition_penalty_counts_the_prompt_and_every_generated_token_as_seen(make):
+    from model.sampling import penalize
+    model = make()
+    ids = list(PROMPT)
+    for _ in range(20):  # the reference: greedy over full forwards, penalizing everything seen so far
+        logits, _ = model(torch.tensor([ids[-CONTEXT:]]))
+        ids.append(int(penalize(logits[0, -1], torch.tensor(ids), 3.0).argmax()))
+    out = Engine(model).generate(PROMPT, 20, temperature=0.0, repetition_penalty=3.0)
+    assert out == ids[len(PROMPT):]
+    assert out != Engine(model).generate(PROMPT, 20, temperature=0.0)  # the penalty changed something

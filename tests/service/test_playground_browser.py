@@ -95,13 +95,13 @@ def test_finished_generation_shows_the_same_text_as_the_api_and_the_final_stats(
     page.fill("#prompt", "To be")
     page.select_option("#model", "tiny-lstm")
     for field, value in {"#temperature": "0.9", "#max_new_tokens": "40", "#top_k": "20", "#top_p": "0.95",
-                         "#seed": "7"}.items():
+                         "#min_p": "0.05", "#repetition_penalty": "1.3", "#seed": "7"}.items():
         page.fill(field, value)
     page.click("#generate")
     page.wait_for_selector("#stats", state="visible")
 
     body = {"prompt": "To be", "model": "tiny-lstm", "temperature": 0.9, "max_new_tokens": 40, "top_k": 20,
-            "top_p": 0.95, "seed": 7, "stream": False}
+            "top_p": 0.95, "min_p": 0.05, "repetition_penalty": 1.3, "seed": 7, "stream": False}
     expected = httpx.post(server.url + "/generate", json=body, timeout=30).json()
     assert page.text_content("#output") == expected["text"]
     assert page.text_content("#echo") == "To be"

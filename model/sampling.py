@@ -1,0 +1,61 @@
+"""How a request wants its tokens chosen (SamplingParams) and the sampler that reads it.
+
+The request bodies convert themselves into a SamplingParams once; the object travels whole
+through the engine to `sample_next_token`, so a new sampling knob is added here, in the
+protocol and in the playground, and nowhere else.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Below this, sampling differs from argmax only between logits closer than ~1e-4, and logits /
+# temperature can overflow to inf (a NaN softmax that would fail the whole batch): so it is greedy.
+MIN_TEMPERATURE = 1e-5
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0 (or below MIN_TEMPERATURE) is greedy
+    top_k: int | None = None  # keep the k likeliest tokens
+    top_p: float = 1.0  # keep the smallest set whose probability reaches top_p
+    min_p: float = 0.0  # keep tokens at least min_p times as likely as the likeliest
+    repetition_penalty: float = 1.0  # CTRL's: divide a seen token's positive logit by it, multiply a negative one
+    seed: int = 0
+    stop: tuple[str, ...] = ()  # text-level: the app's text stream ends on these, the engine never sees them
+
+    @property
+    def greedy(self):
+        return self.temperature < MIN_TEMPERATURE
+
+
+def penalize(logits, seen, penalty):
+    """(V,) logits with each token id in `seen` (prompt and generated so far) made less likely."""
+    picked = logits[seen]
+    return logits.scatter(0, seen, torch.where(picked > 0, picked / penalty, picked * penalty))
+
+
+def sample_next_token(logits, generator, params=SamplingParams(), seen=None):
+    """One token from (V,) logits. `seen`: a LongTensor of the ids the request has seen, needed
+    only when params.repetition_penalty != 1."""
+    if params.repetition_penalty != 1.0:
+        logits = penalize(logits, seen, params.repetition_penalty)
+    if params.greedy:
+        return int(logits.argmax())
+    logits = logits.float() / params.temperature if logits.dtype in (torch.float16, torch.bfloat16) \
+        else logits / params.temperature
+    if params.top_k is not None and params.top_k < logits.size(-1):
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+        drop[0] = False  # even when top_p rounds to 0 in the logits' precision (5e-324 does in float32)
+        probs = probs.scatter(0, order[drop], 0.0)
+    if params.min_p > 0.0:  # after top_p, as vLLM does; the likeliest token always stays
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    # (1, V) consumes the generator exactly as GPT.generate's batched call does for one row
+    return int(torch.multinomial(probs.unsqueeze(0), 1, generator=generator))
