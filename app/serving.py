@@ -6,7 +6,7 @@ import math
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -14,7 +14,7 @@ import torch
 from app.errors import APIError
 from app.textstream import TextStream
 from model import CheckpointError, load_checkpoint
-from model.engine import Engine, Request
+from model.engine import Engine, Finished, Request
 
 log = logging.getLogger("quill")
 BUNDLED = Path(__file__).resolve().parent.parent / "checkpoints"
@@ -26,7 +26,22 @@ TRAIN_HINT = ("train one with: python -m train --data ../shared/data/tinyshakesp
 class TokenEvent:
     index: int
     id: int
+    text: str  # safe to show: held-back text (a possible stop string, an unfinished character) comes later
+
+
+@dataclass
+class Done:
+    """The end of a generation that finished (not one that failed: that raises GenerationFailed)."""
+    finish_reason: str  # "length" or "stop"
     text: str
+    usage: dict
+    timings: dict
+    seed: int
+    model: str
+    checkpoint_sha256: str
+
+    def to_dict(self):
+        return asdict(self)
 
 
 class GenerationFailed(APIError):
@@ -218,15 +233,15 @@ class Service:
         return self._events(served, self.admit(served, prompt, params))
 
     async def _events(self, served, job):
-        """Yield TokenEvents, then one final dict; raise GenerationFailed if the engine fails."""
-        req, events, ids, params = job.req, job.events, job.req.prompt, job.req.params
+        """Yield TokenEvents, then a Done; raise GenerationFailed if the engine fails."""
+        req, events, params = job.req, job.events, job.req.params
         text = TextStream(served.tokenizer, params.stop)
         first = last = None
         index = 0
         try:
             while True:
-                (kind, value), at = await events.get()
-                if kind == "finish":
+                event, at = await events.get()
+                if isinstance(event, Finished):
                     break
                 if first is None:
                     first = at
@@ -235,35 +250,35 @@ class Service:
                     self.metrics.token_latency.observe(at - last)
                 last = at
                 self.metrics.tokens.labels(served.name).inc()
-                delta = text.push(value)
-                if index + 1 == params.max_new_tokens:  # the last token: release what is held back
+                delta = text.push(event.id)
+                if event.last:  # nothing follows: release what is held back
                     delta += text.flush()
-                yield TokenEvent(index, value, delta)
+                yield TokenEvent(index, event.id, delta)
                 index += 1
                 if text.stopped:
                     req.cancel()
-                    value = "stop"
+                    event = Finished("stop")
                     break
-            if value != "stop" and value != "length":
+            if event.reason not in ("length", "stop"):
                 raise shutdown_failure() if self.ended else GenerationFailed(
-                    f"generation failed: {value.removeprefix('error: ')}")
-            done = time.perf_counter()
-            started = req.started_at or done
-            yield {
-                "finish_reason": "stop" if value == "stop" else "length",
-                "text": text.text,
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": index,
-                          "total_tokens": len(ids) + index},
-                "timings": {"queue_s": round(started - req.submitted_at, 6),
-                            "time_to_first_token_s": round((first or done) - req.submitted_at, 6),
-                            "total_s": round(done - req.submitted_at, 6),
-                            "tokens_per_s": round(index / max(done - started, 1e-9), 2)},
-                "seed": params.seed,
-                "model": served.name,
-                "checkpoint_sha256": served.sha256,
-            }
+                    f"generation failed: {event.error or event.reason}")
+            yield self._done(served, req, event.reason, text.text, index, first)
         finally:
             req.cancel()  # the client left, a stop string matched, or we are done: free the slot
+
+    @staticmethod
+    def _done(served, req, reason, text, generated, first):
+        now = time.perf_counter()
+        started = req.started_at or now
+        prompt = len(req.prompt)
+        return Done(
+            finish_reason=reason, text=text, seed=req.params.seed, model=served.name,
+            checkpoint_sha256=served.sha256,
+            usage={"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated},
+            timings={"queue_s": round(started - req.submitted_at, 6),
+                     "time_to_first_token_s": round((first or now) - req.submitted_at, 6),
+                     "total_s": round(now - req.submitted_at, 6),
+                     "tokens_per_s": round(generated / max(now - started, 1e-9), 2)})
 
     async def drain(self, timeout):
         """Stop admitting; wait for streams in flight, up to `timeout` (or until stop_now); then end the rest,
@@ -275,7 +290,7 @@ class Service:
             await asyncio.sleep(0.05)
         self.ended = True
         for served in self.models.values():
-            await asyncio.to_thread(served.engine.stop)  # the rest get ("finish", "error: engine stopped")
+            await asyncio.to_thread(served.engine.stop)  # the rest get Finished("error", "engine stopped")
 
     def stop_now(self):
         """End the drain at once (a second Ctrl-C): streams in flight end with a server_shutdown error."""

@@ -98,10 +98,22 @@ class LSTMState:
         self.h[:, dst], self.c[:, dst] = self.h[:, src], self.c[:, src]
 
 
+@dataclass(frozen=True)
+class Token:
+    id: int
+    last: bool = False  # the request's max_new_tokens-th token: a Finished("length") follows
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # "length", "cancelled" or "error"
+    error: str | None = None  # what failed, when reason is "error"
+
+
 @dataclass
 class Request:
-    """One generation. `emit(event)` is called from the engine thread with one of
-    ("token", token_id), ("finish", reason) where reason is length/cancelled/error:<message>."""
+    """One generation. `emit(event)` is called from the engine thread with a Token per generated
+    token, then one Finished."""
 
     prompt: list
     params: SamplingParams
@@ -167,10 +179,8 @@ class Engine:
         out, done = [], threading.Event()
 
         def emit(event):
-            if event[0] == "token":
-                out.append(event[1])
-            else:
-                out.append(event)
+            out.append(event)
+            if isinstance(event, Finished):
                 done.set()
 
         req = Request(list(prompt), SamplingParams(max_new_tokens=max_new_tokens, **sampling), emit)
@@ -182,9 +192,9 @@ class Engine:
             while not done.is_set():
                 self.step()
         finish = out.pop()
-        if finish[1].startswith("error"):
-            raise RuntimeError(finish[1])
-        return out
+        if finish.reason == "error":
+            raise RuntimeError(finish.error)
+        return [token.id for token in out]
 
     # -- the engine thread --
 
@@ -199,7 +209,7 @@ class Engine:
                     break
             self.step()
         for req in self.active + list(self.waiting):
-            self._emit(req, ("finish", "error: engine stopped"))
+            self._emit(req, Finished("error", "engine stopped"))
         self.active, self.waiting = [], deque()
 
     def step(self):
@@ -209,7 +219,7 @@ class Engine:
             self._decode()
         except Exception as e:  # a failed step ends the requests in it, never the engine
             for req in self.active:
-                self._emit(req, ("finish", f"error: {type(e).__name__}: {e}"))
+                self._emit(req, Finished("error", f"{type(e).__name__}: {e}"))
             self.active = []
 
     @torch.no_grad()
@@ -220,7 +230,7 @@ class Engine:
             if req.cancelled:
                 with self.cond:
                     self.waiting.popleft()
-                self._emit(req, ("finish", "cancelled"))
+                self._emit(req, Finished("cancelled"))
                 continue
             req.started_at = self.clock()
             req.generator = torch.Generator().manual_seed(req.params.seed)
@@ -255,14 +265,14 @@ class Engine:
         token = sample_next_token(logits, req.generator, req.params, seen)
         req.tokens.append(token)
         req.generated += 1
-        self._emit(req, ("token", token))
+        self._emit(req, Token(token, last=req.generated == req.max_new_tokens))
 
     def _leave(self):
         """Finished and cancelled requests leave; the last active row moves into each freed slot."""
         for slot in range(len(self.active) - 1, -1, -1):
             req = self.active[slot]
             if req.cancelled or req.generated >= req.max_new_tokens:
-                self._emit(req, ("finish", "cancelled" if req.cancelled else "length"))
+                self._emit(req, Finished("cancelled" if req.cancelled else "length"))
                 last = len(self.active) - 1
                 if slot != last:
                     self.cache.move(last, slot)

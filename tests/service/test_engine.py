@@ -6,7 +6,7 @@ import torch
 from service_helpers import CONTEXT, tiny_gpt, tiny_lstm, wait_until
 
 from model import LSTM, Block, MultiHeadCausalSelfAttention
-from model.engine import Engine, Request
+from model.engine import Engine, Finished, Request, Token
 from model.sampling import SamplingParams
 
 VOCAB = 40
@@ -49,11 +49,11 @@ class Recorder:
 
     @property
     def tokens(self):
-        return [v for kind, v in self.events if kind == "token"]
+        return [e.id for e in self.events if isinstance(e, Token)]
 
     @property
     def finish(self):
-        return self.events[-1][1] if self.events and self.events[-1][0] == "finish" else None
+        return self.events[-1] if self.events and isinstance(self.events[-1], Finished) else None
 
 
 def request(prompt, n, seed=0, **sampling):
@@ -153,7 +153,7 @@ def test_engine_max_new_tokens_is_respected(n):
     engine.submit(req)
     run_until_done(engine, req)
     assert len(req.emit.tokens) == n
-    assert req.emit.finish == "length"
+    assert req.emit.finish == Finished("length")
 
 
 def test_engine_same_seed_same_tokens_alone_or_batched_with_others():
@@ -199,7 +199,7 @@ def test_engine_cancelled_request_leaves_the_batch_and_the_others_continue_uncha
     first.cancel()  # slot 0 frees, and the second row moves into it
     engine.step()
     tokens_then = len(first.emit.tokens)
-    assert first.emit.finish == "cancelled"
+    assert first.emit.finish == Finished("cancelled")
     assert engine.counts() == (1, 0)
 
     run_until_done(engine, second)
@@ -213,7 +213,7 @@ def test_engine_request_cancelled_while_waiting_finishes_without_tokens():
     engine.submit(req)
     req.cancel()
     engine.step()
-    assert req.emit.events == [("finish", "cancelled")]
+    assert req.emit.events == [Finished("cancelled")]
     assert engine.counts() == (0, 0)
 
 
@@ -237,8 +237,8 @@ def test_engine_failed_step_ends_every_active_request_with_an_error_and_keeps_se
     monkeypatch.setattr(engine.cache, "decode", decode_failing_once)
     engine.step()
     for r in reqs:
-        assert r.emit.finish.startswith("error: ")
-        assert "injected failure" in r.emit.finish
+        assert r.emit.finish.reason == "error"
+        assert "injected failure" in r.emit.finish.error
     assert engine.counts() == (0, 0)
 
     assert engine.generate([6, 7], 25, seed=2) == Engine(model).generate([6, 7], 25, seed=2)
@@ -263,7 +263,7 @@ def test_engine_stopped_with_requests_in_flight_ends_them_with_an_error():
     engine.start()
     assert wait_until(lambda: reqs[0].emit.tokens, timeout=30)
     engine.stop()
-    assert [r.emit.finish for r in reqs] == ["error: engine stopped"] * 2
+    assert [r.emit.finish for r in reqs] == [Finished("error", "engine stopped")] * 2
 
 
 def test_engine_listener_that_raises_cancels_only_its_own_request():
@@ -278,7 +278,7 @@ def test_engine_listener_that_raises_cancels_only_its_own_request():
     engine.submit(broken)
     engine.submit(healthy)
     run_until_done(engine, healthy)
-    assert healthy.emit.finish == "length"
+    assert healthy.emit.finish == Finished("length")
     assert len(healthy.emit.tokens) == 30
     assert engine.counts() == (0, 0)
 
@@ -295,7 +295,7 @@ def test_engine_request_at_a_vanishing_temperature_is_greedy_and_harms_no_one_in
     engine.submit(tiny)
     engine.submit(other)
     run_until_done(engine, tiny, other)
-    assert (tiny.emit.finish, other.emit.finish) == ("length", "length")
+    assert (tiny.emit.finish, other.emit.finish) == (Finished("length"),) * 2
     assert tiny.emit.tokens == greedy(model, PROMPT, 30)
     assert other.emit.tokens == expected
 
@@ -311,3 +311,11 @@ def test_engine_repetition_penalty_counts_the_prompt_and_every_generated_token_a
     out = Engine(model).generate(PROMPT, 20, temperature=0.0, repetition_penalty=3.0)
     assert out == ids[len(PROMPT):]
     assert out != Engine(model).generate(PROMPT, 20, temperature=0.0)  # the penalty changed something
+
+
+def test_engine_marks_only_the_last_token_of_a_length_finish_as_last():
+    req, engine = request(PROMPT, 5), Engine(gpt64())
+    engine.submit(req)
+    run_until_done(engine, req)
+    assert [e.last for e in req.emit.events[:-1]] == [False] * 4 + [True]
+    assert req.emit.events[-1] == Finished("length")
