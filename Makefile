@@ -1,7 +1,7 @@
 # One place for set-up: .ci/run and a person on a fresh machine both use these targets.
 PYTHON := .venv/bin/python
 
-.PHONY: install test-deps test serve bench reliability checkpoints
+.PHONY: install test-deps test test-fast lint serve bench reliability checkpoints
 
 # torch first and pinned. From the default package index, torch==2.13.0 on Linux is the CUDA build (about
 # 5 GB with its nvidia wheels). CPU only: make install TORCH_INDEX=<PyTorch's CPU wheel index> (README).
@@ -24,6 +24,15 @@ test-deps:
 # -rs prints why tests skipped: the browser tests' one line says how to enable them.
 test: install test-deps
 	$(PYTHON) -m pytest -q -rs
+
+# The in-process tests only: no subprocesses, real servers or browser (about a minute); `make test` runs all.
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not slow and not server and not browser and not long"
+
+# ruff's lint rules and formatting (settings in pyproject.toml); `.venv/bin/ruff format .` fixes the latter.
+lint: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 
 serve: install
 	$(PYTHON) -m app

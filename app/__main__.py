@@ -7,6 +7,7 @@ SIGTERM or Ctrl-C drains: /ready turns 503 and new requests get 503 at once, str
 finish for up to QUILL_DRAIN_TIMEOUT seconds, the rest end with an `error` event (code server_shutdown),
 and the process exits 0. Ctrl-C again ends them all at once, the same way; a third Ctrl-C kills it.
 """
+
 import argparse
 import asyncio
 import errno
@@ -79,11 +80,20 @@ class DrainingServer(uvicorn.Server):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m app", description="Serve Quill checkpoints over HTTP.",
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", nargs="+", action="extend", metavar="PATH",
-                   help="run directories or .safetensors files (the flag may be repeated); the first is the "
-                   "default model; default: every run under checkpoints/ (QUILL_CHECKPOINTS)")
+    p = argparse.ArgumentParser(
+        prog="python -m app",
+        description="Serve Quill checkpoints over HTTP.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint",
+        nargs="+",
+        action="extend",
+        metavar="PATH",
+        help="run directories or .safetensors files (the flag may be repeated); the first is the "
+        "default model; default: every run under checkpoints/ (QUILL_CHECKPOINTS)",
+    )
     p.add_argument("--host", help="default 127.0.0.1 (QUILL_HOST); 0.0.0.0 to listen on all interfaces")
     p.add_argument("--port", type=int, help="default 8000 (QUILL_PORT)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (QUILL_DEVICE)")
@@ -122,13 +132,23 @@ def main(argv=None):
         from app.settings import Settings
         from model import CheckpointError
 
-        overrides = {k: v for k, v in {"checkpoints": args.checkpoint, "host": args.host, "port": args.port,
-                                       "device": args.device}.items() if v is not None}
+        overrides = {
+            k: v
+            for k, v in {
+                "checkpoints": args.checkpoint,
+                "host": args.host,
+                "port": args.port,
+                "device": args.device,
+            }.items()
+            if v is not None
+        }
         try:
             settings = Settings(**overrides)
         except ValidationError as e:
-            raise SystemExit("python -m app: " + "; ".join(
-                f"setting {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
+            raise SystemExit(
+                "python -m app: "
+                + "; ".join(f"setting {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            ) from None
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         app = create_app(settings)
         try:

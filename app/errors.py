@@ -1,5 +1,6 @@
 """One error shape for the whole API (OpenAI's, so its clients read it):
 {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}"""
+
 import logging
 
 from fastapi import FastAPI, Request
@@ -59,8 +60,14 @@ def _field(loc):
     return ".".join(parts) or "body"
 
 
-JSON_KINDS = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number",
-              type(None): "null"}
+JSON_KINDS = {
+    list: "an array",
+    str: "a string",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    type(None): "null",
+}
 
 
 def _body_problem(e):
@@ -81,6 +88,7 @@ def _validation_message(errors):
         if (problem := _body_problem(e)) is not None:
             return f"the body must be a JSON object ({problem}); send Content-Type: application/json"
         return f"{_field(e['loc'])}: {e['msg']}"
+
     return "; ".join(one(e) for e in errors[:5])
 
 

@@ -1,5 +1,6 @@
 """python -m app.healthcheck: exits 0 when the server on this host answers GET /ready with 200,
 else 1. For container HEALTHCHECKs: the image needs no curl. The port is QUILL_PORT (default 8000)."""
+
 import os
 import sys
 import urllib.error

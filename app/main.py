@@ -1,4 +1,5 @@
 """Assembles the app. `uvicorn app.main:app` serves it; `python -m app` adds flags and draining."""
+
 import asyncio
 import contextlib
 import logging
@@ -9,8 +10,14 @@ from fastapi.middleware.cors import CORSMiddleware
 from app import routes_generate, routes_openai, routes_ops, routes_playground
 from app.errors import error_responses, install_error_handlers
 from app.metrics import Metrics
-from app.middleware import (APIKeyMiddleware, BodyLimitMiddleware, HeaderLimitMiddleware, JSONBodyMiddleware,
-                            MetricsMiddleware, SendTimeoutMiddleware)
+from app.middleware import (
+    APIKeyMiddleware,
+    BodyLimitMiddleware,
+    HeaderLimitMiddleware,
+    JSONBodyMiddleware,
+    MetricsMiddleware,
+    SendTimeoutMiddleware,
+)
 from app.serving import Service
 from app.settings import Settings
 
@@ -31,9 +38,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await service.drain(0)
 
-    app = FastAPI(title="Quill", version="0.1.0", lifespan=lifespan,
-                  description="Train a small language model on your own text and stream it over HTTP.",
-                  responses=error_responses(413, 431, 500))  # any route may send these
+    app = FastAPI(
+        title="Quill",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Train a small language model on your own text and stream it over HTTP.",
+        responses=error_responses(413, 431, 500),
+    )  # any route may send these
     app.state.settings, app.state.metrics, app.state.service = settings, metrics, service
     install_error_handlers(app)
     for module in (routes_generate, routes_openai, routes_ops, routes_playground):
@@ -45,8 +56,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.api_key is not None:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key.get_secret_value())
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     app.add_middleware(HeaderLimitMiddleware, count=settings.max_headers, size=settings.max_header_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

@@ -1,4 +1,5 @@
 """Pure ASGI middleware: API key, JSON bodies, header and body size, send timeout, and request metrics."""
+
 import asyncio
 import hmac
 import json
@@ -14,9 +15,13 @@ OPEN_PATHS = {"/health", "/ready", *PLAYGROUND_PATHS}
 
 async def send_error(send, status, message, type, headers=()):
     body = json.dumps({"error": {"message": message, "type": type, "param": None, "code": status}}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()), *headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -30,8 +35,13 @@ class APIKeyMiddleware:
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):  # constant time
-                return await send_error(send, 401, "missing or wrong API key: send Authorization: Bearer KEY",
-                                        "authentication_error", [(b"www-authenticate", b"Bearer")])
+                return await send_error(
+                    send,
+                    401,
+                    "missing or wrong API key: send Authorization: Bearer KEY",
+                    "authentication_error",
+                    [(b"www-authenticate", b"Bearer")],
+                )
         await self.app(scope, receive, send)
 
 
@@ -62,11 +72,17 @@ class JSONBodyMiddleware:
                 origin = headers.get(b"origin")
                 if origin is not None and not self.trusted_origin(scope, origin):
                     return await send_error(
-                        send, 403, f"a cross-site request must send Content-Type: application/json "
+                        send,
+                        403,
+                        f"a cross-site request must send Content-Type: application/json "
                         f"(got {declared.decode('latin-1') or 'none'} from {origin.decode('latin-1')})",
-                        "permission_error")
-                scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-                         + [(b"content-type", b"application/json")]}
+                        "permission_error",
+                    )
+                scope = {
+                    **scope,
+                    "headers": [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                    + [(b"content-type", b"application/json")],
+                }
         await self.app(scope, receive, send)
 
 

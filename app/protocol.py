@@ -1,4 +1,5 @@
 """Request bodies and their bounds: the one place that knows each limit."""
+
 import secrets
 from typing import Annotated, Literal
 
@@ -45,8 +46,12 @@ def check_prompt(prompt):
 
 # Shared by /generate and /v1/completions (vLLM accepts the same two beside OpenAI's fields).
 MinP = Field(0.0, ge=0.0, le=1.0, description="keep tokens at least min_p times as likely as the likeliest; 0: off")
-RepetitionPenalty = Field(1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY,
-                          description="above 1, tokens already in the prompt or the output become less likely")
+RepetitionPenalty = Field(
+    1.0,
+    ge=MIN_REPETITION_PENALTY,
+    le=MAX_REPETITION_PENALTY,
+    description="above 1, tokens already in the prompt or the output become less likely",
+)
 
 
 class GenerateRequest(Strict):
@@ -66,9 +71,16 @@ class GenerateRequest(Strict):
     _whole = field_validator("max_new_tokens", "top_k", "seed", mode="before")(whole_number)
 
     def to_sampling_params(self):
-        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-                              seed=choose_seed(self.seed), stop=tuple(self.stop))
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            seed=choose_seed(self.seed),
+            stop=tuple(self.stop),
+        )
 
 
 class StreamOptions(Strict):
@@ -93,8 +105,9 @@ class CompletionRequest(Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     min_p: float = MinP
     repetition_penalty: float = RepetitionPenalty
-    stop: StopString | list[StopString] | None = Field(None, validate_default=True,
-                                                       json_schema_extra=document_stop_limit)
+    stop: StopString | list[StopString] | None = Field(
+        None, validate_default=True, json_schema_extra=document_stop_limit
+    )
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -105,9 +118,15 @@ class CompletionRequest(Strict):
     _whole = field_validator("max_tokens", "seed", mode="before")(whole_number)
 
     def to_sampling_params(self):
-        return SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                              min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-                              seed=choose_seed(self.seed), stop=tuple(self.stop))
+        return SamplingParams(
+            max_new_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            seed=choose_seed(self.seed),
+            stop=tuple(self.stop),
+        )
 
     @field_validator("stop")
     @classmethod

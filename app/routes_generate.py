@@ -1,4 +1,5 @@
 """POST /generate: server-sent events, one JSON object, or bare text for terminals."""
+
 from fastapi import APIRouter, Request
 
 from app import streaming
@@ -7,8 +8,12 @@ from app.protocol import GenerateRequest
 
 router = APIRouter()
 
-@router.post("/generate", summary="Generate text from a prompt, streamed as server-sent events",
-             responses={**streaming.STREAMED, **error_responses(400, 401, 403, 404, 422, 429, 503)})
+
+@router.post(
+    "/generate",
+    summary="Generate text from a prompt, streamed as server-sent events",
+    responses={**streaming.STREAMED, **error_responses(400, 401, 403, 404, 422, 429, 503)},
+)
 async def generate(body: GenerateRequest, request: Request):
     service = request.app.state.service
     served = service.get(body.model)

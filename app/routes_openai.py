@@ -1,4 +1,5 @@
 """OpenAI-compatible POST /v1/completions and GET /v1/models."""
+
 from fastapi import APIRouter, Request
 
 from app import streaming
@@ -8,8 +9,11 @@ from app.protocol import CompletionRequest
 router = APIRouter(prefix="/v1")
 
 
-@router.post("/completions", summary="OpenAI-compatible text completion",
-             responses={**streaming.STREAMED, **error_responses(400, 401, 403, 404, 422, 429, 503)})
+@router.post(
+    "/completions",
+    summary="OpenAI-compatible text completion",
+    responses={**streaming.STREAMED, **error_responses(400, 401, 403, 404, 422, 429, 503)},
+)
 async def completions(body: CompletionRequest, request: Request):
     service = request.app.state.service
     served = service.get(body.model)
@@ -23,7 +27,17 @@ async def completions(body: CompletionRequest, request: Request):
 @router.get("/models", summary="The models this server serves", responses=error_responses(401))
 async def models(request: Request):
     service = request.app.state.service
-    return {"object": "list", "data": [
-        {"id": m.name, "object": "model", "created": int(m.path.stat().st_mtime), "owned_by": "quill",
-         "model_type": m.meta["model_type"], "checkpoint_sha256": m.sha256}
-        for m in service.models.values()]}
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": m.name,
+                "object": "model",
+                "created": int(m.path.stat().st_mtime),
+                "owned_by": "quill",
+                "model_type": m.meta["model_type"],
+                "checkpoint_sha256": m.sha256,
+            }
+            for m in service.models.values()
+        ],
+    }

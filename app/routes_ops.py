@@ -1,4 +1,5 @@
 """Liveness, readiness and Prometheus metrics."""
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -22,7 +23,6 @@ async def ready(request: Request):
     return {"status": "ready", "models": list(service.models)}
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
-            responses=error_responses(401))
+@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse, responses=error_responses(401))
 async def metrics(request: Request):
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

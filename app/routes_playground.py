@@ -1,5 +1,6 @@
 """GET /: the browser playground, one static page and its two assets. No build step, nothing
 fetched from elsewhere; the page speaks to the same API as any other client."""
+
 from pathlib import Path
 
 from fastapi import APIRouter
@@ -26,6 +27,7 @@ router = APIRouter(include_in_schema=False)
 def serve(filename, media_type):
     async def asset():
         return FileResponse(STATIC / filename, media_type=media_type, headers=HEADERS)
+
     return asset
 
 

@@ -1,4 +1,5 @@
 """Turns a request into engine work and the engine's tokens into text events. Knows no HTTP."""
+
 import asyncio
 import hashlib
 import logging
@@ -18,8 +19,10 @@ from model.engine import Engine, Finished, Request
 
 log = logging.getLogger("quill")
 BUNDLED = Path(__file__).resolve().parent.parent / "checkpoints"
-TRAIN_HINT = ("train one with: python -m train --data ../shared/data/tinyshakespeare.txt "
-              "--out checkpoints/shakespeare-gpt --preset cpu (or see the README)")
+TRAIN_HINT = (
+    "train one with: python -m train --data ../shared/data/tinyshakespeare.txt "
+    "--out checkpoints/shakespeare-gpt --preset cpu (or see the README)"
+)
 
 
 @dataclass
@@ -32,6 +35,7 @@ class TokenEvent:
 @dataclass
 class Done:
     """The end of a generation that finished (not one that failed: that raises GenerationFailed)."""
+
     finish_reason: str  # "length" or "stop"
     text: str
     usage: dict
@@ -63,6 +67,7 @@ def shutdown_failure():
 @dataclass
 class Job:
     """An admitted request: queued in its engine, its events arriving on `events`."""
+
     req: Request
     events: asyncio.Queue
 
@@ -113,12 +118,14 @@ def checkpoint_files(configured):
     for path in paths:
         weights = path / "model.safetensors" if path.is_dir() else path
         if not weights.is_file():
-            raise CheckpointError(f"{path}: no such checkpoint (a run directory holding model.safetensors, "
-                                  "or a .safetensors file)")
+            raise CheckpointError(
+                f"{path}: no such checkpoint (a run directory holding model.safetensors, or a .safetensors file)"
+            )
         name = model_name(weights)
         if name in files:
-            raise SystemExit(f"two checkpoints are both named {name!r} ({files[name]} and {weights}); "
-                             "rename a run directory")
+            raise SystemExit(
+                f"two checkpoints are both named {name!r} ({files[name]} and {weights}); rename a run directory"
+            )
         files[name] = weights
     return files
 
@@ -176,9 +183,13 @@ class Service:
         device = pick_device(self.settings.device)
         log.info("loading %s", ", ".join(f"{name} ({path})" for name, path in files.items()))
         for name, path in files.items():
-            self.models[name] = load_served_model(path, device, self.settings.max_running,
-                                                  self.metrics.batch_size.observe,
-                                                  self.settings.torch_threads or max(1, (os.cpu_count() or 2) - 1))
+            self.models[name] = load_served_model(
+                path,
+                device,
+                self.settings.max_running,
+                self.metrics.batch_size.observe,
+                self.settings.torch_threads or max(1, (os.cpu_count() or 2) - 1),
+            )
         self.metrics.track_engines([m.engine for m in self.models.values()])
 
     def start(self):
@@ -200,23 +211,35 @@ class Service:
         if name is None:
             return next(iter(self.models.values()))
         if name not in self.models:
-            raise APIError(404, f"model {name!r} is not served; choose one of {sorted(self.models)}",
-                           param="model", type="not_found_error")
+            raise APIError(
+                404,
+                f"model {name!r} is not served; choose one of {sorted(self.models)}",
+                param="model",
+                type="not_found_error",
+            )
         return self.models[name]
 
     def admit(self, served, prompt, params):
         """Everything that can refuse a request; then queue it, and return its Job."""
         if self.draining or not self.ready:
-            raise APIError(503, "the server is shutting down" if self.draining else "the server is starting",
-                           type="unavailable", headers={"Retry-After": "5"})
+            raise APIError(
+                503,
+                "the server is shutting down" if self.draining else "the server is starting",
+                type="unavailable",
+                headers={"Retry-After": "5"},
+            )
         try:
             ids = served.tokenizer.encode(prompt)
         except ValueError as e:
             raise APIError(422, f"prompt: {e}", param="prompt") from None
         running, queued = served.engine.counts()
         if running + queued >= self.settings.max_running + self.settings.max_queued:
-            raise APIError(429, f"model {served.name!r} is at capacity ({running} running, {queued} queued); "
-                           "retry shortly", type="rate_limit_error", headers={"Retry-After": "1"})
+            raise APIError(
+                429,
+                f"model {served.name!r} is at capacity ({running} running, {queued} queued); retry shortly",
+                type="rate_limit_error",
+                headers={"Retry-After": "1"},
+            )
         # Queued now, not when the response starts streaming: requests that arrive together must
         # each see the ones admitted before them, or a burst would slip past the limit.
         loop = asyncio.get_running_loop()
@@ -260,8 +283,11 @@ class Service:
                     event = Finished("stop")
                     break
             if event.reason not in ("length", "stop"):
-                raise shutdown_failure() if self.ended else GenerationFailed(
-                    f"generation failed: {event.error or event.reason}")
+                raise (
+                    shutdown_failure()
+                    if self.ended
+                    else GenerationFailed(f"generation failed: {event.error or event.reason}")
+                )
             yield self._done(served, req, event.reason, text.text, index, first)
         finally:
             req.cancel()  # the client left, a stop string matched, or we are done: free the slot
@@ -272,13 +298,19 @@ class Service:
         started = req.started_at or now
         prompt = len(req.prompt)
         return Done(
-            finish_reason=reason, text=text, seed=req.params.seed, model=served.name,
+            finish_reason=reason,
+            text=text,
+            seed=req.params.seed,
+            model=served.name,
             checkpoint_sha256=served.sha256,
             usage={"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated},
-            timings={"queue_s": round(started - req.submitted_at, 6),
-                     "time_to_first_token_s": round((first or now) - req.submitted_at, 6),
-                     "total_s": round(now - req.submitted_at, 6),
-                     "tokens_per_s": round(generated / max(now - started, 1e-9), 2)})
+            timings={
+                "queue_s": round(started - req.submitted_at, 6),
+                "time_to_first_token_s": round((first or now) - req.submitted_at, 6),
+                "total_s": round(now - req.submitted_at, 6),
+                "tokens_per_s": round(generated / max(now - started, 1e-9), 2),
+            },
+        )
 
     async def drain(self, timeout):
         """Stop admitting; wait for streams in flight, up to `timeout` (or until stop_now); then end the rest,

@@ -1,4 +1,5 @@
 """Every setting of the service, read from QUILL_* environment variables (or `python -m app` flags)."""
+
 from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator

@@ -1,5 +1,6 @@
 """A generation's events (TokenEvents, then a Done) in each shape a client asks for: server-sent
 events, bare text, one JSON object, OpenAI completion chunks. The routes only pick one."""
+
 import json
 import time
 import uuid
@@ -11,10 +12,14 @@ from app.errors import error_body
 from app.serving import GenerationFailed, TokenEvent
 
 # Besides JSON, a 200 can be server-sent events (the schema is one event's) or bare text; both are documented.
-SSE_EVENT = {"type": "object", "required": ["data"],
-             "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}
-STREAMED = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT},
-                              "text/plain": {"schema": {"type": "string"}}}}}
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+}
+STREAMED = {
+    200: {"content": {"text/event-stream": {"schema": SSE_EVENT}, "text/plain": {"schema": {"type": "string"}}}}
+}
 
 
 async def until_failure(events, request):
@@ -41,6 +46,7 @@ def sse(events, request):
                 yield {"event": "error", "data": failure_json(ev)}
             else:
                 yield {"event": "done", "data": json.dumps(ev.to_dict())}
+
     return EventSourceResponse(frames())
 
 
@@ -54,6 +60,7 @@ def plain_text(events, request):
                 yield f"\n[error: {ev.message}]\n"
             else:
                 yield "\n"
+
     return StreamingResponse(chunks(), media_type="text/plain; charset=utf-8")
 
 
@@ -65,8 +72,12 @@ async def collect(events):
 
 
 def completion_head(served):
-    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": served.name}
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": served.name,
+    }
 
 
 def choice(text, finish_reason):
@@ -93,4 +104,5 @@ def completion_chunks(events, request, served, include_usage):
                 if include_usage:
                     yield json.dumps({**head, "choices": [], "usage": ev.usage})
         yield "[DONE]"
+
     return EventSourceResponse(chunks())

@@ -1,5 +1,6 @@
 """Token ids to text deltas that are safe to send: whole UTF-8 characters only, and nothing
 that is, or might become, a stop string."""
+
 import codecs
 
 
@@ -36,8 +37,10 @@ class TextStream:
             self.held = ""
             self.text += pending[:cut]
             return pending[:cut]
-        keep = max((k for s in self.stop for k in range(1, min(len(s), len(pending) + 1))
-                    if pending.endswith(s[:k])), default=0)
-        out, self.held = pending[:len(pending) - keep], pending[len(pending) - keep:]
+        keep = max(
+            (k for s in self.stop for k in range(1, min(len(s), len(pending) + 1)) if pending.endswith(s[:k])),
+            default=0,
+        )
+        out, self.held = pending[: len(pending) - keep], pending[len(pending) - keep :]
         self.text += out
         return out

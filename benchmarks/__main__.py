@@ -5,6 +5,7 @@
 The narrative (what was changed and what it bought) lives in docs/benchmarks-notes.md and
 is copied in; the tables and the machine's description come from this run.
 """
+
 import argparse
 import json
 import subprocess
@@ -26,12 +27,18 @@ def main():
     if args.quick:
         return
     m = json.loads((DOCS / "bench-train.json").read_text())["machine"] if args.report_only else machine()
-    parts = ["# Benchmarks", "",
-             f"Measured on {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}, {m['date']}. "
-             "Regenerate with `make bench` (about 10 minutes). Timings are medians; ratios come from one run.", ""]
-    titles = {"decode": "Decode at batch 1: engine vs GPT.generate, and the matvec floor",
-              "http": "Batching over HTTP (real uvicorn server, loopback, httpx streaming clients)",
-              "train": "Training speed and MFU"}
+    parts = [
+        "# Benchmarks",
+        "",
+        f"Measured on {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}, {m['date']}. "
+        "Regenerate with `make bench` (about 10 minutes). Timings are medians; ratios come from one run.",
+        "",
+    ]
+    titles = {
+        "decode": "Decode at batch 1: engine vs GPT.generate, and the matvec floor",
+        "http": "Batching over HTTP (real uvicorn server, loopback, httpx streaming clients)",
+        "train": "Training speed and MFU",
+    }
     for step in STEPS:
         parts += [f"## {titles[step]}", "", (DOCS / f"bench-{step}.md").read_text().strip(), ""]
         if step == "http":

@@ -1,4 +1,5 @@
 """Shared by the benchmark scripts: the machine's description, medians, and result files."""
+
 import json
 import os
 import platform
@@ -13,13 +14,19 @@ DOCS = Path(os.environ.get("QUILL_BENCH_DOCS", Path(__file__).resolve().parent.p
 
 
 def machine():
-    cpu = "unknown"
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 def median_time(fn, repeats):

@@ -3,15 +3,16 @@ against the floor: the bare matrix-vector products of all the model's weights pe
 
     python -m benchmarks.decode [--quick]
 """
+
 import argparse
 
 import torch
 import torch.nn.functional as F
 
+from app.serving import default_checkpoints
 from benchmarks.common import markdown_table, median_time, write_results
 from model import GPT, load_checkpoint
 from model.engine import Engine
-from app.serving import default_checkpoints
 
 
 def weight_matrices(model):
@@ -36,11 +37,20 @@ def measure(name, model, lengths, repeats, reference_repeats):
     prompt = torch.zeros(1, 8, dtype=torch.long)
     engine = Engine(model, max_batch=1)
     for n in lengths:
-        t_engine = median_time(lambda: engine.generate(prompt[0].tolist(), n, seed=0), repeats)
-        t_ref = median_time(lambda: model.generate(prompt, n), reference_repeats)
-        rows.append({"model": name, "new_tokens": n, "engine_tok_s": n / t_engine, "generate_tok_s": n / t_ref,
-                     "speedup": t_ref / t_engine, "engine_ms_per_token": 1e3 * t_engine / n,
-                     "floor_ms_per_token": 1e3 * floor, "multiple_of_floor": t_engine / n / floor})
+        t_engine = median_time(lambda n=n: engine.generate(prompt[0].tolist(), n, seed=0), repeats)
+        t_ref = median_time(lambda n=n: model.generate(prompt, n), reference_repeats)
+        rows.append(
+            {
+                "model": name,
+                "new_tokens": n,
+                "engine_tok_s": n / t_engine,
+                "generate_tok_s": n / t_ref,
+                "speedup": t_ref / t_engine,
+                "engine_ms_per_token": 1e3 * t_engine / n,
+                "floor_ms_per_token": 1e3 * floor,
+                "multiple_of_floor": t_engine / n / floor,
+            }
+        )
     return rows
 
 
@@ -59,11 +69,30 @@ def main():
     models.append(("6L/6H/384/ctx256 (random)" if not args.quick else "tiny (quick)", big.eval()))
     rows = [r for name, m in models for r in measure(name, m, lengths, repeats, ref_repeats)]
     table = markdown_table(
-        ["model", "new tokens", "engine tok/s", "GPT.generate tok/s", "speedup", "engine ms/token",
-         "floor ms/token", "x floor"],
-        [[r["model"], r["new_tokens"], f"{r['engine_tok_s']:.0f}", f"{r['generate_tok_s']:.1f}",
-          f"{r['speedup']:.1f}x", f"{r['engine_ms_per_token']:.3f}", f"{r['floor_ms_per_token']:.3f}",
-          f"{r['multiple_of_floor']:.2f}"] for r in rows])
+        [
+            "model",
+            "new tokens",
+            "engine tok/s",
+            "GPT.generate tok/s",
+            "speedup",
+            "engine ms/token",
+            "floor ms/token",
+            "x floor",
+        ],
+        [
+            [
+                r["model"],
+                r["new_tokens"],
+                f"{r['engine_tok_s']:.0f}",
+                f"{r['generate_tok_s']:.1f}",
+                f"{r['speedup']:.1f}x",
+                f"{r['engine_ms_per_token']:.3f}",
+                f"{r['floor_ms_per_token']:.3f}",
+                f"{r['multiple_of_floor']:.2f}",
+            ]
+            for r in rows
+        ],
+    )
     write_results("decode" + ("-quick" if args.quick else ""), rows, table)
 
 

@@ -6,9 +6,9 @@
    time to first token and inter-token latency at p50 and p99.
 2. Batch 1: tokens/s through /generate (SSE) against the engine called directly in-process.
 """
+
 import argparse
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import httpx
 
+from app.serving import default_checkpoints
 from benchmarks.common import DOCS, markdown_table, median_time, percentile, write_results
 from model import load_checkpoint
 from model.engine import Engine
-from app.serving import default_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "ROMEO:\n"
@@ -36,8 +36,12 @@ def free_port():
 
 def start_server(checkpoint, port, max_running):
     env = {**os.environ, "QUILL_MAX_RUNNING": str(max_running), "QUILL_MAX_QUEUED": "256", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "app", "--checkpoint", str(checkpoint), "--port", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app", "--checkpoint", str(checkpoint), "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -70,14 +74,22 @@ async def concurrent(port, clients, tokens):
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(300), limits=limits) as client:
         t0 = time.perf_counter()
-        runs = await asyncio.wait_for(asyncio.gather(*(one_stream(client, url, tokens, i) for i in range(clients))), 600)
+        runs = await asyncio.wait_for(
+            asyncio.gather(*(one_stream(client, url, tokens, i) for i in range(clients))), 600
+        )
         wall = time.perf_counter() - t0
     ttft = [times[0] - start for start, times in runs]
     gaps = [b - a for _, times in runs for a, b in zip(times, times[1:])]
     total = sum(len(times) for _, times in runs)
-    return {"clients": clients, "tokens_per_client": tokens, "aggregate_tok_s": total / wall,
-            "ttft_p50_ms": 1e3 * percentile(ttft, 50), "ttft_p99_ms": 1e3 * percentile(ttft, 99),
-            "itl_p50_ms": 1e3 * percentile(gaps, 50), "itl_p99_ms": 1e3 * percentile(gaps, 99)}
+    return {
+        "clients": clients,
+        "tokens_per_client": tokens,
+        "aggregate_tok_s": total / wall,
+        "ttft_p50_ms": 1e3 * percentile(ttft, 50),
+        "ttft_p99_ms": 1e3 * percentile(ttft, 99),
+        "itl_p50_ms": 1e3 * percentile(gaps, 50),
+        "itl_p99_ms": 1e3 * percentile(gaps, 99),
+    }
 
 
 def http_overhead(checkpoint, port, tokens, repeats):
@@ -86,8 +98,12 @@ def http_overhead(checkpoint, port, tokens, repeats):
     ids = tokenizer.encode(PROMPT)
     t_engine = median_time(lambda: engine.generate(ids, tokens, seed=1), repeats)
     t_http = median_time(lambda: asyncio.run(concurrent(port, 1, tokens)), repeats)
-    return {"tokens": tokens, "engine_tok_s": tokens / t_engine, "http_tok_s": tokens / t_http,
-            "ratio": t_engine / t_http}
+    return {
+        "tokens": tokens,
+        "engine_tok_s": tokens / t_engine,
+        "http_tok_s": tokens / t_http,
+        "ratio": t_engine / t_http,
+    }
 
 
 def plot(rows, path):
@@ -131,11 +147,30 @@ def main():
     base = rows[0]["aggregate_tok_s"]
     table = markdown_table(
         ["streams", "aggregate tok/s", "x one stream", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"],
-        [[r["clients"], f"{r['aggregate_tok_s']:.0f}", f"{r['aggregate_tok_s'] / base:.1f}x", f"{r['ttft_p50_ms']:.0f}",
-          f"{r['ttft_p99_ms']:.0f}", f"{r['itl_p50_ms']:.1f}", f"{r['itl_p99_ms']:.1f}"] for r in rows])
+        [
+            [
+                r["clients"],
+                f"{r['aggregate_tok_s']:.0f}",
+                f"{r['aggregate_tok_s'] / base:.1f}x",
+                f"{r['ttft_p50_ms']:.0f}",
+                f"{r['ttft_p99_ms']:.0f}",
+                f"{r['itl_p50_ms']:.1f}",
+                f"{r['itl_p99_ms']:.1f}",
+            ]
+            for r in rows
+        ],
+    )
     table += "\n\n" + markdown_table(
         ["batch 1, tokens", "engine tok/s", "/generate SSE tok/s", "HTTP / engine"],
-        [[overhead["tokens"], f"{overhead['engine_tok_s']:.0f}", f"{overhead['http_tok_s']:.0f}", f"{overhead['ratio']:.2f}"]])
+        [
+            [
+                overhead["tokens"],
+                f"{overhead['engine_tok_s']:.0f}",
+                f"{overhead['http_tok_s']:.0f}",
+                f"{overhead['ratio']:.2f}",
+            ]
+        ],
+    )
     name = "http" + ("-quick" if args.quick else "")
     if not args.quick:
         plot(rows, DOCS / "bench-http.png")

@@ -12,6 +12,7 @@ touches all of them alike) and each figure is the median over the repetitions.
 torch's intra-op threads split every operation and then wait for each other; when another
 process holds one of two cores, the thread that shares it arrives late at every join.
 """
+
 import argparse
 import json
 import os
@@ -37,16 +38,34 @@ def trainer_env():
 
 def tokens_per_s(run_dir, skip):
     """Tokens over training seconds between the log's train row `skip` and its last one."""
-    rows = [json.loads(line) for line in open(run_dir / "log.jsonl")]
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["kind"] == "train"]
     first, last = steps[skip], steps[-1]
     return (last["tokens"] - first["tokens"]) / (last["seconds"] - first["seconds"])
 
 
 def trial(data, out, threads, busy, iters, skip):
-    cmd = [sys.executable, "-m", "train", "--data", data, "--out", str(out), "--preset", "cpu",
-           "--max-iters", str(iters), "--eval-interval", str(iters), "--eval-iters", "1", "--log-interval", "1",
-           "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "train",
+        "--data",
+        data,
+        "--out",
+        str(out),
+        "--preset",
+        "cpu",
+        "--max-iters",
+        str(iters),
+        "--eval-interval",
+        str(iters),
+        "--eval-iters",
+        "1",
+        "--log-interval",
+        "1",
+        "--threads",
+        str(threads),
+    ]
     hog = subprocess.Popen([sys.executable, "-c", HOG]) if busy else None
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=trainer_env(), capture_output=True, text=True, timeout=3600)
@@ -76,23 +95,44 @@ def main():
             for threads, busy in SETTINGS:
                 out = Path(tmp) / f"t{threads}-{'busy' if busy else 'alone'}-{rep}"
                 samples[threads, busy].append(trial(args.data, out, threads, busy, iters, skip))
-                print(f"repeat {rep + 1}/{repeats}, --threads {threads}, {'beside a busy process' if busy else 'alone'}:"
-                      f" {samples[threads, busy][-1]:.0f} tokens/s", flush=True)
-    rows = [{"threads": t, "busy_process": b, "tokens_per_s": statistics.median(samples[t, b]),
-             "samples": samples[t, b]} for t, b in SETTINGS]
+                print(
+                    f"repeat {rep + 1}/{repeats}, --threads {threads}, {'beside a busy process' if busy else 'alone'}:"
+                    f" {samples[threads, busy][-1]:.0f} tokens/s",
+                    flush=True,
+                )
+    rows = [
+        {"threads": t, "busy_process": b, "tokens_per_s": statistics.median(samples[t, b]), "samples": samples[t, b]}
+        for t, b in SETTINGS
+    ]
     med = {(r["threads"], r["busy_process"]): r["tokens_per_s"] for r in rows}
     load_after = os.getloadavg()
-    results = {"iters": iters, "repeats": repeats, "skipped_steps": skip, "runs": rows,
-               "load_average_before": load_before, "load_average_after": load_after}
+    results = {
+        "iters": iters,
+        "repeats": repeats,
+        "skipped_steps": skip,
+        "runs": rows,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+    }
     table = markdown_table(
         ["--threads", "beside a busy process", f"tokens/s (median of {repeats})", "each trial"],
-        [[r["threads"], "yes" if r["busy_process"] else "no", f"{r['tokens_per_s']:.0f}",
-          ", ".join(f"{x:.0f}" for x in r["samples"])] for r in rows])
-    table += (f"\n\n`--preset cpu` GPT, {iters} steps a trial, steps {skip + 1}-{iters} timed. Beside a busy "
-              f"process, --threads 2 ran at {med[2, True] / med[2, False]:.2f}x its speed alone and --threads 1 "
-              f"at {med[1, True] / med[1, False]:.2f}x; there --threads 1 was {med[1, True] / med[2, True]:.1f}x "
-              f"faster than 2. Load average (1/5/15 min) before: {' '.join(f'{x:.2f}' for x in load_before)}, "
-              f"after: {' '.join(f'{x:.2f}' for x in load_after)}.")
+        [
+            [
+                r["threads"],
+                "yes" if r["busy_process"] else "no",
+                f"{r['tokens_per_s']:.0f}",
+                ", ".join(f"{x:.0f}" for x in r["samples"]),
+            ]
+            for r in rows
+        ],
+    )
+    table += (
+        f"\n\n`--preset cpu` GPT, {iters} steps a trial, steps {skip + 1}-{iters} timed. Beside a busy "
+        f"process, --threads 2 ran at {med[2, True] / med[2, False]:.2f}x its speed alone and --threads 1 "
+        f"at {med[1, True] / med[1, False]:.2f}x; there --threads 1 was {med[1, True] / med[2, True]:.1f}x "
+        f"faster than 2. Load average (1/5/15 min) before: {' '.join(f'{x:.2f}' for x in load_before)}, "
+        f"after: {' '.join(f'{x:.2f}' for x in load_after)}."
+    )
     write_results("threads" + ("-quick" if args.quick else ""), results, table)
 
 

@@ -11,6 +11,7 @@ Runs: the `cpu` preset for its full 2000 iterations (speed and the val loss reac
 6-layer/384/context-256 GPT for a few iterations (speed), and an LSTM of about the cpu
 GPT's size for about the same time (the issue-2 comparison).
 """
+
 import argparse
 import json
 import statistics
@@ -21,10 +22,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import markdown_table, write_results
+from model import load_checkpoint
 from train.config import PRESETS, TrainConfig
 from train.data import full_loss, read_corpus, split
 from train.loop import train
-from model import load_checkpoint
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -53,16 +54,24 @@ def flops_per_token(n_params, cfg):
 def run(name, cfg, peak, out):
     cfg.out = str(out / name)
     best = train(cfg)
-    rows = [json.loads(line) for line in open(Path(cfg.out) / "log.jsonl")]
+    rows = [json.loads(line) for line in (Path(cfg.out) / "log.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["kind"] == "train"][1:]  # the first step warms up
     tok_s = statistics.median(r["tokens_per_s"] for r in steps)
     model, tokenizer, meta = load_checkpoint(cfg.out)
     n_params = sum(p.numel() for p in model.parameters())
     fpt = flops_per_token(n_params, cfg)
-    return {"run": name, "params": n_params, "iters": cfg.max_iters, "tokens_per_s": tok_s,
-            "s_per_iter": cfg.batch_size * cfg.context_size / tok_s, "flops_per_token": fpt,
-            "mfu": fpt * tok_s / peak, "train_seconds": meta["train_seconds"], "val_loss_estimate": best,
-            "dir": cfg.out}
+    return {
+        "run": name,
+        "params": n_params,
+        "iters": cfg.max_iters,
+        "tokens_per_s": tok_s,
+        "s_per_iter": cfg.batch_size * cfg.context_size / tok_s,
+        "flops_per_token": fpt,
+        "mfu": fpt * tok_s / peak,
+        "train_seconds": meta["train_seconds"],
+        "val_loss_estimate": best,
+        "dir": cfg.out,
+    }
 
 
 def main():
@@ -79,28 +88,79 @@ def main():
         out = Path(tmp)
         cpu = TrainConfig(**{**PRESETS["cpu"], **common, "max_iters": cpu_iters, "eval_iters": 20})
         results.append(run("cpu preset (GPT 4/4/128, ctx 64, batch 12)", cpu, peak, out))
-        big = TrainConfig(**{**PRESETS["gpu"], **common, "max_iters": 5 if args.quick else 30, "batch_size": 12,
-                             "eval_iters": 1, "dropout": 0.0})
+        big = TrainConfig(
+            **{
+                **PRESETS["gpu"],
+                **common,
+                "max_iters": 5 if args.quick else 30,
+                "batch_size": 12,
+                "eval_iters": 1,
+                "dropout": 0.0,
+            }
+        )
         results.append(run("GPT 6/6/384, ctx 256, batch 12", big, peak, out))
         # An LSTM about the cpu GPT's size, given about the cpu GPT's training time.
-        probe = TrainConfig(**{**common, "log_interval": 1, "model": "lstm", "n_layer": 2, "hidden_size": 224, "context_size": 64,
-                               "batch_size": 12, "max_iters": 10, "eval_iters": 1, "learning_rate": 2e-3,
-                               "min_lr": 2e-4, "warmup_iters": 0, "dropout": 0.0})
+        probe = TrainConfig(
+            **{
+                **common,
+                "log_interval": 1,
+                "model": "lstm",
+                "n_layer": 2,
+                "hidden_size": 224,
+                "context_size": 64,
+                "batch_size": 12,
+                "max_iters": 10,
+                "eval_iters": 1,
+                "learning_rate": 2e-3,
+                "min_lr": 2e-4,
+                "warmup_iters": 0,
+                "dropout": 0.0,
+            }
+        )
         per_iter = run("probe", probe, peak, out)["s_per_iter"]
         budget = results[0]["train_seconds"]
-        lstm = TrainConfig(**{**vars(probe), "log_interval": 10, "max_iters": max(10, int(budget / per_iter)), "warmup_iters": 100,
-                              "eval_interval": max(10, int(budget / per_iter)), "eval_iters": 20})
+        lstm = TrainConfig(
+            **{
+                **vars(probe),
+                "log_interval": 10,
+                "max_iters": max(10, int(budget / per_iter)),
+                "warmup_iters": 100,
+                "eval_interval": max(10, int(budget / per_iter)),
+                "eval_iters": 20,
+            }
+        )
         results.append(run("LSTM 2x224, ctx 64, batch 12 (cpu preset's time)", lstm, peak, out))
         for r, cfg in zip(results, (cpu, big, lstm)):  # the full validation split, every character once
             model, tokenizer, _ = load_checkpoint(r["dir"])
             _, val = split(tokenizer.encode(text), cfg.context_size)
             r["val_loss_full"] = full_loss(model, val, cfg.context_size)
-    table = (f"fp32 matmul peak measured: {peak / 1e9:.0f} GFLOP/s\n\n" + markdown_table(
-        ["run", "params", "iters", "tokens/s (median)", "s/iter", "MFU vs fp32 peak", "train time",
-         "val loss (estimate)", "val loss (full split)"],
-        [[r["run"], f"{r['params'] / 1e6:.2f}M", r["iters"], f"{r['tokens_per_s']:.0f}", f"{r['s_per_iter']:.3f}",
-          f"{100 * r['mfu']:.0f}%", f"{r['train_seconds']:.0f} s", f"{r['val_loss_estimate']:.4f}",
-          f"{r['val_loss_full']:.4f}"] for r in results]))
+    table = f"fp32 matmul peak measured: {peak / 1e9:.0f} GFLOP/s\n\n" + markdown_table(
+        [
+            "run",
+            "params",
+            "iters",
+            "tokens/s (median)",
+            "s/iter",
+            "MFU vs fp32 peak",
+            "train time",
+            "val loss (estimate)",
+            "val loss (full split)",
+        ],
+        [
+            [
+                r["run"],
+                f"{r['params'] / 1e6:.2f}M",
+                r["iters"],
+                f"{r['tokens_per_s']:.0f}",
+                f"{r['s_per_iter']:.3f}",
+                f"{100 * r['mfu']:.0f}%",
+                f"{r['train_seconds']:.0f} s",
+                f"{r['val_loss_estimate']:.4f}",
+                f"{r['val_loss_full']:.4f}",
+            ]
+            for r in results
+        ],
+    )
     write_results("train" + ("-quick" if args.quick else ""), {"peak_flops": peak, "runs": results}, table)
 
 

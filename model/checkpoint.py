@@ -4,6 +4,8 @@ A checkpoint is one `.safetensors` file whose header metadata holds, as JSON und
 "quill", everything needed to rebuild the model: its type and config, the tokenizer, and
 how it was trained. One file means one atomic write: there is no sidecar to fall out of step.
 """
+
+import contextlib
 import glob
 import json
 import os
@@ -12,7 +14,6 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
@@ -33,8 +34,13 @@ class CheckpointError(Exception):
 
 def code_version():
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -53,10 +59,8 @@ def atomic_write_bytes(path, data):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -81,8 +85,9 @@ def write_safetensors(path, tensors, meta):
 def _check_safetensors_file(path):
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise CheckpointError(f"{path}: refusing a '{path.suffix}' file: weights are only loaded from "
-                              "safetensors, never unpickled")
+        raise CheckpointError(
+            f"{path}: refusing a '{path.suffix}' file: weights are only loaded from safetensors, never unpickled"
+        )
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     size = path.stat().st_size
@@ -93,13 +98,15 @@ def _check_safetensors_file(path):
     header_len = struct.unpack("<Q", head[:8])[0] if size >= 8 else None
     plausible = header_len is not None and header_len <= MAX_HEADER_BYTES and head[8:9] == b"{"
     if not plausible and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"):
-        raise CheckpointError(f"{path}: this is a pickle / torch.save file, not safetensors; refused "
-                              "(it was not unpickled)")
+        raise CheckpointError(
+            f"{path}: this is a pickle / torch.save file, not safetensors; refused (it was not unpickled)"
+        )
     if size < 8:
         raise CheckpointError(f"{path}: truncated: {size} bytes is too short for a safetensors file")
     if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-        raise CheckpointError(f"{path}: corrupted or truncated: header claims {header_len} bytes "
-                              f"but the file has {size}")
+        raise CheckpointError(
+            f"{path}: corrupted or truncated: header claims {header_len} bytes but the file has {size}"
+        )
     if head[8:9] != b"{":
         raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)")
 
@@ -110,7 +117,7 @@ def read_safetensors(path):
     try:
         with safe_open(str(path), framework="pt") as f:
             raw_meta = (f.metadata() or {}).get(META_KEY)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has keys(), not iteration)
     except Exception as e:  # the library raises several types for a damaged file
         raise CheckpointError(f"{path}: corrupted safetensors file: {e}") from None
     if raw_meta is None:
@@ -144,8 +151,9 @@ def load_model_tensors(model, tensors, where):
         raise CheckpointError(f"{where}: weights do not match the config: {str(e)[:500]}") from None
     missing = [k for k in missing if not (isinstance(model, GPT) and k == "lm_head.weight")]
     if missing or unexpected:
-        raise CheckpointError(f"{where}: weights do not match the config "
-                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise CheckpointError(
+            f"{where}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
 
 
 def save_checkpoint(path, model, tokenizer, meta):
@@ -173,7 +181,8 @@ def load_checkpoint(path, device="cpu"):
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad metadata: {e}") from None
     if tokenizer.vocab_size != model.config["vocab_size"]:
-        raise CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model "
-                              f"expects {model.config['vocab_size']}")
+        raise CheckpointError(
+            f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model expects {model.config['vocab_size']}"
+        )
     load_model_tensors(model, tensors, path)
     return model.to(device).eval(), tokenizer, meta

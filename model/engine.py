@@ -15,6 +15,7 @@ context_size // 2 tokens at positions 0.. and continues from there (a sliding wi
 halves; the re-prefill is amortised over the context_size // 2 steps that follow). Up to
 context_size tokens the output equals GPT.generate token for token.
 """
+
 import math
 import threading
 import time
@@ -250,7 +251,7 @@ class Engine:
             return
         for slot, req in enumerate(self.active):
             if self.cache.room(slot) == 0:  # full: slide the window (see the module docstring)
-                self.cache.prefill(slot, req.tokens[-(self.cache.context // 2) - 1:-1])
+                self.cache.prefill(slot, req.tokens[-(self.cache.context // 2) - 1 : -1])
         logits = self.cache.decode([req.tokens[-1] for req in self.active])  # (B, V)
         for req, row in zip(self.active, logits):
             self._sample(req, row)

@@ -4,6 +4,7 @@ GPT, Block and the multi-head attention take an optional `kv_cache` (a KVCache):
 each row's new tokens, whose keys and values go into the cache and which attend to the row's earlier
 ones too. Training (no cache) and the serving engine (a cache) run the same layers.
 """
+
 import math
 from dataclasses import dataclass
 
@@ -134,8 +135,14 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, vocab_size, context_size, hidden_size, n_layer, n_head, dropout):
         super().__init__()
-        self.config = dict(vocab_size=vocab_size, context_size=context_size, hidden_size=hidden_size,
-                           n_layer=n_layer, n_head=n_head, dropout=dropout)
+        self.config = dict(
+            vocab_size=vocab_size,
+            context_size=context_size,
+            hidden_size=hidden_size,
+            n_layer=n_layer,
+            n_head=n_head,
+            dropout=dropout,
+        )
         self.context_size = context_size
         self.tok_emb = nn.Embedding(vocab_size, hidden_size)
         self.pos_emb = nn.Embedding(context_size, hidden_size)
@@ -179,7 +186,7 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()
         for _ in range(max_new_tokens):
-            logits, _ = self(x[:, -self.context_size:])
+            logits, _ = self(x[:, -self.context_size :])
             probs = F.softmax(logits[:, -1, :] / temperature, dim=-1)
             x = torch.cat([x, torch.multinomial(probs, num_samples=1)], dim=1)
         self.train(was_training)
@@ -191,7 +198,6 @@ def configure_adamw(model, weight_decay, learning_rate, betas):
     params = list(model.parameters())  # parameters() yields a tied tensor once
     decay = [p for p in params if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in params if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     extra = {"fused": True} if all(p.is_cuda for p in params) else {}
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)

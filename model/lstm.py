@@ -1,4 +1,5 @@
 """The character-level LSTM language model that the course compares the GPT against."""
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -13,8 +14,9 @@ class LSTM(nn.Module):
         self.embedding = nn.Embedding(vocab_size, hidden_size)
         self.drop = nn.Dropout(dropout)
         # nn.LSTM applies dropout between layers only, so the input and output dropouts are ours.
-        self.lstm = nn.LSTM(hidden_size, hidden_size, n_layer, dropout=dropout if n_layer > 1 else 0.0,
-                            batch_first=True)
+        self.lstm = nn.LSTM(
+            hidden_size, hidden_size, n_layer, dropout=dropout if n_layer > 1 else 0.0, batch_first=True
+        )
         self.head = nn.Linear(hidden_size, vocab_size)
 
     def forward(self, x, y=None, state=None):

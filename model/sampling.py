@@ -4,6 +4,7 @@ The request bodies convert themselves into a SamplingParams once; the object tra
 through the engine to `sample_next_token`, so a new sampling knob is added here, in the
 protocol and in the playground, and nowhere else.
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -43,8 +44,11 @@ def sample_next_token(logits, generator, params=SamplingParams(), seen=None):
         logits = penalize(logits, seen, params.repetition_penalty)
     if params.greedy:
         return int(logits.argmax())
-    logits = logits.float() / params.temperature if logits.dtype in (torch.float16, torch.bfloat16) \
+    logits = (
+        logits.float() / params.temperature
+        if logits.dtype in (torch.float16, torch.bfloat16)
         else logits / params.temperature
+    )
     if params.top_k is not None and params.top_k < logits.size(-1):
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -1,4 +1,5 @@
 """Fixtures shared by every test file."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """Tiny configurations and a way to run the trainer as a user would, shared by the tests."""
+
 import json
 import os
 import subprocess
@@ -11,8 +12,24 @@ SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 TINY_GPT = dict(vocab_size=40, context_size=16, hidden_size=32, n_layer=2, n_head=4, dropout=0.0)
 TINY_LSTM = dict(vocab_size=40, hidden_size=32, n_layer=2, dropout=0.0)
 # Trainer flags for a model small enough that a run takes a second or two.
-TINY_TRAIN_ARGS = ["--n-layer", "2", "--n-head", "4", "--hidden-size", "32", "--context-size", "16",
-                   "--batch-size", "4", "--eval-iters", "2", "--log-interval", "1", "--warmup-iters", "2"]
+TINY_TRAIN_ARGS = [
+    "--n-layer",
+    "2",
+    "--n-head",
+    "4",
+    "--hidden-size",
+    "32",
+    "--context-size",
+    "16",
+    "--batch-size",
+    "4",
+    "--eval-iters",
+    "2",
+    "--log-interval",
+    "1",
+    "--warmup-iters",
+    "2",
+]
 
 
 def trainer_command(*args, nproc=None):
@@ -29,8 +46,14 @@ def trainer_env():
 
 def run_trainer(*args, nproc=None, timeout=120):
     """Run the trainer from the repo root; fail the test with its output if it fails."""
-    proc = subprocess.run(trainer_command(*args, nproc=nproc), cwd=REPO, env=trainer_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        trainer_command(*args, nproc=nproc),
+        cwd=REPO,
+        env=trainer_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, f"trainer failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
     return proc
 

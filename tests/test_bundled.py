@@ -1,4 +1,5 @@
 """The checkpoints shipped under checkpoints/: they load, explain themselves, and are good enough."""
+
 from pathlib import Path
 
 import pytest

@@ -1,4 +1,5 @@
 """Checkpoints: safetensors only, never unpickled, clear errors, and atomic under SIGKILL."""
+
 import json
 import os
 import pickle
@@ -12,9 +13,9 @@ import time
 
 import pytest
 import torch
+from helpers import REPO, TINY_GPT, TINY_LSTM, trainer_env
 from safetensors.torch import save_file
 
-from helpers import REPO, TINY_GPT, TINY_LSTM, trainer_env
 from model import GPT, LSTM, ByteTokenizer, CharTokenizer, CheckpointError, load_checkpoint, save_checkpoint
 from model.checkpoint import TMP_PREFIX, remove_stale_temp_files, write_safetensors
 
@@ -59,7 +60,7 @@ def test_checkpoint_loads_the_model_in_eval_mode_with_identical_logits(tmp_path)
 def test_checkpoint_of_gpt_stores_the_tied_matrix_once_and_loads_it_tied(tmp_path):
     save_checkpoint(tmp_path / "m.safetensors", tiny("gpt"), CharTokenizer(CHARS), {})
     header_len = struct.unpack("<Q", (tmp_path / "m.safetensors").read_bytes()[:8])[0]
-    header = json.loads((tmp_path / "m.safetensors").read_bytes()[8:8 + header_len])
+    header = json.loads((tmp_path / "m.safetensors").read_bytes()[8 : 8 + header_len])
     assert "tok_emb.weight" in header and "lm_head.weight" not in header
     loaded, _, _ = load_checkpoint(tmp_path / "m.safetensors")
     assert loaded.lm_head.weight is loaded.tok_emb.weight
@@ -159,8 +160,9 @@ def test_checkpoint_whose_tokenizer_disagrees_with_the_model_is_refused(tmp_path
 def test_checkpoint_whose_weights_disagree_with_the_config_is_refused(tmp_path):
     small, big = tiny("gpt"), GPT(**{**TINY_GPT, "hidden_size": 64})
     meta = {"model_type": "gpt", "config": small.config, "tokenizer": CharTokenizer(CHARS).to_dict()}
-    write_safetensors(tmp_path / "m.safetensors", {k: v for k, v in big.state_dict().items()
-                                                   if k != "lm_head.weight"}, meta)
+    write_safetensors(
+        tmp_path / "m.safetensors", {k: v for k, v in big.state_dict().items() if k != "lm_head.weight"}, meta
+    )
     with pytest.raises(CheckpointError, match="do not match"):
         load_checkpoint(tmp_path / "m.safetensors")
 
@@ -202,8 +204,14 @@ def test_checkpoint_killed_mid_save_leaves_the_previous_or_the_new_file_whole(tm
     run_dir, ref_dir = tmp_path / "run", tmp_path / "refs"
     run_dir.mkdir(), ref_dir.mkdir()
     path = run_dir / "model.safetensors"
-    saver = subprocess.Popen([sys.executable, "-c", SAVER, str(path), str(ref_dir), CHARS], cwd=REPO,
-                             env=trainer_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    saver = subprocess.Popen(
+        [sys.executable, "-c", SAVER, str(path), str(ref_dir), CHARS],
+        cwd=REPO,
+        env=trainer_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     rng, seen = random.Random(0), []
     try:
         for _ in range(50):  # at least 50 kills at random moments

@@ -1,5 +1,6 @@
 """docker-compose.yml and the Dockerfile, checked by the real compose binary and hadolint from
 .tools/ (scripts/check-containers.sh installs them; these tests skip without them)."""
+
 import json
 import os
 import subprocess
@@ -19,8 +20,12 @@ needs_hadolint = pytest.mark.skipif(not HADOLINT.exists(), reason="no .tools: ru
 
 def compose(*args, file=REPO / "docker-compose.yml", env=None):
     # Only PATH from our environment, so a QUILL_* or TRAIN_* set here cannot change the result.
-    return subprocess.run([str(COMPOSE), "-f", str(file), "--project-directory", str(REPO), *args],
-                          capture_output=True, text=True, env={"PATH": os.environ["PATH"], **(env or {})})
+    return subprocess.run(
+        [str(COMPOSE), "-f", str(file), "--project-directory", str(REPO), *args],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ["PATH"], **(env or {})},
+    )
 
 
 def config(env=None):
@@ -44,10 +49,13 @@ def test_compose_file_is_valid():
 
 
 @needs_compose
-@pytest.mark.parametrize("old, new, words", [
-    ("    healthcheck:", "    healthchek:", "'healthchek' not allowed"),
-    ("retries: 3", "retries: three", "retries"),
-])
+@pytest.mark.parametrize(
+    "old, new, words",
+    [
+        ("    healthcheck:", "    healthchek:", "'healthchek' not allowed"),
+        ("retries: 3", "retries: three", "retries"),
+    ],
+)
 def test_compose_validation_fails_on_a_broken_file(tmp_path, old, new, words):
     r = compose("config", "-q", file=broken_copy(tmp_path, old, new))
     assert r.returncode == 1
@@ -58,7 +66,8 @@ def test_compose_validation_fails_on_a_broken_file(tmp_path, old, new, words):
 def test_compose_api_reserves_an_nvidia_gpu_publishes_8000_and_mounts_the_checkpoints_volume():
     api = config()["services"]["api"]
     assert api["deploy"]["resources"]["reservations"]["devices"] == [
-        {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+        {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
+    ]
     assert [(p["target"], p["published"]) for p in api["ports"]] == [(8000, "8000")]
     volume = {"type": "volume", "source": "checkpoints", "target": "/checkpoints"}
     assert volume.items() <= api["volumes"][0].items()
@@ -75,19 +84,40 @@ def test_compose_api_passes_quill_settings_through_only_when_set():
 @needs_compose
 def test_compose_train_runs_only_under_its_profile_with_options_from_the_environment():
     assert "train" not in json.loads(compose("config", "--format", "json").stdout)["services"]
-    train = config({"TRAIN_DATA": "/data/poems.txt", "TRAIN_NAME": "poems-lstm", "TRAIN_MODEL": "lstm",
-                    "TRAIN_PRESET": "cpu", "TRAIN_ARGS": "--max-iters 10 --resume"})["services"]["train"]
-    assert train["command"] == ["python", "-m", "train", "--data", "/data/poems.txt",
-                                "--out", "/checkpoints/poems-lstm", "--model", "lstm", "--preset", "cpu",
-                                "--max-iters", "10", "--resume"]
+    train = config(
+        {
+            "TRAIN_DATA": "/data/poems.txt",
+            "TRAIN_NAME": "poems-lstm",
+            "TRAIN_MODEL": "lstm",
+            "TRAIN_PRESET": "cpu",
+            "TRAIN_ARGS": "--max-iters 10 --resume",
+        }
+    )["services"]["train"]
+    assert train["command"] == [
+        "python",
+        "-m",
+        "train",
+        "--data",
+        "/data/poems.txt",
+        "--out",
+        "/checkpoints/poems-lstm",
+        "--model",
+        "lstm",
+        "--preset",
+        "cpu",
+        "--max-iters",
+        "10",
+        "--resume",
+    ]
     assert train["volumes"][0]["target"] == "/checkpoints"
     assert train["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
 
 
 @needs_hadolint
 def test_dockerfile_passes_hadolint_at_warning_level():
-    r = subprocess.run([str(HADOLINT), "--failure-threshold", "warning", str(REPO / "Dockerfile")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [str(HADOLINT), "--failure-threshold", "warning", str(REPO / "Dockerfile")], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -95,8 +125,9 @@ def test_dockerfile_passes_hadolint_at_warning_level():
 def test_hadolint_fails_on_an_untagged_base_image(tmp_path):
     dockerfile = tmp_path / "Dockerfile"
     dockerfile.write_text((REPO / "Dockerfile").read_text().replace("FROM ${BASE_IMAGE}", "FROM debian"))
-    r = subprocess.run([str(HADOLINT), "--failure-threshold", "warning", str(dockerfile)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [str(HADOLINT), "--failure-threshold", "warning", str(dockerfile)], capture_output=True, text=True
+    )
     assert r.returncode == 1
     assert "DL3006" in r.stdout
 
@@ -112,7 +143,9 @@ def test_dockerignore_keeps_the_venv_git_runs_and_resume_state_out_of_the_image(
 
 def test_dockerfile_copies_only_what_dockerignore_lets_in():
     allowed = {line.strip("!/") for line in (REPO / ".dockerignore").read_text().split("\n") if line.startswith("!")}
-    copied = [line.split()[1].rstrip("/") for line in (REPO / "Dockerfile").read_text().split("\n")
-              if line.startswith("COPY ")]
+    copied = [
+        line.split()[1].rstrip("/")
+        for line in (REPO / "Dockerfile").read_text().split("\n")
+        if line.startswith("COPY ")
+    ]
     assert copied and set(copied) <= allowed, copied
-

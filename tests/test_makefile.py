@@ -2,6 +2,7 @@
 `make test` installs chromium only where it can (root with apt-get) and runs the tests either way.
 Dry runs (`make -n`) read the recipes; the test-deps runs use fake `id`, `apt-get` and python on a
 PATH without chromium, so they neither need root nor install anything."""
+
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,8 +15,9 @@ pytestmark = pytest.mark.skipif(MAKE is None, reason="make is not installed")
 
 
 def make(*args, env=None):
-    return subprocess.run([MAKE, "--no-print-directory", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [MAKE, "--no-print-directory", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def dry_run(*args):

@@ -1,4 +1,5 @@
 """The sampler: SamplingParams in, one token id out."""
+
 import pytest
 import torch
 
@@ -21,7 +22,6 @@ def test_sample_next_token_at_temperature_zero_is_argmax_and_consumes_no_randomn
 def test_sample_next_token_at_a_vanishing_temperature_is_argmax(logits, temperature):
     g = torch.Generator().manual_seed(0)
     assert sample(torch.tensor(logits), g, temperature=temperature) == 1
-
 
 
 def test_sample_next_token_draws_as_multinomial_over_the_tempered_softmax():
@@ -78,12 +78,15 @@ def test_min_p_zero_and_no_repetition_penalty_draw_exactly_as_before():
     for seed in range(20):
         probs = torch.softmax(logits / 0.9, -1)
         expected = int(torch.multinomial(probs.unsqueeze(0), 1, generator=torch.Generator().manual_seed(seed)))
-        assert sample(logits, torch.Generator().manual_seed(seed), temperature=0.9, min_p=0.0,
-                      repetition_penalty=1.0) == expected
+        assert (
+            sample(logits, torch.Generator().manual_seed(seed), temperature=0.9, min_p=0.0, repetition_penalty=1.0)
+            == expected
+        )
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens_only():
     from model.sampling import penalize
+
     logits = torch.tensor([2.0, -1.0, 3.0, -0.5])
     out = penalize(logits, torch.tensor([0, 1, 1]), 2.0)  # a token seen twice is penalized once
     assert out.tolist() == [1.0, -2.0, 3.0, -0.5]

@@ -1,4 +1,5 @@
 """Tokenizers: characters of the training text, or UTF-8 bytes; both round-trip through a checkpoint."""
+
 import pytest
 
 from model import ByteTokenizer, CharTokenizer

@@ -1,4 +1,5 @@
 """The trainer: its schedule, its settings, its errors, and real runs (single process, resumed, DDP)."""
+
 import hashlib
 import json
 import math
@@ -9,13 +10,13 @@ import time
 import httpx
 import pytest
 import torch
-
 from helpers import REPO, SHAKESPEARE, TINY_TRAIN_ARGS, read_log, run_trainer, trainer_command, trainer_env
+
 from model import GPT, LSTM, CharTokenizer, load_checkpoint
 from model.checkpoint import read_safetensors
 from train import data as data_module
-from train.config import PRESETS, parse_config
 from train import loop as loop_module
+from train.config import PRESETS, parse_config
 from train.loop import get_lr, train
 
 
@@ -30,8 +31,22 @@ def final_state(run_dir):
 
 # get_lr
 
-SCHEDULE = parse_config(["--data", "x", "--out", "y", "--learning-rate", "1e-3", "--min-lr", "1e-4",
-                         "--warmup-iters", "10", "--max-iters", "110"])
+SCHEDULE = parse_config(
+    [
+        "--data",
+        "x",
+        "--out",
+        "y",
+        "--learning-rate",
+        "1e-3",
+        "--min-lr",
+        "1e-4",
+        "--warmup-iters",
+        "10",
+        "--max-iters",
+        "110",
+    ]
+)
 
 
 def test_get_lr_warms_up_linearly_to_the_peak():
@@ -55,6 +70,7 @@ def test_get_lr_at_and_after_max_iters_is_min_lr():
 
 
 # settings
+
 
 def test_preset_cpu_is_nanogpts_cpu_recipe():
     cfg = parse_config(["--data", "x", "--out", "y", "--preset", "cpu"])
@@ -83,6 +99,7 @@ def test_config_with_hidden_size_not_divisible_by_heads_is_a_usage_error(capsys)
 
 # the corpus
 
+
 def test_trainer_when_data_is_not_utf8_says_so(tmp_path):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("café au lait\n".encode("latin-1") * 200)
@@ -108,8 +125,14 @@ def test_trainer_that_fails_to_start_leaves_no_run_folder(tmp_path, problem):
 
 
 def test_trainer_from_the_command_line_with_missing_data_exits_non_zero_and_leaves_no_folder(tmp_path):
-    proc = subprocess.run(trainer_command("--data", "/nonexistent", "--out", tmp_path / "run", "--max-iters", 1),
-                          cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        trainer_command("--data", "/nonexistent", "--out", tmp_path / "run", "--max-iters", 1),
+        cwd=REPO,
+        env=trainer_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "cannot read --data /nonexistent" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
@@ -160,6 +183,7 @@ def test_shakespeare_copy_in_shared_data_is_the_char_rnn_input_txt():
 
 # runs
 
+
 @pytest.mark.slow
 def test_trainer_run_writes_a_loadable_checkpoint_a_log_and_a_plot(corpus, tmp_path):
     out = tmp_path / "run"
@@ -184,8 +208,24 @@ def test_trainer_run_writes_a_loadable_checkpoint_a_log_and_a_plot(corpus, tmp_p
 
 def test_trainer_trains_the_lstm(corpus, tmp_path):
     out = tmp_path / "run"
-    best = train(config(corpus, out, "--model", "lstm", "--tokenizer", "byte", "--max-iters", 30,
-                        "--eval-interval", 10, "--learning-rate", "1e-2", "--min-lr", "1e-3"))
+    best = train(
+        config(
+            corpus,
+            out,
+            "--model",
+            "lstm",
+            "--tokenizer",
+            "byte",
+            "--max-iters",
+            30,
+            "--eval-interval",
+            10,
+            "--learning-rate",
+            "1e-2",
+            "--min-lr",
+            "1e-3",
+        )
+    )
     model, _, meta = load_checkpoint(out)
     assert isinstance(model, LSTM) and meta["model_type"] == "lstm"
     assert meta["tokenizer"] == {"kind": "byte"}
@@ -228,8 +268,14 @@ def bundled_like_folder(corpus, out):
 def test_trainer_refuses_an_out_folder_holding_a_model_and_writes_nothing(corpus, tmp_path):
     out = tmp_path / "shakespeare-gpt"
     before = bundled_like_folder(corpus, out)
-    proc = subprocess.run(trainer_command("--data", corpus, "--out", out, *TINY_TRAIN_ARGS, "--max-iters", 10),
-                          cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        trainer_command("--data", corpus, "--out", out, *TINY_TRAIN_ARGS, "--max-iters", 10),
+        cwd=REPO,
+        env=trainer_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -246,6 +292,7 @@ def test_trainer_with_overwrite_replaces_a_model_folder(corpus, tmp_path):
 
 
 # threads
+
 
 def test_trainer_threads_option_sets_torchs_intra_op_threads(corpus, tmp_path):
     before = torch.get_num_threads()
@@ -334,8 +381,22 @@ def test_trainer_killed_mid_run_and_resumed_ends_with_the_same_weights(corpus, t
 @pytest.mark.slow
 def test_trainer_under_torchrun_with_two_gloo_processes_writes_a_loadable_checkpoint(corpus, tmp_path):
     out = tmp_path / "ddp"
-    proc = run_trainer("--data", corpus, "--out", out, *TINY_TRAIN_ARGS, "--max-iters", 6, "--eval-interval", 3,
-                       "--gradient-accumulation-steps", 2, "--device", "cpu", nproc=2)
+    proc = run_trainer(
+        "--data",
+        corpus,
+        "--out",
+        out,
+        *TINY_TRAIN_ARGS,
+        "--max-iters",
+        6,
+        "--eval-interval",
+        3,
+        "--gradient-accumulation-steps",
+        2,
+        "--device",
+        "cpu",
+        nproc=2,
+    )
     model, _, meta = load_checkpoint(out)
     assert isinstance(model, GPT)
     assert meta["world_size"] == 2
@@ -350,8 +411,14 @@ def test_trainer_interrupted_by_ctrl_c_says_where_its_last_checkpoint_is(corpus,
     cmd = trainer_command("--data", corpus, "--out", out, *TINY_TRAIN_ARGS, "--max-iters", 10**6, "--eval-interval", 5)
     with open(err, "wb") as f:  # a file, not a pipe: a full pipe would stall the trainer
         # SIGINT back to its default, in case this test runs where it is ignored (a background job)
-        proc = subprocess.Popen(cmd, cwd=REPO, env=trainer_env(), stdout=subprocess.DEVNULL, stderr=f,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=trainer_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=f,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
     deadline = time.monotonic() + 120
     try:  # signal once a checkpoint exists and training has gone on past it
         while time.monotonic() < deadline and proc.poll() is None:

@@ -1,4 +1,5 @@
 """python -m train --data PATH --out checkpoints/NAME [options]; see --help."""
+
 import sys
 
 from train.config import parse_config
@@ -9,8 +10,10 @@ if __name__ == "__main__":
     try:
         train(cfg)
     except OSError as e:  # a full disk, a read-only or vanished directory: one clear line, not a traceback
-        raise SystemExit(f"python -m train: cannot write in {cfg.out}: {e.strerror or e}; the checkpoints "
-                         "already there are whole (every save is atomic)") from None
+        raise SystemExit(
+            f"python -m train: cannot write in {cfg.out}: {e.strerror or e}; the checkpoints "
+            "already there are whole (every save is atomic)"
+        ) from None
     except KeyboardInterrupt as e:  # Ctrl-C: one line, and 128 + SIGINT as the shell would report it
         if not isinstance(e, Interrupted):
             e = "interrupted before training started; --out is as it was"

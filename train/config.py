@@ -1,4 +1,5 @@
 """The trainer's settings: defaults, named presets, and the command line built from them."""
+
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
@@ -34,22 +35,51 @@ class TrainConfig:
     log_interval: int = opt(10, "steps between train-loss log lines")
     seed: int = opt(1337, "seeds the weights, the batches and dropout")
     device: str = opt("auto", "auto picks cuda, then mps, then cpu", choices=["auto", "cpu", "cuda", "mps"])
-    dtype: str = opt("auto", "autocast precision; auto: bfloat16 on GPUs that support it, else float32",
-                     choices=["auto", "float32", "bfloat16"])
+    dtype: str = opt(
+        "auto",
+        "autocast precision; auto: bfloat16 on GPUs that support it, else float32",
+        choices=["auto", "float32", "bfloat16"],
+    )
     compile: bool = opt(False, "torch.compile the model (needs a C compiler; pays off on GPUs)")
     resume: bool = opt(False, "continue the run in --out from its resume state")
     overwrite: bool = opt(False, "start afresh even if --out already holds a run")
     preset: str = opt(None, "named recipe whose values replace the defaults", choices=["cpu", "gpu"])
-    threads: int = opt(None, "torch intra-op threads (default: torch's choice, one per core); lower it when "
-                             "another busy process shares the cores, see the README")
+    threads: int = opt(
+        None,
+        "torch intra-op threads (default: torch's choice, one per core); lower it when "
+        "another busy process shares the cores, see the README",
+    )
 
 
 # nanoGPT's Shakespeare-char recipes; explicit options still win over them.
 PRESETS = {
-    "cpu": dict(n_layer=4, n_head=4, hidden_size=128, context_size=64, batch_size=12, max_iters=2000,
-                learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99, dropout=0.0, eval_iters=20),
-    "gpu": dict(n_layer=6, n_head=6, hidden_size=384, context_size=256, batch_size=64, max_iters=5000,
-                learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99, dropout=0.2),
+    "cpu": dict(
+        n_layer=4,
+        n_head=4,
+        hidden_size=128,
+        context_size=64,
+        batch_size=12,
+        max_iters=2000,
+        learning_rate=1e-3,
+        min_lr=1e-4,
+        warmup_iters=100,
+        beta2=0.99,
+        dropout=0.0,
+        eval_iters=20,
+    ),
+    "gpu": dict(
+        n_layer=6,
+        n_head=6,
+        hidden_size=384,
+        context_size=256,
+        batch_size=64,
+        max_iters=5000,
+        learning_rate=1e-3,
+        min_lr=1e-4,
+        warmup_iters=100,
+        beta2=0.99,
+        dropout=0.2,
+    ),
 }
 
 
@@ -81,8 +111,17 @@ def validate(cfg):
         problems.append("--data is required")
     if not cfg.out:
         problems.append("--out is required")
-    for name in ("n_layer", "n_head", "hidden_size", "context_size", "batch_size",
-                 "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
+    for name in (
+        "n_layer",
+        "n_head",
+        "hidden_size",
+        "context_size",
+        "batch_size",
+        "gradient_accumulation_steps",
+        "eval_interval",
+        "eval_iters",
+        "log_interval",
+    ):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
     if cfg.threads is not None and cfg.threads < 1:

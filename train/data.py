@@ -1,4 +1,5 @@
 """Corpus loading, the 90/10 split, random batches, and the Tiny Shakespeare download."""
+
 import hashlib
 import os
 from pathlib import Path
@@ -25,7 +26,9 @@ def download_shakespeare(cache_dir=None):
     try:
         data = httpx.get(SHAKESPEARE_URL, timeout=30, follow_redirects=True).raise_for_status().content
     except httpx.HTTPError as e:
-        raise SystemExit(f"could not download Tiny Shakespeare ({e}); offline, pass a local file: --data PATH")
+        raise SystemExit(
+            f"could not download Tiny Shakespeare ({e}); offline, pass a local file: --data PATH"
+        ) from None
     if sha256_bytes(data) != SHAKESPEARE_SHA256:
         raise SystemExit("downloaded Tiny Shakespeare has the wrong sha256; pass a local copy with --data PATH")
     cache.mkdir(parents=True, exist_ok=True)
@@ -40,9 +43,9 @@ def read_corpus(data):
         raw = path.read_bytes()
         text = raw.decode("utf-8")
     except OSError as e:
-        raise SystemExit(f"cannot read --data {path}: {e.strerror}")
+        raise SystemExit(f"cannot read --data {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
-        raise SystemExit(f"--data {path} is not UTF-8 text (byte {e.start}); convert it first")
+        raise SystemExit(f"--data {path} is not UTF-8 text (byte {e.start}); convert it first") from None
     return text, sha256_bytes(raw)
 
 
@@ -56,15 +59,16 @@ def split(ids, context_size):
     n = int(0.9 * len(ids))
     train, val = ids[:n], ids[n:]
     if len(val) <= context_size + 1:
-        raise SystemExit(f"the corpus is too small: its last 10% ({len(val)} tokens) must exceed "
-                         f"--context-size {context_size} + 1")
+        raise SystemExit(
+            f"the corpus is too small: its last 10% ({len(val)} tokens) must exceed --context-size {context_size} + 1"
+        )
     return train, val
 
 
 def get_batch(data, batch_size, context_size, generator, device="cpu"):
     ix = torch.randint(len(data) - context_size, (batch_size,), generator=generator)
-    x = torch.stack([data[i:i + context_size] for i in ix])  # (B, T)
-    y = torch.stack([data[i + 1:i + 1 + context_size] for i in ix])
+    x = torch.stack([data[i : i + context_size] for i in ix])  # (B, T)
+    y = torch.stack([data[i + 1 : i + 1 + context_size] for i in ix])
     return x.to(device), y.to(device)
 
 
@@ -73,9 +77,9 @@ def full_loss(model, data, context_size, batch_size=64, device="cpu"):
     """Mean cross-entropy over every token of `data`, read in non-overlapping windows."""
     n = (len(data) - 1) // context_size * context_size
     x = data[:n].view(-1, context_size)
-    y = data[1:n + 1].view(-1, context_size)
+    y = data[1 : n + 1].view(-1, context_size)
     total = 0.0
     for i in range(0, len(x), batch_size):
-        _, loss = model(x[i:i + batch_size].to(device), y[i:i + batch_size].to(device))
-        total += loss.item() * len(x[i:i + batch_size])
+        _, loss = model(x[i : i + batch_size].to(device), y[i : i + batch_size].to(device))
+        total += loss.item() * len(x[i : i + batch_size])
     return total / len(x)

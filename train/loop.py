@@ -1,4 +1,5 @@
 """The course's training loop: warmup + cosine LR, clipping, accumulation, evaluation, checkpoints."""
+
 import contextlib
 import dataclasses
 import io
@@ -13,9 +14,18 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model.checkpoint import (CheckpointError, atomic_write_bytes, build_model, code_version,
-                              load_model_tensors, model_tensors, read_safetensors,
-                              remove_stale_temp_files, save_checkpoint, write_safetensors)
+from model.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    build_model,
+    code_version,
+    load_model_tensors,
+    model_tensors,
+    read_safetensors,
+    remove_stale_temp_files,
+    save_checkpoint,
+    write_safetensors,
+)
 from model.tokenizer import tokenizer_from_dict
 from train.data import get_batch, make_tokenizer, read_corpus, split
 
@@ -62,8 +72,14 @@ def make_autocast(dtype, device):
 
 def model_args(cfg, vocab_size):
     if cfg.model == "gpt":
-        return dict(vocab_size=vocab_size, context_size=cfg.context_size, hidden_size=cfg.hidden_size,
-                    n_layer=cfg.n_layer, n_head=cfg.n_head, dropout=cfg.dropout)
+        return dict(
+            vocab_size=vocab_size,
+            context_size=cfg.context_size,
+            hidden_size=cfg.hidden_size,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            dropout=cfg.dropout,
+        )
     return dict(vocab_size=vocab_size, hidden_size=cfg.hidden_size, n_layer=cfg.n_layer, dropout=cfg.dropout)
 
 
@@ -120,7 +136,7 @@ def trim_log(log_path, start_iter):
     if not log_path.exists():
         return
     keep = []
-    for line in open(log_path):
+    for line in Path(log_path).read_text().splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by the kill
@@ -137,7 +153,7 @@ def plot_losses(log_path, png_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in open(log_path)]
+    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines()]
     fig, ax = plt.subplots(figsize=(7, 4))
     train = [r for r in rows if r["kind"] == "train"]
     evals = [r for r in rows if r["kind"] == "eval"]
@@ -171,15 +187,19 @@ def refuse_to_replace_a_run(out, cfg):
     """A folder holding weights (a bundled model, an earlier run) is replaced only when asked to."""
     held = [name for name in (MODEL_NAME, RESUME_NAME) if (out / name).exists()]
     if held and not (cfg.resume or cfg.overwrite):
-        raise SystemExit(f"{out} already holds a run ({held[0]}): pass --resume to continue it or --overwrite "
-                         "to replace it, or choose another --out")
+        raise SystemExit(
+            f"{out} already holds a run ({held[0]}): pass --resume to continue it or --overwrite "
+            "to replace it, or choose another --out"
+        )
 
 
 def interrupted_message(out, it, saved):
     if saved is None:
         return f"interrupted at iteration {it}, before this run saved a checkpoint"
-    return (f"interrupted at iteration {it}; the last checkpoint is in {out} (iteration {saved}): "
-            "run the same command with --resume to continue")
+    return (
+        f"interrupted at iteration {it}; the last checkpoint is in {out} (iteration {saved}): "
+        "run the same command with --resume to continue"
+    )
 
 
 def train(cfg):
@@ -198,7 +218,7 @@ def train(cfg):
         try:
             _, resume_state = read_safetensors(out / RESUME_NAME)
         except CheckpointError as e:
-            raise SystemExit(f"cannot resume: {e}")
+            raise SystemExit(f"cannot resume: {e}") from None
         if resume_state["corpus_sha256"] != corpus_sha:
             raise SystemExit("cannot resume: --data is not the corpus this run was trained on")
         tokenizer = tokenizer_from_dict(resume_state["tokenizer"])
@@ -230,22 +250,34 @@ def train(cfg):
     splits = {"train": train_data, "val": val_data}
     tokens_per_iter = cfg.batch_size * cfg.context_size * cfg.gradient_accumulation_steps * world
     version = code_version()  # the code this run started with, not whatever HEAD is at save time
-    meta = lambda it: {"iter": it, "best_val_loss": best_val, "tokens_seen": tokens_seen,  # noqa: E731
-                       "train_seconds": round(seconds, 1), "corpus_sha256": corpus_sha,
-                       "code_version": version, "train_config": dataclasses.asdict(cfg),
-                       "world_size": world, "tokenizer": tokenizer.to_dict()}
+
+    def meta(it):  # read at each save: best_val, tokens_seen and seconds move on
+        return {
+            "iter": it,
+            "best_val_loss": best_val,
+            "tokens_seen": tokens_seen,
+            "train_seconds": round(seconds, 1),
+            "corpus_sha256": corpus_sha,
+            "code_version": version,
+            "train_config": dataclasses.asdict(cfg),
+            "world_size": world,
+            "tokenizer": tokenizer.to_dict(),
+        }
+
     created = master and not out.exists()
     if master:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(out)
     if master and resume_state is not None:
         trim_log(out / LOG_NAME, start_iter)
-    log = open(out / LOG_NAME, "a" if cfg.resume else "w") if master else None
+    log = open(out / LOG_NAME, "a" if cfg.resume else "w") if master else None  # noqa: SIM115 (closed at the end)
     bar = tqdm(total=cfg.max_iters, initial=start_iter, disable=not master, dynamic_ncols=True)
     n_params = sum(p.numel() for p in raw_model.parameters())
     if master:
-        tqdm.write(f"{cfg.model}: {n_params / 1e6:.2f}M parameters, {tokens_per_iter} tokens/iter, "
-                   f"vocab {tokenizer.vocab_size}, device {device}, world {world}")
+        tqdm.write(
+            f"{cfg.model}: {n_params / 1e6:.2f}M parameters, {tokens_per_iter} tokens/iter, "
+            f"vocab {tokenizer.vocab_size}, device {device}, world {world}"
+        )
 
     def write_log(row):
         log.write(json.dumps(row) + "\n")
@@ -262,8 +294,17 @@ def train(cfg):
             evaluate = (it % cfg.eval_interval == 0 or it == cfg.max_iters) and not (resume_state and it == start_iter)
             if evaluate and master:
                 losses = estimate_loss(raw_model, splits, cfg, device, autocast)
-                write_log({"kind": "eval", "iter": it, "tokens": tokens_seen, "seconds": round(seconds, 2),
-                           "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr})
+                write_log(
+                    {
+                        "kind": "eval",
+                        "iter": it,
+                        "tokens": tokens_seen,
+                        "seconds": round(seconds, 2),
+                        "train_loss": losses["train"],
+                        "val_loss": losses["val"],
+                        "lr": lr,
+                    }
+                )
                 if losses["val"] < best_val:
                     best_val = losses["val"]
                     save_checkpoint(out / MODEL_NAME, raw_model, tokenizer, meta(it))
@@ -295,8 +336,17 @@ def train(cfg):
                 loss_value = loss.item() * cfg.gradient_accumulation_steps
                 tok_s = tokens_per_iter / dt
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-                write_log({"kind": "train", "iter": it, "tokens": tokens_seen, "seconds": round(seconds, 2),
-                           "loss": loss_value, "lr": lr, "tokens_per_s": tok_s})
+                write_log(
+                    {
+                        "kind": "train",
+                        "iter": it,
+                        "tokens": tokens_seen,
+                        "seconds": round(seconds, 2),
+                        "loss": loss_value,
+                        "lr": lr,
+                        "tokens_per_s": tok_s,
+                    }
+                )
         if master:
             save_resume(out / RESUME_NAME, raw_model, optimizer, data_gen, meta(cfg.max_iters))
     except BaseException as e:
@@ -311,8 +361,10 @@ def train(cfg):
     bar.close()
     if master:
         log.close()
-        tqdm.write(f"done: best val loss {best_val:.4f}, {tokens_seen} tokens in {seconds:.0f}s; "
-                   f"best weights in {out / MODEL_NAME}")
+        tqdm.write(
+            f"done: best val loss {best_val:.4f}, {tokens_seen} tokens in {seconds:.0f}s; "
+            f"best weights in {out / MODEL_NAME}"
+        )
     if world > 1:
         dist.destroy_process_group()
     return best_val

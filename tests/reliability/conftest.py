@@ -1,4 +1,5 @@
 """Fixtures for the reliability tests: the service tests' tiny checkpoints and servers, reused."""
+
 import sys
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """Helpers for the load tests: streams read over the network with asyncio, the server's RSS, percentiles."""
+
 import asyncio
 import contextlib
 import time
@@ -61,8 +62,12 @@ def in_flight(metrics_text):
 
 def server_errors(metrics_text):
     """Requests answered (or ended) with a 5xx, by the server's own count."""
-    return sum(sample.value for family in text_string_to_metric_families(metrics_text) for sample in family.samples
-               if sample.name == "quill_requests_total" and sample.labels["status"].startswith("5"))
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(metrics_text)
+        for sample in family.samples
+        if sample.name == "quill_requests_total" and sample.labels["status"].startswith("5")
+    )
 
 
 async def wait_idle(client, url, timeout):

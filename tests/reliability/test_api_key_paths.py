@@ -1,5 +1,6 @@
 """The API key guards by default: any path or method that is not exactly an open route is refused, even
 paths that do not exist (so a scan without the key learns nothing, not even which routes there are)."""
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -8,10 +9,32 @@ from app.middleware import OPEN_PATHS
 from app.settings import Settings
 
 KEY = "s3cret"
-NEAR_MISSES = ["/health/", "/HEALTH", "/ready/x", "/healthz", "/health/../metrics", "/ready%00",
-               "/v1/models/", "/v1//models", "/nope", "/docs", "/openapi.json", "/redoc"]
-WRONG_KEYS = [None, "", "Bearer", "Bearer ", f"Bearer {KEY} ", f"Bearer {KEY[:-1]}", f"Bearer {KEY}x", KEY,
-              f"Basic {KEY}", "Bearer " + "x" * 10_000]
+NEAR_MISSES = [
+    "/health/",
+    "/HEALTH",
+    "/ready/x",
+    "/healthz",
+    "/health/../metrics",
+    "/ready%00",
+    "/v1/models/",
+    "/v1//models",
+    "/nope",
+    "/docs",
+    "/openapi.json",
+    "/redoc",
+]
+WRONG_KEYS = [
+    None,
+    "",
+    "Bearer",
+    "Bearer ",
+    f"Bearer {KEY} ",
+    f"Bearer {KEY[:-1]}",
+    f"Bearer {KEY}x",
+    KEY,
+    f"Basic {KEY}",
+    "Bearer " + "x" * 10_000,
+]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """A disconnect storm over the network: hundreds of streams cut by their clients at random points."""
+
 import asyncio
 import random
 
@@ -72,8 +73,10 @@ def check_storms(server, seeds):
     before = rss_mib(server.proc.pid)
     peak, after = asyncio.run(storms(server, seeds))
     idle, after_storm, metrics = asyncio.run(served_normally(server.url))
-    print(f"\n{len(seeds)} storm(s) of {STREAMS} cut streams: RSS before {before:.1f} MiB, peak {peak:.1f} MiB, "
-          f"after {after:.1f} MiB (growth {after - before:+.1f} MiB, bound {RSS_BOUND_MIB} MiB)")
+    print(
+        f"\n{len(seeds)} storm(s) of {STREAMS} cut streams: RSS before {before:.1f} MiB, peak {peak:.1f} MiB, "
+        f"after {after:.1f} MiB (growth {after - before:+.1f} MiB, bound {RSS_BOUND_MIB} MiB)"
+    )
     assert idle, "the running or queued gauge did not return to 0"
     assert after_storm.status_code == 200 and after_storm.json()["usage"]["completion_tokens"] == 20
     assert server_errors(metrics) == 0

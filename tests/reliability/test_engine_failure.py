@@ -1,4 +1,5 @@
 """An exception injected inside the engine while a full batch decodes and more requests wait."""
+
 import asyncio
 import contextlib
 
@@ -13,13 +14,16 @@ RUNNING, WAITING = 3, 3
 
 @contextlib.asynccontextmanager
 async def async_serving(app):
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://quill") as c:
-            yield c
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://quill") as c,
+    ):
+        yield c
 
 
 def test_engine_failure_mid_batch_ends_that_batch_with_error_events_and_serves_the_waiting_and_the_next(
-        checkpoints, monkeypatch):
+    checkpoints, monkeypatch
+):
     app = create_app(Settings(_env_file=None, checkpoints=[str(checkpoints["tiny-gpt"])], max_running=RUNNING))
     failed_rows = []
 

@@ -1,5 +1,6 @@
 """Schemathesis fuzzes the API from its OpenAPI schema: valid and invalid requests alike get no 5xx and
 a response the schema documents (status, content type, body shape)."""
+
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -48,8 +49,7 @@ def test_fuzzing_5000_requests_across_all_operations_finds_no_5xx_and_no_undocum
     cases = st.one_of(*(schema.as_strategy(generation_mode=mode) for mode in GenerationMode))
 
     @given(case=cases)
-    @settings(max_examples=LONG_RUN_REQUESTS, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=LONG_RUN_REQUESTS, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     def fuzz(case):
         sent.append(call_and_check(case, app).status_code)
 

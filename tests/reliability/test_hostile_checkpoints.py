@@ -1,5 +1,6 @@
 """Hostile checkpoint files handed to the server and to the trainer's --resume: each is refused with a
 clear error, and a pickle payload never runs (it would create a marker file if it did)."""
+
 import json
 import pickle
 import struct
@@ -8,13 +9,13 @@ import sys
 
 import pytest
 import torch
+from helpers import TINY_TRAIN_ARGS, trainer_env
 from service_helpers import REPO, free_port, tiny_gpt
 
-from helpers import TINY_TRAIN_ARGS, trainer_env
-from model import CharTokenizer, CheckpointError, save_checkpoint
 from app.metrics import Metrics
 from app.serving import Service
 from app.settings import Settings
+from model import CharTokenizer, CheckpointError, save_checkpoint
 from train.config import parse_config
 from train.loop import train
 
@@ -52,9 +53,13 @@ def huge_tensor(path, marker):
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 64)
 
 
-HOSTILE = {"pickle payload": (pickle_payload, "pickle"), "torch.save payload": (torch_save_payload, "pickle"),
-           "truncated": (truncated, "truncated|corrupted"), "header claims a huge size": (huge_header, "header claims"),
-           "tensor claims a terabyte": (huge_tensor, "corrupted")}
+HOSTILE = {
+    "pickle payload": (pickle_payload, "pickle"),
+    "torch.save payload": (torch_save_payload, "pickle"),
+    "truncated": (truncated, "truncated|corrupted"),
+    "header claims a huge size": (huge_header, "header claims"),
+    "tensor claims a terabyte": (huge_tensor, "corrupted"),
+}
 CASES = pytest.mark.parametrize("make, reason", HOSTILE.values(), ids=list(HOSTILE))
 
 
@@ -85,8 +90,14 @@ def test_python_m_app_given_a_pickle_payload_exits_non_zero_naming_it_and_never_
     marker, run = tmp_path / "pwned", tmp_path / "run"
     run.mkdir()
     pickle_payload(run / "model.safetensors", marker)
-    proc = subprocess.run([sys.executable, "-m", "app", "--checkpoint", str(run), "--port", str(free_port())], cwd=REPO,
-                          env=trainer_env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "app", "--checkpoint", str(run), "--port", str(free_port())],
+        cwd=REPO,
+        env=trainer_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode != 0
     assert "not safetensors; refused (it was not unpickled)" in proc.stderr
     assert not marker.exists()

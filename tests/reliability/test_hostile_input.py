@@ -1,6 +1,7 @@
 """Hostile requests beyond tests/service/test_api.py's bad parameters: huge prompts, bad bytes, lone
 surrogates in every string field, header floods, and numbers at the edges of what floats can hold.
 Each gets its 4xx in the one error shape (never a 5xx), and the next request is served."""
+
 import json
 import socket
 import time
@@ -65,8 +66,11 @@ def test_prompt_of_1_mb_within_a_raised_body_limit_gets_422_naming_the_prompt(ch
         assert_still_serving(c)
 
 
-@pytest.mark.parametrize("body", [b'{"prompt": "\xff\xfe"}', b"\xff", b'{"prompt": "caf\xc3"}'],
-                         ids=["invalid bytes", "one byte", "cut character"])
+@pytest.mark.parametrize(
+    "body",
+    [b'{"prompt": "\xff\xfe"}', b"\xff", b'{"prompt": "caf\xc3"}'],
+    ids=["invalid bytes", "one byte", "cut character"],
+)
 def test_body_that_is_not_utf8_gets_400(client, body):
     assert_error(client.post("/generate", content=body, headers=JSON), 400)
     assert_still_serving(client)
@@ -91,10 +95,14 @@ def test_lone_surrogate_in_any_string_field_gets_a_4xx_in_the_error_shape(client
     assert_still_serving(client)
 
 
-@pytest.mark.parametrize("route, body", [
-    ("/generate", {"prompt": "Hi", "max_new_tokens": 4.0, "top_k": 5.0, "seed": 7.0, "stream": False}),
-    ("/v1/completions", {"prompt": "Hi", "max_tokens": 4.0, "seed": 7.0}),
-], ids=["generate", "completions"])
+@pytest.mark.parametrize(
+    "route, body",
+    [
+        ("/generate", {"prompt": "Hi", "max_new_tokens": 4.0, "top_k": 5.0, "seed": 7.0, "stream": False}),
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": 4.0, "seed": 7.0}),
+    ],
+    ids=["generate", "completions"],
+)
 def test_whole_numbers_written_as_floats_are_integers_as_the_schema_says(client, route, body):
     r = client.post(route, json=body)
     assert r.status_code == 200, r.text
@@ -107,14 +115,18 @@ def test_seed_beyond_what_every_json_client_reads_exactly_gets_422(client):
 
 
 def test_seed_chosen_by_the_server_survives_a_javascript_number(client):
-    seeds = [client.post("/generate", json={"prompt": "Hi", "max_new_tokens": 1, "stream": False}).json()["seed"]
-             for _ in range(20)]
+    seeds = [
+        client.post("/generate", json={"prompt": "Hi", "max_new_tokens": 1, "stream": False}).json()["seed"]
+        for _ in range(20)
+    ]
     assert all(0 <= s <= 2**53 - 1 for s in seeds)  # JSON.parse in a browser returns them unchanged
 
 
 def test_top_p_too_small_for_float32_keeps_the_best_token_instead_of_failing_the_batch():
     logits = torch.tensor([0.1, 3.0, -1.0, 2.9])
-    assert sample_next_token(logits, torch.Generator().manual_seed(0), SamplingParams(temperature=1.0, top_p=5e-324)) == 1
+    assert (
+        sample_next_token(logits, torch.Generator().manual_seed(0), SamplingParams(temperature=1.0, top_p=5e-324)) == 1
+    )
 
 
 def test_top_p_too_small_for_float32_is_served_as_greedy(client):
@@ -136,7 +148,7 @@ def raw_request(port, head, pause_every=None):
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
         step = pause_every or len(head)
         for i in range(0, len(head), step):
-            sock.sendall(head[i:i + step])
+            sock.sendall(head[i : i + step])
             if pause_every:
                 time.sleep(0.01)  # the server sees an incomplete head, piece by piece
         response = b""
@@ -153,11 +165,15 @@ def get_with_headers(headers):
 
 @pytest.mark.server
 @pytest.mark.slow
-@pytest.mark.parametrize("headers, pieces", [
-    ([(f"x-h-{i}", "v") for i in range(1000)], None),
-    ([("x-big", "a" * 100_000)], None),
-    ([("x-big", "a" * 100_000)], 4096),
-], ids=["1000 headers", "one 100 KB header", "one 100 KB header, trickled"])
+@pytest.mark.parametrize(
+    "headers, pieces",
+    [
+        ([(f"x-h-{i}", "v") for i in range(1000)], None),
+        ([("x-big", "a" * 100_000)], None),
+        ([("x-big", "a" * 100_000)], 4096),
+    ],
+    ids=["1000 headers", "one 100 KB header", "one 100 KB header, trickled"],
+)
 def test_header_flood_gets_431_in_the_error_shape_over_the_network(server, headers, pieces):
     status, body = raw_request(server.port, get_with_headers(headers), pieces)
     assert status == 431

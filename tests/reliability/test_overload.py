@@ -1,13 +1,23 @@
 """Overload over the network: far more concurrent requests than one model admits (running + queued).
 The engine is held (it takes no step) while the refusals go out, so the model stays full for exactly as
 long as the test needs, however fast or busy the machine: every check is a count or a state."""
+
 import asyncio
 import time
 
 import httpx
 import pytest
-from load_helpers import (LONG, SSEReader, held_engine_command, in_flight, open_stream, percentile, real_server,
-                          server_errors, wait_idle)
+from load_helpers import (
+    LONG,
+    SSEReader,
+    held_engine_command,
+    in_flight,
+    open_stream,
+    percentile,
+    real_server,
+    server_errors,
+    wait_idle,
+)
 from service_helpers import metric
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -49,8 +59,10 @@ def test_burst_beyond_capacity_gets_429_with_no_model_work_and_admitted_streams_
         async with httpx.AsyncClient(timeout=120, limits=limits) as client:
             hold.touch()
             try:
-                admitted = [await open_stream(client, server.url, {"prompt": "Hi", "max_new_tokens": LONG})
-                            for _ in range(RUNNING + QUEUED)]
+                admitted = [
+                    await open_stream(client, server.url, {"prompt": "Hi", "max_new_tokens": LONG})
+                    for _ in range(RUNNING + QUEUED)
+                ]
                 full = (await client.get(server.url + "/metrics")).text
                 refused = await asyncio.gather(*[timed_refusal(client, server.url) for _ in range(BURST)])
                 refused += [await timed_refusal(client, server.url) for _ in range(ONE_BY_ONE)]
@@ -82,5 +94,7 @@ def test_burst_beyond_capacity_gets_429_with_no_model_work_and_admitted_streams_
     # what a refusal costs, for the record (make reliability prints it with -rP); timings decide nothing here
     burst, one_by_one = [s for _, s in refused[:BURST]], [s for _, s in refused[BURST:]]
     for name, seconds in (("at once", burst), ("one by one", one_by_one)):
-        print(f"\n429 latency, {len(seconds)} {name}: p50 {percentile(seconds, 50) * 1000:.1f} ms, "
-              f"p99 {percentile(seconds, 99) * 1000:.1f} ms, max {max(seconds) * 1000:.1f} ms")
+        print(
+            f"\n429 latency, {len(seconds)} {name}: p50 {percentile(seconds, 50) * 1000:.1f} ms, "
+            f"p99 {percentile(seconds, 99) * 1000:.1f} ms, max {max(seconds) * 1000:.1f} ms"
+        )

@@ -1,14 +1,15 @@
 """The trainer on a full disk or a read-only output directory: one clear line, a non-zero exit, and the
 checkpoints already there untouched. Real failures, not mocks: a small tmpfs filled up, and a read-only
 bind mount (chmod does not stop root); both need mount, so they skip where it is not allowed."""
+
 import contextlib
 import hashlib
 import os
 import subprocess
 
 import pytest
-
 from helpers import REPO, TINY_TRAIN_ARGS, trainer_command, trainer_env
+
 from model import load_checkpoint
 from model.checkpoint import TMP_PREFIX
 from train.config import parse_config
@@ -46,11 +47,10 @@ def read_only(path):
 def fill_up(directory, leave=32 * 1024):
     """Fill the file system of `directory`, then give back `leave` bytes: enough for log lines, not a save."""
     filler = directory / "filler"
-    with open(filler, "wb") as f:
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
+    with open(filler, "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
     os.truncate(filler, max(0, filler.stat().st_size - leave))
 
 
@@ -59,15 +59,19 @@ def snapshot(run):
 
 
 def first_run(corpus, out):
-    train(parse_config(["--data", str(corpus), "--out", str(out), *TINY_TRAIN_ARGS, "--max-iters", "4",
-                        "--eval-interval", "2"]))
+    train(
+        parse_config(
+            ["--data", str(corpus), "--out", str(out), *TINY_TRAIN_ARGS, "--max-iters", "4", "--eval-interval", "2"]
+        )
+    )
     return snapshot(out)
 
 
 def resume(corpus, out):
     args = ["--data", corpus, "--out", out, *TINY_TRAIN_ARGS, "--max-iters", 12, "--eval-interval", 2, "--resume"]
-    return subprocess.run(trainer_command(*args), cwd=REPO, env=trainer_env(), capture_output=True, text=True,
-                          timeout=900)
+    return subprocess.run(
+        trainer_command(*args), cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=900
+    )
 
 
 def assert_refused_clearly(proc, reason, out, before):
@@ -78,8 +82,7 @@ def assert_refused_clearly(proc, reason, out, before):
     load_checkpoint(out)
 
 
-def test_disk_full_during_a_save_exits_non_zero_with_a_clear_error_and_keeps_the_previous_checkpoint(
-        corpus, tmp_path):
+def test_disk_full_during_a_save_exits_non_zero_with_a_clear_error_and_keeps_the_previous_checkpoint(corpus, tmp_path):
     with small_disk(tmp_path / "disk") as disk:
         out = disk / "run"
         before = first_run(corpus, out)
@@ -89,7 +92,8 @@ def test_disk_full_during_a_save_exits_non_zero_with_a_clear_error_and_keeps_the
 
 
 def test_read_only_output_directory_exits_non_zero_with_a_clear_error_and_keeps_the_previous_checkpoint(
-        corpus, tmp_path):
+    corpus, tmp_path
+):
     out = tmp_path / "run"
     before = first_run(corpus, out)
     with read_only(out):

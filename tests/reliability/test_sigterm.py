@@ -1,5 +1,6 @@
 """Stopping `python -m app`: SIGTERM or Ctrl-C drains, a second Ctrl-C ends every stream at once, and every
 stream that did not finish ends with an `error` event (code server_shutdown), never cut mid-response."""
+
 import asyncio
 import os
 import re
@@ -71,8 +72,9 @@ def test_sigterm_with_ten_live_streams_refuses_new_work_ends_every_stream_in_tim
 
         async def run():
             async with httpx.AsyncClient(timeout=60) as client:
-                bodies = [{"prompt": "Hi", "max_new_tokens": 50}] * SHORT + \
-                         [{"prompt": "Hi", "max_new_tokens": LONG}] * LONG_STREAMS
+                bodies = [{"prompt": "Hi", "max_new_tokens": 50}] * SHORT + [
+                    {"prompt": "Hi", "max_new_tokens": LONG}
+                ] * LONG_STREAMS
                 responses = [await open_stream(client, server.url, body) for body in bodies]
                 readers = [SSEReader(r) for r in responses]
                 for reader in readers:
@@ -103,10 +105,12 @@ def test_sigterm_with_ten_live_streams_refuses_new_work_ends_every_stream_in_tim
         assert name == "done" or (name, data) == ("error", {"error": SHUTDOWN}), (name, data)
     assert all(name == "done" for (name, _), _ in ends[:SHORT])  # they had time to finish
     last_end = max(seconds for _, seconds in ends)
-    print(f"\n/ready 503 {ready_after * 1000:.0f} ms after SIGTERM; "
-          f"streams ended: {sum(name == 'done' for (name, _), _ in ends)} done, "
-          f"{sum(name == 'error' for (name, _), _ in ends)} with an error event, the last {last_end:.2f} s "
-          f"after SIGTERM (drain timeout {DRAIN_TIMEOUT} s); exit code {code} after {exited_after:.2f} s")
+    print(
+        f"\n/ready 503 {ready_after * 1000:.0f} ms after SIGTERM; "
+        f"streams ended: {sum(name == 'done' for (name, _), _ in ends)} done, "
+        f"{sum(name == 'error' for (name, _), _ in ends)} with an error event, the last {last_end:.2f} s "
+        f"after SIGTERM (drain timeout {DRAIN_TIMEOUT} s); exit code {code} after {exited_after:.2f} s"
+    )
     assert ready_after < 1.0
     assert last_end < DRAIN_TIMEOUT + 2
     assert code == 0
@@ -115,8 +119,10 @@ def test_sigterm_with_ten_live_streams_refuses_new_work_ends_every_stream_in_tim
 
 def test_streams_still_running_at_the_drain_timeout_end_with_a_server_shutdown_error(checkpoints, tmp_path):
     log = tmp_path / "server.log"
-    with real_server(slow_engine_command(checkpoints["tiny-gpt"]), {"QUILL_DRAIN_TIMEOUT": "1"}, log) as server, \
-            httpx.Client(timeout=60) as client:
+    with (
+        real_server(slow_engine_command(checkpoints["tiny-gpt"]), {"QUILL_DRAIN_TIMEOUT": "1"}, log) as server,
+        httpx.Client(timeout=60) as client,
+    ):
         stream = Stream(client, server.url)
         server.terminate()
         assert_ended_by_shutdown(stream.events())
@@ -126,8 +132,10 @@ def test_streams_still_running_at_the_drain_timeout_end_with_a_server_shutdown_e
 
 def test_first_ctrl_c_says_it_drains_and_a_second_ends_every_stream_with_a_server_shutdown_error(checkpoints, tmp_path):
     log = tmp_path / "server.log"
-    with real_server(slow_engine_command(checkpoints["tiny-gpt"]), {"QUILL_DRAIN_TIMEOUT": "600"}, log) as server, \
-            httpx.Client(timeout=60) as client:
+    with (
+        real_server(slow_engine_command(checkpoints["tiny-gpt"]), {"QUILL_DRAIN_TIMEOUT": "600"}, log) as server,
+        httpx.Client(timeout=60) as client,
+    ):
         streams = [Stream(client, server.url) for _ in range(2)]
         server.proc.send_signal(signal.SIGINT)
         line = "draining 2 streams, up to 600 s; Ctrl-C again to stop now"
@@ -144,8 +152,10 @@ def test_first_ctrl_c_says_it_drains_and_a_second_ends_every_stream_with_a_serve
 def test_sigterm_again_during_the_drain_changes_nothing(checkpoints, tmp_path):
     """What `make serve` does: SIGTERM to its process group reaches the server, and make forwards its own."""
     log = tmp_path / "server.log"
-    with real_server(slow_engine_command(checkpoints["tiny-gpt"]), {"QUILL_DRAIN_TIMEOUT": "5"}, log) as server, \
-            httpx.Client(timeout=60) as client:
+    with (
+        real_server(slow_engine_command(checkpoints["tiny-gpt"]), {"QUILL_DRAIN_TIMEOUT": "5"}, log) as server,
+        httpx.Client(timeout=60) as client,
+    ):
         stream = Stream(client, server.url)
         server.terminate()
         assert wait_until(lambda: "draining" in log.read_text(), timeout=30)  # the first one was handled
@@ -163,19 +173,30 @@ def test_sigterm_to_a_make_serve_process_group_drains_every_time(checkpoints, tm
     supervisor would: each time the stream ends whole, the server logs one drain and no traceback."""
     (tmp_path / "slow_app.py").write_text(SLOW_ENGINE)
     (tmp_path / "Makefile").write_text("serve:\n\t$(PYTHON) slow_app.py\n")  # the real target's shape, less install
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "QUILL_DRAIN_TIMEOUT": "1",
-           "QUILL_CHECKPOINTS": str(checkpoints["tiny-gpt"])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "QUILL_DRAIN_TIMEOUT": "1",
+        "QUILL_CHECKPOINTS": str(checkpoints["tiny-gpt"]),
+    }
     for attempt in range(times):
         port, log = free_port(), tmp_path / f"make-{attempt}.log"
         url = f"http://127.0.0.1:{port}"
         with open(log, "wb") as out:
-            make = subprocess.Popen(["make", "-s", "-C", str(tmp_path), "serve", f"PYTHON={sys.executable}"],
-                                    env={**env, "QUILL_PORT": str(port)}, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            make = subprocess.Popen(
+                ["make", "-s", "-C", str(tmp_path), "serve", f"PYTHON={sys.executable}"],
+                env={**env, "QUILL_PORT": str(port)},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
-            def ready():
+
+            def ready(make=make, log=log, url=url):
                 assert make.poll() is None, log.read_text()[-3000:]
                 return ready_status(url) == 200
+
             assert wait_until(ready, timeout=600, interval=0.2)
             with httpx.Client(timeout=60) as client:
                 stream = Stream(client, url)

@@ -4,6 +4,7 @@ On loopback the kernel absorbs a whole stream (at most ~450 KB, with a send buff
 so a real socket never blocks the server's sends; the timeout is proved in-process, with a client whose
 buffers are full, and the network test shows what a real slow reader costs the server.
 """
+
 import asyncio
 import json
 import os
@@ -24,11 +25,25 @@ RSS_BOUND_MIB = 32
 
 
 def request_scope(path, body):
-    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-            "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
-            "headers": [(b"host", b"quill"), (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode())],
-            "client": ("127.0.0.1", 50000), "server": ("quill", 80), "state": {}}
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"quill"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("quill", 80),
+        "state": {},
+    }
 
 
 async def stuck_client(app, path, body, readable_messages=3):
@@ -54,21 +69,27 @@ async def stuck_client(app, path, body, readable_messages=3):
     return time.monotonic() - started
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/generate", {"prompt": "Hello", "max_new_tokens": LONG}),
-    ("/v1/completions", {"prompt": "Hello", "max_tokens": LONG, "stream": True}),
-], ids=["sse", "openai"])
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/generate", {"prompt": "Hello", "max_new_tokens": LONG}),
+        ("/v1/completions", {"prompt": "Hello", "max_tokens": LONG, "stream": True}),
+    ],
+    ids=["sse", "openai"],
+)
 def test_client_that_stops_reading_is_cut_after_the_send_timeout_and_frees_its_slot(checkpoints, path, body):
-    settings = Settings(_env_file=None, checkpoints=[str(checkpoints["tiny-gpt"])], send_timeout=SEND_TIMEOUT,
-                        max_queued=STUCK_CLIENTS)
+    settings = Settings(
+        _env_file=None, checkpoints=[str(checkpoints["tiny-gpt"])], send_timeout=SEND_TIMEOUT, max_queued=STUCK_CLIENTS
+    )
     app = create_app(settings)
     engine = lambda: app.state.service.models["tiny-gpt"].engine  # noqa: E731
 
     async def run():
         async with app.router.lifespan_context(app):
             before = rss_mib(os.getpid())
-            waits = await asyncio.gather(*[stuck_client(app, path, json.dumps(body).encode())
-                                           for _ in range(STUCK_CLIENTS)])
+            waits = await asyncio.gather(
+                *[stuck_client(app, path, json.dumps(body).encode()) for _ in range(STUCK_CLIENTS)]
+            )
             for _ in range(100):  # the engine thread notices the cancellations between steps
                 if engine().counts() == (0, 0):
                     break
@@ -76,8 +97,10 @@ def test_client_that_stops_reading_is_cut_after_the_send_timeout_and_frees_its_s
             return waits, engine().counts(), rss_mib(os.getpid()) - before
 
     waits, counts, growth = asyncio.run(run())
-    print(f"\n{STUCK_CLIENTS} stuck clients cut after {min(waits):.2f}-{max(waits):.2f} s "
-          f"(send timeout {SEND_TIMEOUT} s); RSS growth {growth:+.1f} MiB")
+    print(
+        f"\n{STUCK_CLIENTS} stuck clients cut after {min(waits):.2f}-{max(waits):.2f} s "
+        f"(send timeout {SEND_TIMEOUT} s); RSS growth {growth:+.1f} MiB"
+    )
     assert all(SEND_TIMEOUT <= w < SEND_TIMEOUT + 10 for w in waits)
     assert counts == (0, 0)
     assert growth < RSS_BOUND_MIB
@@ -88,8 +111,10 @@ def slow_reader(port, body):
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", port))
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: quill\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: quill\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
     return sock
 
 
@@ -98,15 +123,17 @@ def slow_reader(port, body):
 def test_real_clients_that_stop_reading_cost_bounded_memory_and_do_not_stall_others(checkpoints, tmp_path):
     env = {"QUILL_SEND_TIMEOUT": str(SEND_TIMEOUT)}
     with real_server(app_command([checkpoints["tiny-gpt"]]), env, tmp_path / "server.log") as server:
-        httpx.post(server.url + "/generate", json={"prompt": "Hi", "max_new_tokens": LONG, "stream": False},
-                   timeout=300)  # warm-up at full length
+        httpx.post(
+            server.url + "/generate", json={"prompt": "Hi", "max_new_tokens": LONG, "stream": False}, timeout=300
+        )  # warm-up at full length
         before = rss_mib(server.proc.pid)
         body = json.dumps({"prompt": "Hello", "max_tokens": LONG, "stream": True}).encode()
         readers = [slow_reader(server.port, body) for _ in range(20)]
         try:
             started = time.monotonic()
-            r = httpx.post(server.url + "/generate", json={"prompt": "Hi", "max_new_tokens": 5, "stream": False},
-                           timeout=60)
+            r = httpx.post(
+                server.url + "/generate", json={"prompt": "Hi", "max_new_tokens": 5, "stream": False}, timeout=60
+            )
             other = time.monotonic() - started
             assert r.status_code == 200
             assert wait_until(lambda: in_flight(server.metrics()) == 0, timeout=300)
@@ -114,6 +141,8 @@ def test_real_clients_that_stop_reading_cost_bounded_memory_and_do_not_stall_oth
         finally:
             for sock in readers:
                 sock.close()
-        print(f"\n20 real slow readers: a normal request meanwhile took {other:.2f} s; "
-              f"server RSS growth {growth:+.1f} MiB")
+        print(
+            f"\n20 real slow readers: a normal request meanwhile took {other:.2f} s; "
+            f"server RSS growth {growth:+.1f} MiB"
+        )
         assert growth < RSS_BOUND_MIB

@@ -4,6 +4,7 @@ Every step saves (evaluation interval 1), and each kill lands while a temporary 
 after a random number of saves and a random delay. After each kill the checkpoint and the resume state
 must load whole and never go back in time; the next start must delete the temporary files left behind.
 """
+
 import os
 import random
 import signal
@@ -11,8 +12,8 @@ import subprocess
 import time
 
 import pytest
-
 from helpers import REPO, TINY_TRAIN_ARGS, trainer_command, trainer_env
+
 from model import load_checkpoint
 from model.checkpoint import TMP_PREFIX, read_safetensors
 
@@ -57,8 +58,9 @@ def check_kills(corpus, out, rounds, seed=0):
     rng, last_model, last_state, leftovers = random.Random(seed), -1, -1, []
     for k in range(rounds):
         resume = ["--resume"] if k else []
-        stale, left = kill_during_a_save(trainer_command("--data", corpus, "--out", out, *ARGS,
-                                                         "--max-iters", FOREVER, *resume), out, rng)
+        stale, left = kill_during_a_save(
+            trainer_command("--data", corpus, "--out", out, *ARGS, "--max-iters", FOREVER, *resume), out, rng
+        )
         assert not stale & left, "the temporary files of the previous kill survived a restart"
         leftovers.append(len(left))
         _, _, meta = load_checkpoint(out)  # whole, whatever the moment of the kill
@@ -67,13 +69,20 @@ def check_kills(corpus, out, rounds, seed=0):
         assert meta["iter"] <= state["iter"] + 1  # a step's checkpoint is saved just before its resume state
         last_model, last_state = meta["iter"], state["iter"]
     # one more start, run to its end: it clears the last kill's leftovers and resumes cleanly
-    finish = subprocess.run(trainer_command("--data", corpus, "--out", out, *ARGS, "--max-iters", last_state + 2,
-                                            "--resume"), cwd=REPO, env=trainer_env(), capture_output=True,
-                            text=True, timeout=900)
+    finish = subprocess.run(
+        trainer_command("--data", corpus, "--out", out, *ARGS, "--max-iters", last_state + 2, "--resume"),
+        cwd=REPO,
+        env=trainer_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert finish.returncode == 0, finish.stderr[-3000:]
     assert temp_files(out) == set()
-    print(f"\n{rounds} kills during saves: temporary files left by {sum(n > 0 for n in leftovers)} of them, all "
-          f"removed by the next start; resume state reached iteration {last_state}")
+    print(
+        f"\n{rounds} kills during saves: temporary files left by {sum(n > 0 for n in leftovers)} of them, all "
+        f"removed by the next start; resume state reached iteration {last_state}"
+    )
     assert any(leftovers), "no kill landed inside a save, so this test proved nothing"
 
 

@@ -1,4 +1,5 @@
 """Fixtures for the service tests: tiny random-weight checkpoints (no trained model needed)."""
+
 import pytest
 from service_helpers import app_command, running_server, write_checkpoints
 

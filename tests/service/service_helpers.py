@@ -1,4 +1,5 @@
 """Helpers for the service tests: tiny checkpoints, SSE parsing, metrics, a real server."""
+
 import contextlib
 import json
 import os
@@ -34,8 +35,11 @@ def tiny_lstm(vocab_size, seed=0):
 def write_checkpoints(root):
     """Random-weight checkpoints, one directory each (the directory names the model)."""
     chars, raw = CharTokenizer.from_text(TEXT), ByteTokenizer()
-    made = {"tiny-gpt": (tiny_gpt(chars.vocab_size), chars), "tiny-lstm": (tiny_lstm(chars.vocab_size), chars),
-            "byte-gpt": (tiny_gpt(raw.vocab_size), raw)}
+    made = {
+        "tiny-gpt": (tiny_gpt(chars.vocab_size), chars),
+        "tiny-lstm": (tiny_lstm(chars.vocab_size), chars),
+        "byte-gpt": (tiny_gpt(raw.vocab_size), raw),
+    }
     for name, (model, tokenizer) in made.items():
         save_checkpoint(Path(root) / name / "model.safetensors", model, tokenizer, {})
     return {name: Path(root) / name for name in made}
@@ -96,9 +100,14 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-        self.log = open(log_path or os.devnull, "wb")
-        self.proc = subprocess.Popen([sys.executable, *command, "--port", str(self.port)],
-                                     cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.log = open(log_path or os.devnull, "wb")  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen(
+            [sys.executable, *command, "--port", str(self.port)],
+            cwd=REPO,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
 
     def wait_ready(self, timeout=90):
         def ready():
@@ -107,6 +116,7 @@ class Server:
                 return httpx.get(self.url + "/ready", timeout=2).status_code == 200
             except httpx.TransportError:
                 return False
+
         assert wait_until(ready, timeout, interval=0.2), "server not ready in time"
         return self
 

@@ -1,4 +1,5 @@
 """The HTTP API in-process: what each route sends, and how it refuses what it must refuse."""
+
 import asyncio
 import contextlib
 import hashlib
@@ -39,15 +40,18 @@ def serving(app):
 @contextlib.asynccontextmanager
 async def async_serving(app):
     """An AsyncClient whose requests can run concurrently; the lifespan loads and warms the models."""
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://quill") as c:
-            yield c
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://quill") as c,
+    ):
+        yield c
 
 
 async def until(predicate, timeout=30):
     async def poll():
         while not predicate():
             await asyncio.sleep(0.01)
+
     await asyncio.wait_for(poll(), timeout)
 
 
@@ -80,6 +84,7 @@ def assert_error(r, status, param=None):
 
 # -- POST /generate --
 
+
 def test_generate_streams_one_event_per_token_then_done(client, checkpoints):
     tokens, (name, done) = stream(client, prompt="Hello", max_new_tokens=12, seed=3)
     assert name == "done"
@@ -104,8 +109,9 @@ def test_generate_without_stream_returns_the_done_fields_as_one_object(client):
 
 
 def test_generate_with_accept_text_plain_streams_the_bare_text(client):
-    r = client.post("/generate", json={"prompt": "Hello", "max_new_tokens": 20, "seed": 4},
-                    headers={"Accept": "text/plain"})
+    r = client.post(
+        "/generate", json={"prompt": "Hello", "max_new_tokens": 20, "seed": 4}, headers={"Accept": "text/plain"}
+    )
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
     assert r.text == complete(client, prompt="Hello", max_new_tokens=20, seed=4)["text"] + "\n"
@@ -130,7 +136,7 @@ def test_generate_temperature_zero_ignores_the_seed(client):
 def test_generate_stop_string_ends_with_finish_reason_stop_and_is_never_sent(client):
     free = complete(client, prompt="Hello", max_new_tokens=40, temperature=0)["text"]
     stop = free[12:15]
-    expected = free[:free.index(stop)]
+    expected = free[: free.index(stop)]
     tokens, (_, done) = stream(client, prompt="Hello", max_new_tokens=40, temperature=0, stop=[stop])
     assert done["finish_reason"] == "stop"
     assert done["text"] == expected
@@ -162,8 +168,9 @@ def test_generate_chooses_the_model_by_name_and_defaults_to_the_first(client):
 def test_generate_with_a_byte_model_never_splits_a_character(client):
     # random weights emit random bytes: some form whole multi-byte characters, most are invalid
     for seed in range(20):
-        tokens, (_, done) = stream(client, prompt="héllo", max_new_tokens=300, temperature=1.0, seed=seed,
-                                   model="byte-gpt")
+        tokens, (_, done) = stream(
+            client, prompt="héllo", max_new_tokens=300, temperature=1.0, seed=seed, model="byte-gpt"
+        )
         sent = "".join(t["text"] for t in tokens)
         assert sent == done["text"] == bytes(t["id"] for t in tokens).decode("utf-8", errors="replace")
         if any(ord(c) > 127 and c != "\ufffd" for c in sent):
@@ -188,8 +195,9 @@ def test_generate_same_seed_same_text_when_requests_share_a_batch(checkpoints):
             return alone, [r.json()["text"] for r, s in zip(rs, seeds) if s == 5], metrics
 
     alone, batched, metrics = asyncio.run(run())
-    assert metric(metrics, "quill_batch_size_bucket", le="1.0") < metric(metrics, "quill_batch_size_count"), \
+    assert metric(metrics, "quill_batch_size_bucket", le="1.0") < metric(metrics, "quill_batch_size_count"), (
         "no step ever ran more than one request, so this test proved nothing"
+    )
     assert batched == [alone] * 3
 
 
@@ -282,8 +290,9 @@ BAD_COMPLETIONS = [
     ('{"prompt": "Hi", "repetition_penalty": -1}', "repetition_penalty"),
 ]
 
-BAD_BODIES = [("/generate", body, param) for body, param in BAD_GENERATE] + \
-             [("/v1/completions", body, param) for body, param in BAD_COMPLETIONS]
+BAD_BODIES = [("/generate", body, param) for body, param in BAD_GENERATE] + [
+    ("/v1/completions", body, param) for body, param in BAD_COMPLETIONS
+]
 
 
 @pytest.mark.parametrize("route, body, param", BAD_BODIES, ids=[f"{r} {b[:60]}" for r, b, _ in BAD_BODIES])
@@ -295,6 +304,7 @@ def test_bad_parameter_gives_422_in_the_error_shape_naming_the_field(client, rou
 @pytest.mark.parametrize("route, length", [("/generate", "max_new_tokens"), ("/v1/completions", "max_tokens")])
 def test_every_sampling_field_of_the_body_reaches_the_sampler_whole(client, monkeypatch, route, length):
     from model import engine as engine_module
+
     seen = []
 
     def recording(logits, generator, params, seen_ids=None):
@@ -302,14 +312,30 @@ def test_every_sampling_field_of_the_body_reaches_the_sampler_whole(client, monk
         return 0
 
     monkeypatch.setattr(engine_module, "sample_next_token", recording)
-    body = {"prompt": "Hi", length: 3, "temperature": 0.7, "top_p": 0.9, "min_p": 0.2, "repetition_penalty": 1.5,
-            "seed": 11, "stop": ["zz"], "stream": False}
+    body = {
+        "prompt": "Hi",
+        length: 3,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "min_p": 0.2,
+        "repetition_penalty": 1.5,
+        "seed": 11,
+        "stop": ["zz"],
+        "stream": False,
+    }
     assert client.post(route, json=body).status_code == 200
     params = {p for p, _ in seen}
     assert len(seen) == 3 and len(params) == 1
     p = params.pop()
-    assert (p.max_new_tokens, p.temperature, p.top_p, p.min_p, p.repetition_penalty, p.seed, p.stop) == \
-        (3, 0.7, 0.9, 0.2, 1.5, 11, ("zz",))
+    assert (p.max_new_tokens, p.temperature, p.top_p, p.min_p, p.repetition_penalty, p.seed, p.stop) == (
+        3,
+        0.7,
+        0.9,
+        0.2,
+        1.5,
+        11,
+        ("zz",),
+    )
     prompt_ids = sorted(set(client.app.state.service.get(None).tokenizer.encode("Hi")))
     assert seen[0][1] == prompt_ids  # the prompt counts as seen by the repetition penalty
 
@@ -327,8 +353,10 @@ def post_as(client, route, body, content_type, origin=None):
     return client.post(route, content=body, headers=headers)
 
 
-THREE_TOKENS = {"/generate": '{"prompt": "Hi", "max_new_tokens": 3, "stream": false}',
-                "/v1/completions": '{"prompt": "Hi", "max_tokens": 3}'}
+THREE_TOKENS = {
+    "/generate": '{"prompt": "Hi", "max_new_tokens": 3, "stream": false}',
+    "/v1/completions": '{"prompt": "Hi", "max_tokens": 3}',
+}
 
 
 @pytest.mark.parametrize("content_type", NOT_JSON_TYPES)
@@ -340,9 +368,18 @@ def test_json_object_body_is_read_whatever_its_declared_content_type(client, rou
 
 
 @pytest.mark.parametrize("content_type", ["application/json", FORM])
-@pytest.mark.parametrize("body, kind", [("not json", "not valid JSON"), ("prompt=Hi", "not valid JSON"),
-                                        ("[]", "an array"), ('[{"prompt": "Hi"}]', "an array"),
-                                        ('"prompt"', "a string"), ("", "empty"), ('{"prompt": "Hi",}', "not valid")])
+@pytest.mark.parametrize(
+    "body, kind",
+    [
+        ("not json", "not valid JSON"),
+        ("prompt=Hi", "not valid JSON"),
+        ("[]", "an array"),
+        ('[{"prompt": "Hi"}]', "an array"),
+        ('"prompt"', "a string"),
+        ("", "empty"),
+        ('{"prompt": "Hi",}', "not valid"),
+    ],
+)
 def test_body_that_is_not_a_json_object_gives_422_saying_what_to_send(client, body, kind, content_type):
     error = assert_error(post_as(client, "/generate", body, content_type), 422)
     assert error["message"].startswith("the body must be a JSON object (")
@@ -353,8 +390,9 @@ def test_body_that_is_not_a_json_object_gives_422_saying_what_to_send(client, bo
 @pytest.mark.parametrize("content_type", NOT_JSON_TYPES)
 @pytest.mark.parametrize("origin", ["https://evil.example", "null", "http://testserver.evil.example"])
 @pytest.mark.parametrize("route", ["/generate", "/v1/completions"])
-def test_non_json_body_from_a_cross_site_origin_is_refused_with_403_and_generates_nothing(client, route, origin,
-                                                                                           content_type):
+def test_non_json_body_from_a_cross_site_origin_is_refused_with_403_and_generates_nothing(
+    client, route, origin, content_type
+):
     tokens = metric(client.get("/metrics").text, "quill_tokens_generated_total", model="tiny-gpt") or 0
     error = assert_error(post_as(client, route, THREE_TOKENS[route], content_type, origin), 403)
     assert "cross-site" in error["message"] and "Content-Type: application/json" in error["message"]
@@ -364,8 +402,7 @@ def test_non_json_body_from_a_cross_site_origin_is_refused_with_403_and_generate
 
 @pytest.mark.parametrize("content_type", NOT_JSON_TYPES)
 @pytest.mark.parametrize("origin", ["http://testserver", "https://ok.example"], ids=["same origin", "cors origin"])
-def test_non_json_body_from_the_servers_own_origin_or_an_allowed_cors_origin_is_read(checkpoints, origin,
-                                                                                      content_type):
+def test_non_json_body_from_the_servers_own_origin_or_an_allowed_cors_origin_is_read(checkpoints, origin, content_type):
     with serving(create_app(settings(checkpoints, ["tiny-gpt"], cors_origins=["https://ok.example"]))) as c:
         r = post_as(c, "/generate", THREE_TOKENS["/generate"], content_type, origin)
         assert r.status_code == 200, r.text
@@ -416,6 +453,7 @@ def test_wrong_method_gives_405_in_the_error_shape(client):
 
 
 # -- operations --
+
 
 def test_health_says_ok(client):
     r = client.get("/health")
@@ -474,6 +512,7 @@ def test_metrics_count_requests_by_route_and_status_and_every_token(client):
 
 # -- OpenAI-compatible --
 
+
 def test_v1_models_lists_every_served_model(client):
     r = client.get("/v1/models")
     assert r.status_code == 200
@@ -489,8 +528,10 @@ def test_v1_completions_returns_a_text_completion(client):
     body = r.json()
     assert body["object"] == "text_completion" and body["model"] == "tiny-lstm"
     assert body["choices"][0]["finish_reason"] == "length"
-    assert body["choices"][0]["text"] == complete(client, prompt="Hello", max_new_tokens=9, seed=2,
-                                                  model="tiny-lstm", temperature=1.0)["text"]
+    assert (
+        body["choices"][0]["text"]
+        == complete(client, prompt="Hello", max_new_tokens=9, seed=2, model="tiny-lstm", temperature=1.0)["text"]
+    )
     assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}
 
 
@@ -521,10 +562,11 @@ def test_v1_completions_stop_accepts_one_string_and_is_never_sent(client):
     stop = text[10:12]
     r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 40, "temperature": 0, "stop": stop})
     choice = r.json()["choices"][0]
-    assert (choice["finish_reason"], choice["text"]) == ("stop", text[:text.index(stop)])
+    assert (choice["finish_reason"], choice["text"]) == ("stop", text[: text.index(stop)])
 
 
 # -- API key and CORS --
+
 
 def route_requests(app):
     """One well-formed request per route of the app, so that a new route cannot escape these tests."""
@@ -559,8 +601,9 @@ def test_api_key_when_set_is_required_on_every_route_but_health_ready_and_the_pl
 
 
 def test_cors_is_closed_by_default(client):
-    preflight = client.options("/generate", headers={"Origin": "https://example.com",
-                                                     "Access-Control-Request-Method": "POST"})
+    preflight = client.options(
+        "/generate", headers={"Origin": "https://example.com", "Access-Control-Request-Method": "POST"}
+    )
     assert "access-control-allow-origin" not in preflight.headers
     r = client.get("/health", headers={"Origin": "https://example.com"})
     assert "access-control-allow-origin" not in r.headers
@@ -569,13 +612,21 @@ def test_cors_is_closed_by_default(client):
 def test_cors_is_open_to_the_configured_origins_only(checkpoints):
     app = create_app(settings(checkpoints, ["tiny-gpt"], cors_origins=["https://ok.example"]))
     with serving(app) as c:
-        preflight = c.options("/generate", headers={"Origin": "https://ok.example",
-                                                    "Access-Control-Request-Method": "POST",
-                                                    "Access-Control-Request-Headers": "content-type"})
+        preflight = c.options(
+            "/generate",
+            headers={
+                "Origin": "https://ok.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type",
+            },
+        )
         assert preflight.status_code == 200
         assert preflight.headers["access-control-allow-origin"] == "https://ok.example"
-        r = c.post("/generate", json={"prompt": "Hi", "max_new_tokens": 2, "stream": False},
-                   headers={"Origin": "https://ok.example"})
+        r = c.post(
+            "/generate",
+            json={"prompt": "Hi", "max_new_tokens": 2, "stream": False},
+            headers={"Origin": "https://ok.example"},
+        )
         assert r.headers["access-control-allow-origin"] == "https://ok.example"
         other = c.get("/health", headers={"Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
@@ -584,13 +635,19 @@ def test_cors_is_open_to_the_configured_origins_only(checkpoints):
 def test_cors_preflight_needs_no_api_key(checkpoints):
     app = create_app(settings(checkpoints, ["tiny-gpt"], api_key="s3cret", cors_origins=["https://ok.example"]))
     with serving(app) as c:
-        preflight = c.options("/generate", headers={"Origin": "https://ok.example",
-                                                    "Access-Control-Request-Method": "POST",
-                                                    "Access-Control-Request-Headers": "authorization"})
+        preflight = c.options(
+            "/generate",
+            headers={
+                "Origin": "https://ok.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization",
+            },
+        )
         assert preflight.status_code == 200
 
 
 # -- admission --
+
 
 def test_request_beyond_running_and_queued_limits_gets_429_with_retry_after_at_once(checkpoints):
     app = create_app(settings(checkpoints, ["tiny-gpt"], max_running=1, max_queued=0))

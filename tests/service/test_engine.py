@@ -1,4 +1,5 @@
 """The engine, specified against the naive GPT.generate / LSTM.generate and against itself."""
+
 import threading
 
 import pytest
@@ -26,7 +27,7 @@ MODELS = pytest.mark.parametrize("make", [gpt64, lstm64], ids=["gpt", "lstm"])
 
 def naive(model, prompt, n, seed, temperature=1.0):
     torch.manual_seed(seed)  # GPT.generate samples from the global generator
-    return model.generate(torch.tensor([prompt]), n, temperature=temperature)[0, len(prompt):].tolist()
+    return model.generate(torch.tensor([prompt]), n, temperature=temperature)[0, len(prompt) :].tolist()
 
 
 def greedy(model, prompt, n):
@@ -35,7 +36,7 @@ def greedy(model, prompt, n):
     for _ in range(n):
         logits, _ = model(torch.tensor([ids[-CONTEXT:]]))
         ids.append(int(logits[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 class Recorder:
@@ -75,8 +76,11 @@ def test_engine_tokens_equal_naive_generate_for_the_same_seed(make, temperature)
     assert Engine(model, max_batch=4).generate(PROMPT, n, seed=7, temperature=temperature) == expected
 
 
-@pytest.mark.parametrize("make, layer, width", [(gpt64, Block, 32), (gpt64, MultiHeadCausalSelfAttention, 32),
-                                                 (lstm64, LSTM, VOCAB)], ids=["gpt-block", "gpt-attention", "lstm"])
+@pytest.mark.parametrize(
+    "make, layer, width",
+    [(gpt64, Block, 32), (gpt64, MultiHeadCausalSelfAttention, 32), (lstm64, LSTM, VOCAB)],
+    ids=["gpt-block", "gpt-attention", "lstm"],
+)
 def test_engine_runs_the_models_own_forward_so_a_changed_layer_changes_its_tokens(monkeypatch, make, layer, width):
     """The engine holds no copy of any layer's arithmetic: it follows an edit to the layer's forward."""
     model = make()
@@ -111,7 +115,7 @@ def sliding_greedy(model, prompt, n):
             start = len(ids) - (CONTEXT // 2 + 1)
         logits, _ = model(torch.tensor([ids[start:]]))
         ids.append(int(logits[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 @pytest.mark.parametrize("prompt_length", [4, 3 * CONTEXT])
@@ -142,8 +146,9 @@ def test_engine_temperature_zero_is_argmax_whatever_the_seed(make):
 @pytest.mark.parametrize("sampling", [dict(top_k=1), dict(top_p=1e-9)], ids=["top_k=1", "tiny top_p"])
 def test_engine_keeping_only_the_best_token_equals_greedy(sampling):
     engine = Engine(gpt64())
-    assert engine.generate(PROMPT, 20, seed=3, temperature=1.0, **sampling) == \
-        engine.generate(PROMPT, 20, temperature=0.0)
+    assert engine.generate(PROMPT, 20, seed=3, temperature=1.0, **sampling) == engine.generate(
+        PROMPT, 20, temperature=0.0
+    )
 
 
 @pytest.mark.parametrize("n", [1, 2, 17])
@@ -287,6 +292,7 @@ def test_engine_refuses_an_empty_prompt():
     with pytest.raises(ValueError):
         Engine(gpt64()).submit(request([], 5))
 
+
 def test_engine_request_at_a_vanishing_temperature_is_greedy_and_harms_no_one_in_its_batch():
     model = gpt64()
     engine = Engine(model)
@@ -303,13 +309,14 @@ def test_engine_request_at_a_vanishing_temperature_is_greedy_and_harms_no_one_in
 @MODELS
 def test_engine_repetition_penalty_counts_the_prompt_and_every_generated_token_as_seen(make):
     from model.sampling import penalize
+
     model = make()
     ids = list(PROMPT)
     for _ in range(20):  # the reference: greedy over full forwards, penalizing everything seen so far
         logits, _ = model(torch.tensor([ids[-CONTEXT:]]))
         ids.append(int(penalize(logits[0, -1], torch.tensor(ids), 3.0).argmax()))
     out = Engine(model).generate(PROMPT, 20, temperature=0.0, repetition_penalty=3.0)
-    assert out == ids[len(PROMPT):]
+    assert out == ids[len(PROMPT) :]
     assert out != Engine(model).generate(PROMPT, 20, temperature=0.0)  # the penalty changed something
 
 

@@ -1,4 +1,5 @@
 """`python -m app.healthcheck`, the container HEALTHCHECK: 0 when /ready says 200, else 1."""
+
 import os
 import subprocess
 import sys
@@ -11,8 +12,9 @@ pytestmark = [pytest.mark.server]
 
 def healthcheck(port):
     env = {**os.environ, "PYTHONPATH": str(REPO), "QUILL_PORT": str(port)}
-    return subprocess.run([sys.executable, "-m", "app.healthcheck"], env=env, capture_output=True, text=True,
-                          timeout=30)
+    return subprocess.run(
+        [sys.executable, "-m", "app.healthcheck"], env=env, capture_output=True, text=True, timeout=30
+    )
 
 
 def test_healthcheck_passes_when_the_server_is_ready(server):

@@ -1,4 +1,5 @@
 """The official `openai` client, pointed at a running server, reads it as it reads OpenAI."""
+
 import openai
 import pytest
 
@@ -24,8 +25,11 @@ def test_openai_client_completes_without_streaming(client):
 
 def test_openai_client_streams_the_same_text_and_then_the_usage(client):
     expected = client.completions.create(model="tiny-gpt", prompt="Hello", max_tokens=12, seed=4).choices[0].text
-    chunks = list(client.completions.create(model="tiny-gpt", prompt="Hello", max_tokens=12, seed=4, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model="tiny-gpt", prompt="Hello", max_tokens=12, seed=4, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
@@ -34,9 +38,10 @@ def test_openai_client_streams_the_same_text_and_then_the_usage(client):
 def test_openai_client_stops_at_a_stop_string(client):
     text = client.completions.create(model="tiny-gpt", prompt="Hello", max_tokens=30, temperature=0).choices[0].text
     stop = text[8:10]
-    choice = client.completions.create(model="tiny-gpt", prompt="Hello", max_tokens=30, temperature=0,
-                                       stop=[stop]).choices[0]
-    assert (choice.finish_reason, choice.text) == ("stop", text[:text.index(stop)])
+    choice = client.completions.create(
+        model="tiny-gpt", prompt="Hello", max_tokens=30, temperature=0, stop=[stop]
+    ).choices[0]
+    assert (choice.finish_reason, choice.text) == ("stop", text[: text.index(stop)])
 
 
 def test_openai_client_raises_its_own_errors_for_ours(client):

@@ -1,4 +1,5 @@
 """The playground's page and assets as HTTP resources (in-process; the browser test drives the page)."""
+
 import re
 
 import pytest

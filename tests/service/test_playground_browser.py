@@ -1,5 +1,6 @@
 """The playground page in real headless Chromium (Debian's package, driven by playwright)
 against a real server: it streams, stops, and says what went wrong."""
+
 import shutil
 
 import httpx
@@ -11,14 +12,25 @@ pytestmark = [pytest.mark.browser, pytest.mark.server, pytest.mark.slow]
 # Skipped as a module, so that the reason is one line (`make test` installs chromium where it can: root, apt-get)
 CHROMIUM = shutil.which("chromium")  # Debian's package
 if not CHROMIUM:
-    pytest.skip("browser tests skipped: chromium not found; run `sudo apt-get install chromium` or "
-                "`sudo make test-deps`", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api",
-                               reason="browser tests skipped: playwright not found; run `make install`")
+    pytest.skip(
+        "browser tests skipped: chromium not found; run `sudo apt-get install chromium` or `sudo make test-deps`",
+        allow_module_level=True,
+    )
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="browser tests skipped: playwright not found; run `make install`"
+)
 
 # No sandbox: we run as root in a container; the rest keeps Chromium off the network and quiet.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 LONG = 2048  # the most a request may ask for: far longer than any check below takes
 WAIT_MS = 30_000
 
@@ -94,14 +106,31 @@ def test_text_grows_as_tokens_arrive_and_stop_cancels_the_generation_on_the_serv
 def test_finished_generation_shows_the_same_text_as_the_api_and_the_final_stats(page, server):
     page.fill("#prompt", "To be")
     page.select_option("#model", "tiny-lstm")
-    for field, value in {"#temperature": "0.9", "#max_new_tokens": "40", "#top_k": "20", "#top_p": "0.95",
-                         "#min_p": "0.05", "#repetition_penalty": "1.3", "#seed": "7"}.items():
+    for field, value in {
+        "#temperature": "0.9",
+        "#max_new_tokens": "40",
+        "#top_k": "20",
+        "#top_p": "0.95",
+        "#min_p": "0.05",
+        "#repetition_penalty": "1.3",
+        "#seed": "7",
+    }.items():
         page.fill(field, value)
     page.click("#generate")
     page.wait_for_selector("#stats", state="visible")
 
-    body = {"prompt": "To be", "model": "tiny-lstm", "temperature": 0.9, "max_new_tokens": 40, "top_k": 20,
-            "top_p": 0.95, "min_p": 0.05, "repetition_penalty": 1.3, "seed": 7, "stream": False}
+    body = {
+        "prompt": "To be",
+        "model": "tiny-lstm",
+        "temperature": 0.9,
+        "max_new_tokens": 40,
+        "top_k": 20,
+        "top_p": 0.95,
+        "min_p": 0.05,
+        "repetition_penalty": 1.3,
+        "seed": 7,
+        "stream": False,
+    }
     expected = httpx.post(server.url + "/generate", json=body, timeout=30).json()
     assert page.text_content("#output") == expected["text"]
     assert page.text_content("#echo") == "To be"
@@ -113,10 +142,13 @@ def test_finished_generation_shows_the_same_text_as_the_api_and_the_final_stats(
     assert page.is_hidden("#error")
 
 
-@pytest.mark.parametrize("field, value, words", [
-    ("#temperature", "99", "temperature: Input should be less than or equal to 5"),
-    ("#top_p", "0", "top_p: Input should be greater than 0"),
-])
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("#temperature", "99", "temperature: Input should be less than or equal to 5"),
+        ("#top_p", "0", "top_p: Input should be greater than 0"),
+    ],
+)
 def test_invalid_value_is_sent_and_the_servers_422_message_is_shown(page, field, value, words):
     page.fill(field, value)
     page.click("#generate")
@@ -129,9 +161,13 @@ def test_invalid_value_is_sent_and_the_servers_422_message_is_shown(page, field,
 def test_server_at_capacity_shows_the_429_message_in_words(page, server):
     # the server admits 4 running + 2 queued per model; hold them all
     with httpx.Client(timeout=60) as client:
-        held = [client.send(client.build_request("POST", server.url + "/generate",
-                                                 json={"prompt": "Hi", "max_new_tokens": LONG}), stream=True)
-                for _ in range(6)]
+        held = [
+            client.send(
+                client.build_request("POST", server.url + "/generate", json={"prompt": "Hi", "max_new_tokens": LONG}),
+                stream=True,
+            )
+            for _ in range(6)
+        ]
         try:
             assert all(r.status_code == 200 for r in held)
             page.click("#generate")
@@ -169,8 +205,7 @@ def test_new_request_clears_the_previous_result_so_an_error_is_never_shown_under
     assert page.is_hidden("#stats")
 
 
-def test_with_an_api_key_the_page_opens_without_it_and_the_key_field_unlocks_the_api(browser, checkpoints,
-                                                                                     tmp_path):
+def test_with_an_api_key_the_page_opens_without_it_and_the_key_field_unlocks_the_api(browser, checkpoints, tmp_path):
     env = {"QUILL_API_KEY": "s3cret"}
     with running_server(app_command([checkpoints["tiny-gpt"]]), env, tmp_path / "server.log") as server:
         page = open_page(browser, server.url)

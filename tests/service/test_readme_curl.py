@@ -1,5 +1,6 @@
 """Every `curl` command in README.md, run as printed by the real curl binary against a real server
 serving the bundled models (what `make serve` serves): a README example that breaks fails here."""
+
 import json
 import re
 import shlex
@@ -59,8 +60,12 @@ def test_readme_curl_command_works_as_printed(bundled_server, words, tmp_path):
     assert url, f"no README address ({', '.join(README_ADDRESSES)}) in {shlex.join(words)}"
     out = tmp_path / "reply"
     # -o and -w only say where the reply goes and what to print about it: the request is the README's
-    done = subprocess.run([CURL, *args, "-sS", "--max-time", "120", "-o", str(out),
-                           "-w", "%{http_code} %{content_type}"], capture_output=True, text=True, timeout=150)
+    done = subprocess.run(
+        [CURL, *args, "-sS", "--max-time", "120", "-o", str(out), "-w", "%{http_code} %{content_type}"],
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
     assert done.returncode == 0, done.stderr
     status, _, content_type = done.stdout.partition(" ")
     reply = out.read_text()
@@ -71,7 +76,9 @@ def test_readme_curl_command_works_as_printed(bundled_server, words, tmp_path):
     if "Accept: text/plain" in values(words, "-H", "--header"):
         assert content_type.startswith("text/plain")
         assert reply.strip() and not reply.startswith(("{", "event:"))
-    elif data and body.get("stream", url.endswith("/generate")):  # /generate streams unless told not to; /v1 the reverse
+    elif data and body.get(
+        "stream", url.endswith("/generate")
+    ):  # /generate streams unless told not to; /v1 the reverse
         assert content_type.startswith("text/event-stream")
         events = parse_sse(reply)
         names = [name for name, _ in events]

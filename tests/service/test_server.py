@@ -1,4 +1,5 @@
 """A real `python -m app` over the network: streaming, disconnects, overload, SIGTERM."""
+
 import signal
 import time
 
@@ -46,8 +47,9 @@ def open_stream(client, url, **body):
 
 
 def test_stream_arrives_over_the_network_as_events(server):
-    with httpx.stream("POST", server.url + "/generate", json={"prompt": "Hello", "max_new_tokens": 40, "seed": 1},
-                      timeout=60) as r:
+    with httpx.stream(
+        "POST", server.url + "/generate", json={"prompt": "Hello", "max_new_tokens": 40, "seed": 1}, timeout=60
+    ) as r:
         assert r.status_code == 200
         events = Events(r).rest()
     names = [name for name, _ in events]
@@ -94,8 +96,10 @@ def test_overload_gets_429_at_once_and_admitted_streams_complete(server):
                 assert r.headers["Retry-After"]
                 assert time.monotonic() - started < 2
             # the other model has its own limits
-            other = client.post(server.url + "/generate",
-                                json={"prompt": "Hi", "max_new_tokens": 5, "model": "tiny-lstm", "stream": False})
+            other = client.post(
+                server.url + "/generate",
+                json={"prompt": "Hi", "max_new_tokens": 5, "model": "tiny-lstm", "stream": False},
+            )
             assert other.status_code == 200
             for response in admitted:
                 events = Events(response).rest()
@@ -109,8 +113,10 @@ def test_overload_gets_429_at_once_and_admitted_streams_complete(server):
 def test_sigterm_drains_streams_in_flight_then_exits_zero(checkpoints, tmp_path):
     drain_timeout = 2.0
     env = {"QUILL_DRAIN_TIMEOUT": str(drain_timeout)}
-    with running_server(app_command([checkpoints["tiny-gpt"]]), env, tmp_path / "server.log") as server, \
-            httpx.Client(timeout=60) as client:
+    with (
+        running_server(app_command([checkpoints["tiny-gpt"]]), env, tmp_path / "server.log") as server,
+        httpx.Client(timeout=60) as client,
+    ):
         long = Events(open_stream(client, server.url, prompt="Hi", max_new_tokens=LONG))
         short = Events(open_stream(client, server.url, prompt="Hi", max_new_tokens=200))
         assert long.tokens(1) and short.tokens(1)
@@ -136,8 +142,10 @@ def test_sigterm_drains_streams_in_flight_then_exits_zero(checkpoints, tmp_path)
 
 def test_ctrl_c_during_the_drain_stops_at_once(checkpoints, tmp_path):
     env = {"QUILL_DRAIN_TIMEOUT": "60"}
-    with running_server(app_command([checkpoints["tiny-gpt"]]), env, tmp_path / "server.log") as server, \
-            httpx.Client(timeout=60) as client:
+    with (
+        running_server(app_command([checkpoints["tiny-gpt"]]), env, tmp_path / "server.log") as server,
+        httpx.Client(timeout=60) as client,
+    ):
         stream = Events(open_stream(client, server.url, prompt="Hi", max_new_tokens=LONG))
         assert stream.tokens(1)
         server.terminate()

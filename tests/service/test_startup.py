@@ -1,5 +1,6 @@
 """`python -m app` start-up: each way it can fail is one or two lines and a non-zero exit, before any model
 loads where it can be; `--checkpoint` takes several paths; `--help` says how to add your own run."""
+
 import os
 import signal
 import socket
@@ -23,8 +24,9 @@ def start(*args, env=None):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
     if "--port" not in args:
         args = (*args, "--port", str(free_port()))
-    return subprocess.run([sys.executable, "-m", "app", *map(str, args)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "app", *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def assert_short_failure(proc):
@@ -62,16 +64,26 @@ def test_a_port_in_use_fails_in_one_line_before_any_model_loads(checkpoints):
     assert LOADING not in err and "serving" not in err  # decided before the models, not after
 
 
-@pytest.mark.parametrize("args, env, named", [((), {"QUILL_MAX_RUNNING": "0"}, "max_running"),
-                                               (("--device", "banana"), {}, "banana")], ids=["limit", "device"])
+@pytest.mark.parametrize(
+    "args, env, named",
+    [((), {"QUILL_MAX_RUNNING": "0"}, "max_running"), (("--device", "banana"), {}, "banana")],
+    ids=["limit", "device"],
+)
 def test_a_bad_setting_fails_in_one_line_naming_it(checkpoints, args, env, named):
     err = assert_short_failure(start("--checkpoint", checkpoints["tiny-gpt"], *args, env=env))
     assert named in err and LOADING not in err
 
 
 def test_checkpoint_takes_several_paths_and_may_be_repeated(checkpoints, tmp_path):
-    command = ["-m", "app", "--checkpoint", str(checkpoints["tiny-gpt"]), str(checkpoints["tiny-lstm"]),
-               "--checkpoint", str(checkpoints["byte-gpt"])]
+    command = [
+        "-m",
+        "app",
+        "--checkpoint",
+        str(checkpoints["tiny-gpt"]),
+        str(checkpoints["tiny-lstm"]),
+        "--checkpoint",
+        str(checkpoints["byte-gpt"]),
+    ]
     with running_server(command, log_path=tmp_path / "server.log") as server:
         models = httpx.get(server.url + "/v1/models", timeout=10).json()["data"]
     assert [m["id"] for m in models] == ["tiny-gpt", "tiny-lstm", "byte-gpt"]
@@ -100,8 +112,13 @@ runpy.run_module("app", run_name="__main__", alter_sys=True)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_stop_while_the_models_load_is_one_line_not_a_traceback(checkpoints, sig):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", ENDLESS_LOAD, "--checkpoint", str(checkpoints["tiny-gpt"]),
-                             "--port", str(free_port())], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ENDLESS_LOAD, "--checkpoint", str(checkpoints["tiny-gpt"]), "--port", str(free_port())],
+        cwd=REPO,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert any(LOADING in line for line in proc.stderr)  # read up to the line that says the load has begun
         proc.send_signal(sig)

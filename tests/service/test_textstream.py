@@ -1,4 +1,5 @@
 """TextStream: token ids to text that is safe to send (whole characters, never a stop string)."""
+
 import pytest
 
 from app.textstream import TextStream
