@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.gpt import GPT, KVCache
-from model.sampling import SamplingParams, sample_next_token
+from model.sampling import Sampler, SamplingParams
 
 
 class GPTCache:
@@ -124,6 +124,7 @@ class Request:
     generated: int = 0
     submitted_at: float = field(default_factory=time.perf_counter)
     started_at: float = None
+    sampler: Sampler = None  # made when admitted: the seeded generator and the ids seen
 
     @property
     def max_new_tokens(self):
@@ -234,7 +235,7 @@ class Engine:
                 self._emit(req, Finished("cancelled"))
                 continue
             req.started_at = self.clock()
-            req.generator = torch.Generator().manual_seed(req.params.seed)
+            req.sampler = Sampler(req.params, req.prompt)
             req.tokens = list(req.prompt)
             slot = len(self.active)
             # active before it leaves the queue: counts() may see it twice, never zero times
@@ -260,10 +261,7 @@ class Engine:
         self._leave()
 
     def _sample(self, req, logits):
-        seen = None
-        if req.params.repetition_penalty != 1.0:  # the prompt counts as seen, as in CTRL and transformers
-            seen = torch.tensor(req.tokens, device=logits.device)
-        token = sample_next_token(logits, req.generator, req.params, seen)
+        token = req.sampler(logits)
         req.tokens.append(token)
         req.generated += 1
         self._emit(req, Token(token, last=req.generated == req.max_new_tokens))

@@ -1,8 +1,8 @@
 """How a request wants its tokens chosen (SamplingParams) and the sampler that reads it.
 
 The request bodies convert themselves into a SamplingParams once; the object travels whole
-through the engine to `sample_next_token`, so a new sampling knob is added here, in the
-protocol and in the playground, and nowhere else.
+through the engine to the request's Sampler, so a new sampling knob is added here, in the
+protocol and in the playground, and nowhere else (the engine only calls `req.sampler(logits)`).
 """
 
 from dataclasses import dataclass
@@ -32,13 +32,12 @@ class SamplingParams:
 
 
 def penalize(logits, seen, penalty):
-    """(V,) logits with each token id in `seen` (prompt and generated so far) made less likely."""
-    picked = logits[seen]
-    return logits.scatter(0, seen, torch.where(picked > 0, picked / penalty, picked * penalty))
+    """(V,) logits with each token marked in `seen` ((V,) bool: prompt and output so far) made less likely."""
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 def sample_next_token(logits, generator, params=SamplingParams(), seen=None):
-    """One token from (V,) logits. `seen`: a LongTensor of the ids the request has seen, needed
+    """One token from (V,) logits. `seen`: a (V,) bool mask of the ids the request has seen, needed
     only when params.repetition_penalty != 1."""
     if params.repetition_penalty != 1.0:
         logits = penalize(logits, seen, params.repetition_penalty)
@@ -63,3 +62,24 @@ def sample_next_token(logits, generator, params=SamplingParams(), seen=None):
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     # (1, V) consumes the generator exactly as GPT.generate's batched call does for one row
     return int(torch.multinomial(probs.unsqueeze(0), 1, generator=generator))
+
+
+class Sampler:
+    """One request's sampling state: its generator, seeded from params.seed, and when the repetition
+    penalty is on, a (V,) mask of the ids it has seen, updated per token (O(V) a step, not O(length))."""
+
+    def __init__(self, params, prompt):
+        self.params, self.prompt = params, prompt
+        self.generator = self.seen = None
+
+    def __call__(self, logits):
+        """The next token id from this request's (V,) logits."""
+        if self.generator is None:  # made on the logits' device, which is known only now
+            self.generator = torch.Generator(logits.device).manual_seed(self.params.seed)
+            if self.params.repetition_penalty != 1.0:  # the prompt counts as seen, as in CTRL and transformers
+                self.seen = torch.zeros(logits.size(-1), dtype=torch.bool, device=logits.device)
+                self.seen[torch.tensor(self.prompt, dtype=torch.long, device=logits.device)] = True
+        token = sample_next_token(logits, self.generator, self.params, self.seen)
+        if self.seen is not None:
+            self.seen[token] = True
+        return token

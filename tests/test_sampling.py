@@ -1,9 +1,16 @@
-"""The sampler: SamplingParams in, one token id out."""
+"""The sampler: SamplingParams in, one token id out; and a request's Sampler, which keeps its state."""
 
 import pytest
 import torch
 
-from model.sampling import SamplingParams, sample_next_token
+from model.sampling import Sampler, SamplingParams, penalize, sample_next_token
+
+
+def mask(ids, size):
+    """(size,) bool, True at each id in `ids`: the form in which the sampler takes the ids seen."""
+    seen = torch.zeros(size, dtype=torch.bool)
+    seen[torch.tensor(ids, dtype=torch.long)] = True
+    return seen
 
 
 def sample(logits, generator, seen=None, **params):
@@ -85,16 +92,36 @@ def test_min_p_zero_and_no_repetition_penalty_draw_exactly_as_before():
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens_only():
-    from model.sampling import penalize
-
     logits = torch.tensor([2.0, -1.0, 3.0, -0.5])
-    out = penalize(logits, torch.tensor([0, 1, 1]), 2.0)  # a token seen twice is penalized once
-    assert out.tolist() == [1.0, -2.0, 3.0, -0.5]
+    assert penalize(logits, mask([0, 1], 4), 2.0).tolist() == [1.0, -2.0, 3.0, -0.5]
+
+
+def test_repetition_penalty_lowers_a_seen_tokens_probability_and_keeps_the_unseen_tokens_order():
+    logits = torch.randn(30, generator=torch.Generator().manual_seed(5))
+    seen = mask([3, 17], 30)
+    before, after = logits.softmax(-1), penalize(logits, seen, 1.8).softmax(-1)
+    assert (after[seen] < before[seen]).all()
+    assert torch.equal(after[~seen].argsort(), before[~seen].argsort())
 
 
 def test_repetition_penalty_turns_greedy_away_from_a_seen_token():
     logits = torch.tensor([3.0, 2.0, 0.5])
     g = torch.Generator().manual_seed(0)
     assert sample(logits, g, temperature=0) == 0
-    assert sample(logits, g, torch.tensor([0]), temperature=0, repetition_penalty=2.0) == 1
-    assert sample(logits, g, torch.tensor([1]), temperature=0, repetition_penalty=2.0) == 0
+    assert sample(logits, g, mask([0], 3), temperature=0, repetition_penalty=2.0) == 1
+    assert sample(logits, g, mask([1], 3), temperature=0, repetition_penalty=2.0) == 0
+
+
+def test_sampler_counts_the_prompt_and_then_each_token_it_drew_as_seen():
+    logits = torch.tensor([3.0, 2.9, 2.8, 2.7])  # halved, any of the first three falls below the rest
+    sampler = Sampler(SamplingParams(temperature=0, repetition_penalty=2.0), prompt=[0, 0])
+    assert [sampler(logits) for _ in range(3)] == [1, 2, 3]  # 0 from the prompt, then its own draws
+    assert sampler.seen.tolist() == [True] * 4
+
+
+def test_sampler_without_a_penalty_keeps_no_seen_ids_and_draws_as_its_seed_does():
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(4))
+    sampler = Sampler(SamplingParams(temperature=0.8, seed=9), prompt=[1, 2])
+    g = torch.Generator().manual_seed(9)
+    assert [sampler(logits) for _ in range(10)] == [sample(logits, g, temperature=0.8) for _ in range(10)]
+    assert sampler.seen is None

@@ -303,15 +303,15 @@ def test_bad_parameter_gives_422_in_the_error_shape_naming_the_field(client, rou
 
 @pytest.mark.parametrize("route, length", [("/generate", "max_new_tokens"), ("/v1/completions", "max_tokens")])
 def test_every_sampling_field_of_the_body_reaches_the_sampler_whole(client, monkeypatch, route, length):
-    from model import engine as engine_module
+    from model import sampling
 
     seen = []
 
-    def recording(logits, generator, params, seen_ids=None):
-        seen.append((params, None if seen_ids is None else sorted(set(seen_ids.tolist()))))
+    def recording(logits, generator, params, seen_mask=None):
+        seen.append((params, None if seen_mask is None else seen_mask.nonzero().flatten().tolist()))
         return 0
 
-    monkeypatch.setattr(engine_module, "sample_next_token", recording)
+    monkeypatch.setattr(sampling, "sample_next_token", recording)
     body = {
         "prompt": "Hi",
         length: 3,

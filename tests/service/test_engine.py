@@ -314,7 +314,9 @@ def test_engine_repetition_penalty_counts_the_prompt_and_every_generated_token_a
     ids = list(PROMPT)
     for _ in range(20):  # the reference: greedy over full forwards, penalizing everything seen so far
         logits, _ = model(torch.tensor([ids[-CONTEXT:]]))
-        ids.append(int(penalize(logits[0, -1], torch.tensor(ids), 3.0).argmax()))
+        seen = torch.zeros(VOCAB, dtype=torch.bool)
+        seen[torch.tensor(ids)] = True
+        ids.append(int(penalize(logits[0, -1], seen, 3.0).argmax()))
     out = Engine(model).generate(PROMPT, 20, temperature=0.0, repetition_penalty=3.0)
     assert out == ids[len(PROMPT) :]
     assert out != Engine(model).generate(PROMPT, 20, temperature=0.0)  # the penalty changed something

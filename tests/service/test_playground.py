@@ -6,6 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from app.protocol import GenerateRequest
 from app.routes_playground import ASSETS
 from app.settings import Settings
 
@@ -37,6 +38,14 @@ def test_playground_page_links_only_assets_that_are_served(client):
     page = client.get("/").text
     for link in re.findall(r'(?:src|href)="(/static/[^"]*)"', page):
         assert link in ASSETS
+
+
+def test_every_number_input_of_the_page_is_a_generate_field_that_the_script_sends(client):
+    inputs = re.findall(r'<input id="(\w+)" type="number"', client.get("/").text)
+    (sent,) = re.findall(r"for \(const id of \[([^\]]*)\]\) numberField", client.get("/static/playground.js").text)
+    assert {"min_p", "repetition_penalty", "top_k", "top_p"} <= set(inputs)
+    assert set(inputs) <= set(GenerateRequest.model_fields)
+    assert sorted(re.findall(r'"(\w+)"', sent)) == sorted(inputs)
 
 
 @pytest.mark.parametrize("path", ["/static/", "/static/index.html", "/static/../main.py", "/playground.js"])
