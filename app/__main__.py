@@ -57,7 +57,7 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
         elif self.stage == "serving":
             self.stage = "draining"
-            self.service.draining, self.service.ready = True, False  # refuse new work before the loop runs again
+            self.service.stop_admitting()  # refuse new work before the loop runs again
             self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
         elif self.stage == "draining" and sig == signal.SIGINT:
             self.stage = "stopping"
@@ -96,7 +96,7 @@ def parse_args(argv):
     )
     p.add_argument("--host", help="default 127.0.0.1 (QUILL_HOST); 0.0.0.0 to listen on all interfaces")
     p.add_argument("--port", type=int, help="default 8000 (QUILL_PORT)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N (QUILL_DEVICE)")
+    p.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps (QUILL_DEVICE)")
     return p.parse_args(argv)
 
 

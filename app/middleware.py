@@ -7,6 +7,7 @@ import logging
 
 from starlette.exceptions import HTTPException
 
+from app.errors import error_body
 from app.routes_playground import PLAYGROUND_PATHS
 
 log = logging.getLogger("quill")
@@ -14,7 +15,7 @@ OPEN_PATHS = {"/health", "/ready", *PLAYGROUND_PATHS}
 
 
 async def send_error(send, status, message, type, headers=()):
-    body = json.dumps({"error": {"message": message, "type": type, "param": None, "code": status}}).encode()
+    body = json.dumps(error_body(message, type, code=status)).encode()
     await send(
         {
             "type": "http.response.start",

@@ -10,15 +10,14 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from app.errors import APIError
 from app.textstream import TextStream
 from model import CheckpointError, load_checkpoint
+from model.checkpoint import BUNDLED, WEIGHTS_NAME, default_checkpoints, resolve_checkpoint_path
+from model.device import pick_device
 from model.engine import Engine, Finished, Request
 
 log = logging.getLogger("quill")
-BUNDLED = Path(__file__).resolve().parent.parent / "checkpoints"
 TRAIN_HINT = (
     "train one with: python -m train --data ../shared/data/tinyshakespeare.txt "
     "--out checkpoints/shakespeare-gpt --preset cpu (or see the README)"
@@ -83,40 +82,21 @@ class ServedModel:
     engine: Engine
 
 
-def default_checkpoints():
-    found = sorted(p.parent for p in BUNDLED.glob("*/model.safetensors"))
-    # the GPT first: it is the project's main model, so it is the default
-    return sorted(found, key=lambda p: ("gpt" not in p.name, p.name))
-
-
-def pick_device(name):
-    """The torch device that `name` stands for (auto: cuda when available, else cpu), checked to exist here."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device {name!r} is not a torch device (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and (device.index or 0) >= (torch.cuda.device_count() if torch.cuda.is_available() else 0):
-        raise ValueError(f"device {name!r}: no such CUDA device on this machine (QUILL_DEVICE=auto picks one)")
-    return name
-
-
 def model_name(weights):
     """A run directory's name, or a loose .safetensors file's stem."""
-    return weights.parent.name if weights.name == "model.safetensors" else weights.stem
+    return weights.parent.name if weights.name == WEIGHTS_NAME else weights.stem
 
 
 def checkpoint_files(configured):
     """{model name: weights file} for the configured paths (or the bundled run directories), checked to
     exist and to name distinct models, so that a typo fails before any model is loaded. A missing file
     is a CheckpointError; no checkpoint at all, or two of one name, a SystemExit (nothing to serve)."""
-    paths = [Path(p) for p in configured] or default_checkpoints()
+    paths = [Path(p) for p in configured] or default_checkpoints(BUNDLED)  # BUNDLED: tests point it elsewhere
     if not paths:
         raise SystemExit(f"no checkpoint configured and none bundled under {BUNDLED}; {TRAIN_HINT}")
     files = {}
     for path in paths:
-        weights = path / "model.safetensors" if path.is_dir() else path
+        weights = resolve_checkpoint_path(path)
         if not weights.is_file():
             raise CheckpointError(
                 f"{path}: no such checkpoint (a run directory holding model.safetensors, or a .safetensors file)"
@@ -312,11 +292,14 @@ class Service:
             },
         )
 
+    def stop_admitting(self):
+        """From now on /ready is 503 and new requests get 503 at once; streams in flight go on."""
+        self.draining, self.ready = True, False
+
     async def drain(self, timeout):
         """Stop admitting; wait for streams in flight, up to `timeout` (or until stop_now); then end the rest,
         each with a server_shutdown error."""
-        self.draining = True
-        self.ready = False
+        self.stop_admitting()
         self.drain_deadline = min(self.drain_deadline, time.monotonic() + timeout)
         while self.in_flight() and time.monotonic() < self.drain_deadline:
             await asyncio.sleep(0.05)

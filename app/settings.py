@@ -11,7 +11,7 @@ class Settings(BaseSettings):
 
     # Run directories or .safetensors files; the first is the default model. Empty: the bundled ones.
     checkpoints: Annotated[list[str], NoDecode] = []
-    device: str = "auto"  # auto: cuda when available, else cpu
+    device: str = "auto"  # auto: cuda, then mps, then cpu (model/device.py)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     # torch's threads for the engines; 0: one per core but one, which is left to the event loop

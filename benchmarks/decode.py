@@ -9,9 +9,9 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from app.serving import default_checkpoints
 from benchmarks.common import markdown_table, median_time, write_results
 from model import GPT, load_checkpoint
+from model.checkpoint import default_checkpoints
 from model.engine import Engine
 
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import httpx
 
-from app.serving import default_checkpoints
 from benchmarks.common import DOCS, markdown_table, median_time, percentile, write_results
 from model import load_checkpoint
+from model.checkpoint import default_checkpoints
 from model.engine import Engine
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,8 +1,8 @@
 """Quill's models, tokenizers and checkpoint I/O."""
 
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from model.gpt import GPT, MLP, Block, CausalSelfAttention, MultiHeadCausalSelfAttention
-from model.lstm import LSTM
+from model.gpt import GPT, MLP, Block, CausalSelfAttention, GPTConfig, MultiHeadCausalSelfAttention
+from model.lstm import LSTM, LSTMConfig
 from model.tokenizer import ByteTokenizer, CharTokenizer
 
 __all__ = [
@@ -11,7 +11,9 @@ __all__ = [
     "MLP",
     "Block",
     "GPT",
+    "GPTConfig",
     "LSTM",
+    "LSTMConfig",
     "CharTokenizer",
     "ByteTokenizer",
     "load_checkpoint",

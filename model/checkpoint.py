@@ -6,6 +6,7 @@ how it was trained. One file means one atomic write: there is no sidecar to fall
 """
 
 import contextlib
+import dataclasses
 import glob
 import json
 import os
@@ -21,7 +22,8 @@ from model.gpt import GPT
 from model.lstm import LSTM
 from model.tokenizer import tokenizer_from_dict
 
-WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAME = "model.safetensors"  # a run directory's best weights
+BUNDLED = Path(__file__).resolve().parent.parent / "checkpoints"  # the trained runs the repository ships
 META_KEY = "quill"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # real headers are kilobytes; refuse before allocating
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"}
@@ -159,13 +161,21 @@ def load_model_tensors(model, tensors, where):
 def save_checkpoint(path, model, tokenizer, meta):
     """Write the model and its tokenizer; `meta` (JSON-able) says how it was trained."""
     model_type = "gpt" if isinstance(model, GPT) else "lstm"
-    full = {**meta, "model_type": model_type, "config": model.config, "tokenizer": tokenizer.to_dict()}
+    config = dataclasses.asdict(model.config)
+    full = {**meta, "model_type": model_type, "config": config, "tokenizer": tokenizer.to_dict()}
     write_safetensors(path, model_tensors(model), full)
 
 
 def resolve_checkpoint_path(path):
+    """The weights file that `path` names: a run directory's model.safetensors, or the file itself."""
     path = Path(path)
     return path / WEIGHTS_NAME if path.is_dir() else path
+
+
+def default_checkpoints(root=None):
+    """The run directories under `root` (the bundled ones by default), the GPT first: it is the main model."""
+    found = sorted(p.parent for p in Path(root or BUNDLED).glob(f"*/{WEIGHTS_NAME}"))
+    return sorted(found, key=lambda p: ("gpt" not in p.name, p.name))
 
 
 def load_checkpoint(path, device="cpu"):
@@ -180,9 +190,9 @@ def load_checkpoint(path, device="cpu"):
         model = build_model(meta["model_type"], meta["config"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad metadata: {e}") from None
-    if tokenizer.vocab_size != model.config["vocab_size"]:
+    if tokenizer.vocab_size != model.config.vocab_size:
         raise CheckpointError(
-            f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model expects {model.config['vocab_size']}"
+            f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model expects {model.config.vocab_size}"
         )
     load_model_tensors(model, tensors, path)
     return model.to(device).eval(), tokenizer, meta

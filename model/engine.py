@@ -35,9 +35,9 @@ class GPTCache:
     def __init__(self, model: GPT, max_batch):
         self.model = model
         cfg = model.config
-        self.context = cfg["context_size"]
+        self.context = cfg.context_size
         p = next(model.parameters())
-        shape = (cfg["n_layer"], max_batch, cfg["n_head"], self.context, cfg["hidden_size"] // cfg["n_head"])
+        shape = (cfg.n_layer, max_batch, cfg.n_head, self.context, cfg.hidden_size // cfg.n_head)
         self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.length = [0] * max_batch

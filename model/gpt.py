@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.optim import configure_adamw
+
 
 @dataclass
 class KVCache:
@@ -132,17 +134,22 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+@dataclass(frozen=True)
+class GPTConfig:
+    """The GPT's shape: GPT's constructor arguments, saved as JSON in every checkpoint."""
+
+    vocab_size: int
+    context_size: int
+    hidden_size: int
+    n_layer: int
+    n_head: int
+    dropout: float
+
+
 class GPT(nn.Module):
     def __init__(self, vocab_size, context_size, hidden_size, n_layer, n_head, dropout):
         super().__init__()
-        self.config = dict(
-            vocab_size=vocab_size,
-            context_size=context_size,
-            hidden_size=hidden_size,
-            n_layer=n_layer,
-            n_head=n_head,
-            dropout=dropout,
-        )
+        self.config = GPTConfig(vocab_size, context_size, hidden_size, n_layer, n_head, dropout)
         self.context_size = context_size
         self.tok_emb = nn.Embedding(vocab_size, hidden_size)
         self.pos_emb = nn.Embedding(context_size, hidden_size)
@@ -191,13 +198,3 @@ class GPT(nn.Module):
             x = torch.cat([x, torch.multinomial(probs, num_samples=1)], dim=1)
         self.train(was_training)
         return x
-
-
-def configure_adamw(model, weight_decay, learning_rate, betas):
-    """AdamW with matrices (and embeddings) decayed, biases and LayerNorm gains not."""
-    params = list(model.parameters())  # parameters() yields a tied tensor once
-    decay = [p for p in params if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in params if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    extra = {"fused": True} if all(p.is_cuda for p in params) else {}
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)

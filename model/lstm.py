@@ -1,16 +1,28 @@
 """The character-level LSTM language model that the course compares the GPT against."""
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.gpt import configure_adamw
+from model.optim import configure_adamw
+
+
+@dataclass(frozen=True)
+class LSTMConfig:
+    """The LSTM's shape: its constructor arguments, saved as JSON in every checkpoint."""
+
+    vocab_size: int
+    hidden_size: int
+    n_layer: int
+    dropout: float
 
 
 class LSTM(nn.Module):
     def __init__(self, vocab_size, hidden_size, n_layer, dropout):
         super().__init__()
-        self.config = dict(vocab_size=vocab_size, hidden_size=hidden_size, n_layer=n_layer, dropout=dropout)
+        self.config = LSTMConfig(vocab_size, hidden_size, n_layer, dropout)
         self.embedding = nn.Embedding(vocab_size, hidden_size)
         self.drop = nn.Dropout(dropout)
         # nn.LSTM applies dropout between layers only, so the input and output dropouts are ours.
@@ -40,7 +52,7 @@ class LSTM(nn.Module):
     def zero_state(self, n):
         """A fresh (h, c) for n rows, for forward's `state`."""
         p = self.head.weight
-        shape = (self.config["n_layer"], n, self.config["hidden_size"])
+        shape = (self.config.n_layer, n, self.config.hidden_size)
         return torch.zeros(shape, dtype=p.dtype, device=p.device), torch.zeros(shape, dtype=p.dtype, device=p.device)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas):

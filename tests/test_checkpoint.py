@@ -1,5 +1,6 @@
 """Checkpoints: safetensors only, never unpickled, clear errors, and atomic under SIGKILL."""
 
+import dataclasses
 import json
 import os
 import pickle
@@ -17,7 +18,13 @@ from helpers import REPO, TINY_GPT, TINY_LSTM, trainer_env
 from safetensors.torch import save_file
 
 from model import GPT, LSTM, ByteTokenizer, CharTokenizer, CheckpointError, load_checkpoint, save_checkpoint
-from model.checkpoint import TMP_PREFIX, remove_stale_temp_files, write_safetensors
+from model.checkpoint import (
+    TMP_PREFIX,
+    default_checkpoints,
+    remove_stale_temp_files,
+    resolve_checkpoint_path,
+    write_safetensors,
+)
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .,;:!?'\n-ABCD"  # 40 characters, to match the tiny configs
 
@@ -44,7 +51,7 @@ def test_checkpoint_round_trip_restores_weights_tokenizer_and_metadata(tmp_path,
     assert_same_weights(model, loaded)
     assert loaded_tok.chars == tok.chars
     assert meta["iter"] == 7 and meta["best_val_loss"] == 1.5
-    assert meta["model_type"] == kind and meta["config"] == model.config
+    assert meta["model_type"] == kind and meta["config"] == dataclasses.asdict(model.config)
 
 
 def test_checkpoint_loads_the_model_in_eval_mode_with_identical_logits(tmp_path):
@@ -159,12 +166,33 @@ def test_checkpoint_whose_tokenizer_disagrees_with_the_model_is_refused(tmp_path
 
 def test_checkpoint_whose_weights_disagree_with_the_config_is_refused(tmp_path):
     small, big = tiny("gpt"), GPT(**{**TINY_GPT, "hidden_size": 64})
-    meta = {"model_type": "gpt", "config": small.config, "tokenizer": CharTokenizer(CHARS).to_dict()}
+    meta = {
+        "model_type": "gpt",
+        "config": dataclasses.asdict(small.config),
+        "tokenizer": CharTokenizer(CHARS).to_dict(),
+    }
     write_safetensors(
         tmp_path / "m.safetensors", {k: v for k, v in big.state_dict().items() if k != "lm_head.weight"}, meta
     )
     with pytest.raises(CheckpointError, match="do not match"):
         load_checkpoint(tmp_path / "m.safetensors")
+
+
+def test_checkpoint_path_of_a_run_directory_is_its_weights_file_and_a_file_is_itself(tmp_path):
+    assert resolve_checkpoint_path(tmp_path) == tmp_path / "model.safetensors"
+    assert resolve_checkpoint_path(tmp_path / "x.safetensors") == tmp_path / "x.safetensors"
+
+
+def test_default_checkpoints_are_the_run_directories_holding_weights_gpt_first(tmp_path):
+    for run in ("a-lstm", "b-gpt", "empty"):
+        (tmp_path / run).mkdir()
+    for run in ("a-lstm", "b-gpt"):
+        save_checkpoint(tmp_path / run / "model.safetensors", tiny("lstm"), CharTokenizer(CHARS), {})
+    assert default_checkpoints(tmp_path) == [tmp_path / "b-gpt", tmp_path / "a-lstm"]
+
+
+def test_default_checkpoints_without_a_root_are_the_bundled_runs():
+    assert [p.name for p in default_checkpoints()] == ["shakespeare-gpt", "shakespeare-lstm"]
 
 
 def test_checkpoint_save_leaves_no_temporary_file_behind(tmp_path):

@@ -1,5 +1,6 @@
 """The model specification, item by item: attention, MLP, Block, GPT, its optimizer and generate, the LSTM."""
 
+import dataclasses
 import math
 
 import pytest
@@ -9,7 +10,10 @@ import torch.nn.functional as F
 from helpers import TINY_GPT, TINY_LSTM
 
 from model import GPT, LSTM, MLP, Block, CausalSelfAttention, MultiHeadCausalSelfAttention
-from model.gpt import KVCache
+from model import device as device_module
+from model.device import pick_device
+from model.gpt import GPTConfig, KVCache
+from model.optim import configure_adamw
 
 D, T, N = 32, 10, 3
 
@@ -297,6 +301,42 @@ def test_gpt_optimizer_holds_each_parameter_once_and_the_tied_matrix_once():
     assert grouped.count(id(gpt.tok_emb.weight)) == 1
 
 
+def test_gpt_and_lstm_optimizers_are_the_one_shared_adamw():
+    for net in (GPT(**TINY_GPT), LSTM(**TINY_LSTM)):
+        ours, shared = net.configure_optimizers(0.1, 1e-3, (0.9, 0.99)), configure_adamw(net, 0.1, 1e-3, (0.9, 0.99))
+        assert [len(g["params"]) for g in ours.param_groups] == [len(g["params"]) for g in shared.param_groups]
+        assert [g["weight_decay"] for g in ours.param_groups] == [0.1, 0.0]
+
+
+def test_gpt_config_holds_the_constructor_arguments_and_reads_by_name_or_key():
+    gpt = GPT(**TINY_GPT)
+    assert gpt.config == GPTConfig(**TINY_GPT)
+    assert dataclasses.asdict(gpt.config) == TINY_GPT
+    assert gpt.config.n_head == TINY_GPT["n_head"]
+    assert dataclasses.asdict(LSTM(**TINY_LSTM).config) == TINY_LSTM
+
+
+def test_pick_device_auto_is_cpu_without_an_accelerator_and_a_device_absent_here_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device_module, "mps_available", lambda: False)
+    assert pick_device("auto") == "cpu" and pick_device("cpu") == "cpu"
+    for name, says in (
+        ("cuda:1", "no such CUDA device"),
+        ("mps", "MPS is not available"),
+        ("gpu", "not a torch device"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            pick_device(name)
+
+
+def test_pick_device_auto_prefers_cuda_then_mps(monkeypatch):
+    monkeypatch.setattr(device_module, "mps_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto") == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == "mps" and pick_device("mps") == "mps"
+
+
 # 7. generate
 
 
@@ -439,7 +479,7 @@ def test_lstm_forward_with_a_state_carries_it_on_in_place():
 def storage(gpt, rows):
     """Keys and values for `rows` rows, full of junk that a forward must never read before writing it."""
     c = gpt.config
-    shape = (c["n_layer"], rows, c["n_head"], c["context_size"], c["hidden_size"] // c["n_head"])
+    shape = (c.n_layer, rows, c.n_head, c.context_size, c.hidden_size // c.n_head)
     return torch.randn(shape) * 100, torch.randn(shape) * 100
 
 

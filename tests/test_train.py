@@ -317,6 +317,13 @@ def test_trainer_threads_below_one_is_a_usage_error(capsys):
     assert "--threads must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_trainer_on_a_device_this_machine_lacks_says_so_and_writes_nothing(corpus, tmp_path):
+    with pytest.raises(SystemExit, match="cannot train: device 'cuda'"):
+        train(config(corpus, tmp_path / "run", "--device", "cuda"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_trainer_resume_on_another_corpus_is_refused(corpus, tmp_path):
     out = tmp_path / "run"
     train(config(corpus, out, "--max-iters", 2))

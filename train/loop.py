@@ -2,12 +2,11 @@
 
 import contextlib
 import dataclasses
-import io
-import json
 import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,21 +14,22 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from model.checkpoint import (
+    WEIGHTS_NAME,
     CheckpointError,
-    atomic_write_bytes,
     build_model,
     code_version,
-    load_model_tensors,
-    model_tensors,
     read_safetensors,
     remove_stale_temp_files,
     save_checkpoint,
-    write_safetensors,
 )
+from model.device import pick_device
+from model.gpt import GPTConfig
+from model.lstm import LSTMConfig
 from model.tokenizer import tokenizer_from_dict
 from train.data import get_batch, make_tokenizer, read_corpus, split
+from train.resume import load_resume, save_resume
+from train.runlog import plot_losses, trim_log, write_row
 
-MODEL_NAME = "model.safetensors"
 RESUME_NAME = "resume.safetensors"
 LOG_NAME = "log.jsonl"
 PLOT_NAME = "loss.png"
@@ -40,14 +40,37 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C during training; its message says where the last checkpoint is (empty on ranks > 0)."""
 
 
-def pick_device(name):
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+@dataclass
+class Progress:
+    """How far the run has come: saved with every checkpoint, so that a resumed run carries on from it."""
+
+    best_val_loss: float = math.inf
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+
+    def meta(self, it, about):
+        """A checkpoint's metadata at iteration `it`; `about` holds what stays fixed through the run."""
+        seconds = round(self.train_seconds, 1)
+        progress = {"best_val_loss": self.best_val_loss, "tokens_seen": self.tokens_seen, "train_seconds": seconds}
+        return {"iter": it, **progress, **about}
+
+
+@dataclass
+class Run:
+    """What the steps of one training run share."""
+
+    cfg: object
+    out: Path
+    device: str
+    model: torch.nn.Module  # the raw model (not compiled, not DDP-wrapped): the one evaluated and saved
+    optimizer: torch.optim.Optimizer
+    data_gen: torch.Generator
+    splits: dict
+    tokenizer: object
+    progress: Progress
+    about: dict  # the checkpoint metadata that stays fixed through the run
+    autocast: object
+    log: object = None  # the open log file, on rank 0 only
 
 
 def get_lr(it, cfg):
@@ -70,19 +93,6 @@ def make_autocast(dtype, device):
     return torch.autocast(kind, dtype=torch.bfloat16)
 
 
-def model_args(cfg, vocab_size):
-    if cfg.model == "gpt":
-        return dict(
-            vocab_size=vocab_size,
-            context_size=cfg.context_size,
-            hidden_size=cfg.hidden_size,
-            n_layer=cfg.n_layer,
-            n_head=cfg.n_head,
-            dropout=cfg.dropout,
-        )
-    return dict(vocab_size=vocab_size, hidden_size=cfg.hidden_size, n_layer=cfg.n_layer, dropout=cfg.dropout)
-
-
 @torch.no_grad()
 def estimate_loss(model, splits, cfg, device, autocast):
     was_training = model.training
@@ -100,76 +110,6 @@ def estimate_loss(model, splits, cfg, device, autocast):
     return out
 
 
-def save_resume(path, model, optimizer, data_gen, state):
-    """Current weights, optimizer moments, RNG states and progress: all a resumed run needs."""
-    tensors = {f"model.{k}": v for k, v in model_tensors(model).items()}
-    opt = optimizer.state_dict()
-    for idx, s in opt["state"].items():
-        for k, v in s.items():
-            tensors[f"optim.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    tensors["rng.torch"] = torch.get_rng_state()
-    tensors["rng.data"] = data_gen.get_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    groups = [{k: v for k, v in g.items()} for g in opt["param_groups"]]
-    write_safetensors(path, tensors, {**state, "param_groups": groups})
-
-
-def load_resume(path, model, optimizer, data_gen):
-    tensors, state = read_safetensors(path)
-    load_model_tensors(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
-    opt_state = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, idx, name = k.split(".", 2)
-            opt_state.setdefault(int(idx), {})[name] = v
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
-    torch.set_rng_state(tensors["rng.torch"])
-    data_gen.set_state(tensors["rng.data"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return state
-
-
-def trim_log(log_path, start_iter):
-    """Drop what a killed run logged after its resume state, so the resumed log reads as one run."""
-    if not log_path.exists():
-        return
-    keep = []
-    for line in Path(log_path).read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by the kill
-            continue
-        # a train row at iter i is written after step i; the resume state at start_iter precedes that step
-        if row["iter"] < start_iter or (row["kind"] == "eval" and row["iter"] == start_iter):
-            keep.append(line.rstrip("\n") + "\n")
-    atomic_write_bytes(log_path, "".join(keep).encode())
-
-
-def plot_losses(log_path, png_path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines()]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    train = [r for r in rows if r["kind"] == "train"]
-    evals = [r for r in rows if r["kind"] == "eval"]
-    ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], alpha=0.35, label="train (batch)")
-    ax.plot([r["tokens"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (estimate)")
-    ax.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(png_path, buf.getvalue())
-
-
 def setup_distributed(device):
     """Under torchrun: join the process group and return (rank, world_size, device)."""
     if "RANK" not in os.environ:
@@ -185,7 +125,7 @@ def setup_distributed(device):
 
 def refuse_to_replace_a_run(out, cfg):
     """A folder holding weights (a bundled model, an earlier run) is replaced only when asked to."""
-    held = [name for name in (MODEL_NAME, RESUME_NAME) if (out / name).exists()]
+    held = [name for name in (WEIGHTS_NAME, RESUME_NAME) if (out / name).exists()]
     if held and not (cfg.resume or cfg.overwrite):
         raise SystemExit(
             f"{out} already holds a run ({held[0]}): pass --resume to continue it or --overwrite "
@@ -202,88 +142,145 @@ def interrupted_message(out, it, saved):
     )
 
 
+def model_config(cfg, vocab_size):
+    """The model's constructor arguments: the trainer's settings of the same names, and the vocabulary."""
+    fields = dataclasses.fields(GPTConfig if cfg.model == "gpt" else LSTMConfig)
+    return {f.name: vocab_size if f.name == "vocab_size" else getattr(cfg, f.name) for f in fields}
+
+
+def read_inputs(cfg, out):
+    """(corpus hash, tokenizer, {"train", "val"} ids, resuming): all that can fail on bad input, checked
+    before the run folder is made. Under --resume the tokenizer is the one the run was trained with."""
+    text, corpus_sha = read_corpus(cfg.data)
+    if cfg.resume:
+        try:
+            _, state = read_safetensors(out / RESUME_NAME)
+        except CheckpointError as e:
+            raise SystemExit(f"cannot resume: {e}") from None
+        if state["corpus_sha256"] != corpus_sha:
+            raise SystemExit("cannot resume: --data is not the corpus this run was trained on")
+        tokenizer = tokenizer_from_dict(state["tokenizer"])
+    else:
+        tokenizer = make_tokenizer(cfg.tokenizer, text)
+    train_data, val_data = split(tokenizer.encode(text), cfg.context_size)
+    return corpus_sha, tokenizer, {"train": train_data, "val": val_data}, cfg.resume
+
+
+def start_model(cfg, vocab_size, device, rank, resume_path):
+    """(model, optimizer, batch generator, first iteration, progress): fresh, or as the resume state left them."""
+    torch.manual_seed(cfg.seed + rank)
+    data_gen = torch.Generator().manual_seed(cfg.seed + rank)
+    model = build_model(cfg.model, model_config(cfg, vocab_size)).to(device)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
+    if resume_path is None:
+        return model, optimizer, data_gen, 0, Progress()
+    state = load_resume(resume_path, model, optimizer, data_gen)
+    start_iter = state["iter"]
+    if rank:  # only rank 0's RNG streams are saved; the others take fresh, distinct ones
+        torch.manual_seed(cfg.seed + rank + start_iter)
+        data_gen.manual_seed(cfg.seed + rank + start_iter)
+    progress = Progress(state["best_val_loss"], state["tokens_seen"], state["train_seconds"])
+    return model, optimizer, data_gen, start_iter, progress
+
+
+def stepped_model(model, cfg, device, world):
+    """The model the training steps run: compiled, and wrapped for DDP under torchrun."""
+    if cfg.compile:
+        model = torch.compile(model)
+    if world > 1:
+        cuda = device.startswith("cuda")
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None)
+    return model
+
+
+def evaluate_and_save(run, it, lr):
+    """Estimate both losses, log them, save the weights if they are the best yet, and the resume state."""
+    cfg, out, progress = run.cfg, run.out, run.progress
+    losses = estimate_loss(run.model, run.splits, cfg, run.device, run.autocast)
+    row = {"kind": "eval", "iter": it, "tokens": progress.tokens_seen, "seconds": round(progress.train_seconds, 2)}
+    write_row(run.log, {**row, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr})
+    if losses["val"] < progress.best_val_loss:
+        progress.best_val_loss = losses["val"]
+        save_checkpoint(out / WEIGHTS_NAME, run.model, run.tokenizer, progress.meta(it, run.about))
+    save_resume(out / RESUME_NAME, run.model, run.optimizer, run.data_gen, progress.meta(it, run.about))
+    plot_losses(out / LOG_NAME, out / PLOT_NAME)
+    tqdm.write(f"iter {it}: train {losses['train']:.4f}, val {losses['val']:.4f}")
+
+
+def train_step(run, model, world):
+    """One optimizer step over the micro-batches; returns the last one's loss, scaled by their number."""
+    cfg, steps = run.cfg, run.cfg.gradient_accumulation_steps
+    for micro in range(steps):
+        x, y = get_batch(run.splits["train"], cfg.batch_size, cfg.context_size, run.data_gen, run.device)
+        last = micro == steps - 1
+        # DDP all-reduces gradients only on the last micro-batch; no_sync() is single-use, so one block.
+        with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
+            with run.autocast:
+                loss = model(x, y)[1] / steps
+            loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def start_run(cfg, out, device, rank, world):
+    """(run, first iteration, resuming): the run's pieces, fresh or as its resume state left them."""
+    corpus_sha, tokenizer, splits, resuming = read_inputs(cfg, out)
+    model, optimizer, data_gen, start_iter, progress = start_model(
+        cfg, tokenizer.vocab_size, device, rank, out / RESUME_NAME if resuming else None
+    )
+    about = {
+        "corpus_sha256": corpus_sha,
+        "code_version": code_version(),  # the code this run started with, not whatever HEAD is at save time
+        "train_config": dataclasses.asdict(cfg),
+        "world_size": world,
+        "tokenizer": tokenizer.to_dict(),
+    }
+    autocast = make_autocast(cfg.dtype, device)
+    parts = dict(model=model, optimizer=optimizer, data_gen=data_gen, splits=splits, tokenizer=tokenizer)
+    run = Run(cfg, out, device, **parts, progress=progress, about=about, autocast=autocast)
+    return run, start_iter, resuming
+
+
+def open_run_folder(run, start_iter, resuming, tokens_per_iter, world):
+    """Make the folder (clearing what a killed save left), open the log (trimmed when resuming), say what runs."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(run.out)
+    if resuming:
+        trim_log(run.out / LOG_NAME, start_iter)
+    run.log = open(run.out / LOG_NAME, "a" if resuming else "w")  # noqa: SIM115 (closed at the end)
+    n_params = sum(p.numel() for p in run.model.parameters())
+    tqdm.write(
+        f"{run.cfg.model}: {n_params / 1e6:.2f}M parameters, {tokens_per_iter} tokens/iter, "
+        f"vocab {run.tokenizer.vocab_size}, device {run.device}, world {world}"
+    )
+
+
 def train(cfg):
     out = Path(cfg.out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    rank, world, device = setup_distributed(pick_device(cfg.device))
+    try:
+        device = pick_device(cfg.device)
+    except ValueError as e:
+        raise SystemExit(f"cannot train: {e}") from None
+    rank, world, device = setup_distributed(device)
     master = rank == 0
     if master:
         refuse_to_replace_a_run(out, cfg)
-
-    # Everything that can fail on bad input happens before the run folder is made.
-    text, corpus_sha = read_corpus(cfg.data)
-    resume_state = None
-    if cfg.resume:
-        try:
-            _, resume_state = read_safetensors(out / RESUME_NAME)
-        except CheckpointError as e:
-            raise SystemExit(f"cannot resume: {e}") from None
-        if resume_state["corpus_sha256"] != corpus_sha:
-            raise SystemExit("cannot resume: --data is not the corpus this run was trained on")
-        tokenizer = tokenizer_from_dict(resume_state["tokenizer"])
-    else:
-        tokenizer = make_tokenizer(cfg.tokenizer, text)
-    train_data, val_data = split(tokenizer.encode(text), cfg.context_size)
-
-    torch.manual_seed(cfg.seed + rank)
-    data_gen = torch.Generator().manual_seed(cfg.seed + rank)
-    model = build_model(cfg.model, model_args(cfg, tokenizer.vocab_size)).to(device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
-    start_iter, best_val, tokens_seen, seconds = 0, float("inf"), 0, 0.0
-    if resume_state is not None:
-        state = load_resume(out / RESUME_NAME, model, optimizer, data_gen)
-        start_iter, best_val = state["iter"], state["best_val_loss"]
-        tokens_seen, seconds = state["tokens_seen"], state["train_seconds"]
-        if rank:  # only rank 0's RNG streams are saved; the others take fresh, distinct ones
-            torch.manual_seed(cfg.seed + rank + start_iter)
-            data_gen.manual_seed(cfg.seed + rank + start_iter)
-
-    is_cuda = device.startswith("cuda")
-    autocast = make_autocast(cfg.dtype, device)
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if is_cuda else None)
-
-    splits = {"train": train_data, "val": val_data}
+    # everything that can fail on bad input happens before the run folder is made
+    run, start_iter, resuming = start_run(cfg, out, device, rank, world)
+    raw_model, optimizer, progress = run.model, run.optimizer, run.progress
+    model = stepped_model(raw_model, cfg, device, world)
     tokens_per_iter = cfg.batch_size * cfg.context_size * cfg.gradient_accumulation_steps * world
-    version = code_version()  # the code this run started with, not whatever HEAD is at save time
-
-    def meta(it):  # read at each save: best_val, tokens_seen and seconds move on
-        return {
-            "iter": it,
-            "best_val_loss": best_val,
-            "tokens_seen": tokens_seen,
-            "train_seconds": round(seconds, 1),
-            "corpus_sha256": corpus_sha,
-            "code_version": version,
-            "train_config": dataclasses.asdict(cfg),
-            "world_size": world,
-            "tokenizer": tokenizer.to_dict(),
-        }
-
     created = master and not out.exists()
     if master:
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(out)
-    if master and resume_state is not None:
-        trim_log(out / LOG_NAME, start_iter)
-    log = open(out / LOG_NAME, "a" if cfg.resume else "w") if master else None  # noqa: SIM115 (closed at the end)
+        open_run_folder(run, start_iter, resuming, tokens_per_iter, world)
     bar = tqdm(total=cfg.max_iters, initial=start_iter, disable=not master, dynamic_ncols=True)
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    if master:
-        tqdm.write(
-            f"{cfg.model}: {n_params / 1e6:.2f}M parameters, {tokens_per_iter} tokens/iter, "
-            f"vocab {tokenizer.vocab_size}, device {device}, world {world}"
-        )
 
-    def write_log(row):
-        log.write(json.dumps(row) + "\n")
-        log.flush()
-
-    it, saved = start_iter, start_iter if resume_state is not None else None  # saved: the last resume state
+    it, saved = start_iter, start_iter if resuming else None  # saved: the last resume state
     try:
         model.train()
         t_last = time.perf_counter()
@@ -291,68 +288,32 @@ def train(cfg):
             lr = get_lr(it, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            evaluate = (it % cfg.eval_interval == 0 or it == cfg.max_iters) and not (resume_state and it == start_iter)
+            # a resumed run's first iteration was evaluated (and saved) before the run stopped
+            evaluate = (it % cfg.eval_interval == 0 or it == cfg.max_iters) and not (resuming and it == start_iter)
             if evaluate and master:
-                losses = estimate_loss(raw_model, splits, cfg, device, autocast)
-                write_log(
-                    {
-                        "kind": "eval",
-                        "iter": it,
-                        "tokens": tokens_seen,
-                        "seconds": round(seconds, 2),
-                        "train_loss": losses["train"],
-                        "val_loss": losses["val"],
-                        "lr": lr,
-                    }
-                )
-                if losses["val"] < best_val:
-                    best_val = losses["val"]
-                    save_checkpoint(out / MODEL_NAME, raw_model, tokenizer, meta(it))
-                save_resume(out / RESUME_NAME, raw_model, optimizer, data_gen, meta(it))
+                evaluate_and_save(run, it, lr)
                 saved = it
-                plot_losses(out / LOG_NAME, out / PLOT_NAME)
-                tqdm.write(f"iter {it}: train {losses['train']:.4f}, val {losses['val']:.4f}")
                 t_last = time.perf_counter()  # evaluation time is not training time
             if it == cfg.max_iters:
                 break
-            for micro in range(cfg.gradient_accumulation_steps):
-                x, y = get_batch(train_data, cfg.batch_size, cfg.context_size, data_gen, device)
-                last = micro == cfg.gradient_accumulation_steps - 1
-                # DDP all-reduces gradients only on the last micro-batch; no_sync() is single-use, so one block.
-                with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
-                    with autocast:
-                        loss = model(x, y)[1] / cfg.gradient_accumulation_steps
-                    loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            tokens_seen += tokens_per_iter
+            loss = train_step(run, model, world)
+            progress.tokens_seen += tokens_per_iter
             now = time.perf_counter()
             dt, t_last = now - t_last, now
-            seconds += dt
+            progress.train_seconds += dt
             bar.update(1)
             if it % cfg.log_interval == 0 and master:
-                loss_value = loss.item() * cfg.gradient_accumulation_steps
-                tok_s = tokens_per_iter / dt
+                loss_value, tok_s = loss.item() * cfg.gradient_accumulation_steps, tokens_per_iter / dt
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-                write_log(
-                    {
-                        "kind": "train",
-                        "iter": it,
-                        "tokens": tokens_seen,
-                        "seconds": round(seconds, 2),
-                        "loss": loss_value,
-                        "lr": lr,
-                        "tokens_per_s": tok_s,
-                    }
-                )
+                seconds = round(progress.train_seconds, 2)
+                row = {"kind": "train", "iter": it, "tokens": progress.tokens_seen, "seconds": seconds}
+                write_row(run.log, {**row, "loss": loss_value, "lr": lr, "tokens_per_s": tok_s})
         if master:
-            save_resume(out / RESUME_NAME, raw_model, optimizer, data_gen, meta(cfg.max_iters))
+            save_resume(out / RESUME_NAME, raw_model, optimizer, run.data_gen, progress.meta(cfg.max_iters, run.about))
     except BaseException as e:
         bar.close()
-        if log:
-            log.close()
+        if run.log:
+            run.log.close()
         if created and saved is None:  # a start that failed leaves no run folder behind
             shutil.rmtree(out, ignore_errors=True)
         if isinstance(e, KeyboardInterrupt):
@@ -360,11 +321,11 @@ def train(cfg):
         raise
     bar.close()
     if master:
-        log.close()
+        run.log.close()
         tqdm.write(
-            f"done: best val loss {best_val:.4f}, {tokens_seen} tokens in {seconds:.0f}s; "
-            f"best weights in {out / MODEL_NAME}"
+            f"done: best val loss {progress.best_val_loss:.4f}, {progress.tokens_seen} tokens in "
+            f"{progress.train_seconds:.0f}s; best weights in {out / WEIGHTS_NAME}"
         )
     if world > 1:
         dist.destroy_process_group()
-    return best_val
+    return progress.best_val_loss

@@ -1,0 +1,36 @@
+"""The resume state: weights, optimizer moments, RNG states and progress, all a resumed run needs."""
+
+import torch
+
+from model.checkpoint import load_model_tensors, model_tensors, read_safetensors, write_safetensors
+
+
+def save_resume(path, model, optimizer, data_gen, state):
+    tensors = {f"model.{k}": v for k, v in model_tensors(model).items()}
+    opt = optimizer.state_dict()
+    for idx, s in opt["state"].items():
+        for k, v in s.items():
+            tensors[f"optim.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.data"] = data_gen.get_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    groups = [{k: v for k, v in g.items()} for g in opt["param_groups"]]
+    write_safetensors(path, tensors, {**state, "param_groups": groups})
+
+
+def load_resume(path, model, optimizer, data_gen):
+    """Restore what save_resume wrote into model, optimizer and data_gen; return the saved state."""
+    tensors, state = read_safetensors(path)
+    load_model_tensors(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
+    opt_state = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, idx, name = k.split(".", 2)
+            opt_state.setdefault(int(idx), {})[name] = v
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
+    torch.set_rng_state(tensors["rng.torch"])
+    data_gen.set_state(tensors["rng.data"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return state
