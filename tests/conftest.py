@@ -1,7 +1,9 @@
-"""Fixtures shared by every test file."""
+"""Fixtures shared by every test file. Pytest puts this folder on sys.path, so the tests import
+the shared helpers (helpers, service_helpers, load_helpers) by name."""
 
 import pytest
 import torch
+from service_helpers import write_checkpoints
 
 # Two busy cores: one intra-op thread per process keeps tests and subprocesses from fighting.
 torch.set_num_threads(1)
@@ -21,3 +23,9 @@ def corpus(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """{"tiny-gpt", "tiny-lstm" (character models), "byte-gpt" (UTF-8 bytes)}: random-weight run directories."""
+    return write_checkpoints(tmp_path_factory.mktemp("checkpoints"))

@@ -6,11 +6,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from model import GPT, LSTM
+
 REPO = Path(__file__).resolve().parent.parent
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 TINY_GPT = dict(vocab_size=40, context_size=16, hidden_size=32, n_layer=2, n_head=4, dropout=0.0)
 TINY_LSTM = dict(vocab_size=40, hidden_size=32, n_layer=2, dropout=0.0)
+
+
+def tiny_gpt(vocab_size=TINY_GPT["vocab_size"], seed=0, **overrides):
+    """The tests' one small random-weight GPT: TINY_GPT's shape with `overrides`, weights from `seed`."""
+    torch.manual_seed(seed)
+    return GPT(**{**TINY_GPT, "vocab_size": vocab_size, **overrides})
+
+
+def tiny_lstm(vocab_size=TINY_LSTM["vocab_size"], seed=0, **overrides):
+    torch.manual_seed(seed)
+    return LSTM(**{**TINY_LSTM, "vocab_size": vocab_size, **overrides})
+
+
 # Trainer flags for a model small enough that a run takes a second or two.
 TINY_TRAIN_ARGS = [
     "--n-layer",

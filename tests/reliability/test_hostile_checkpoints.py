@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import torch
-from helpers import TINY_TRAIN_ARGS, trainer_env
-from service_helpers import REPO, free_port, tiny_gpt
+from helpers import TINY_TRAIN_ARGS, tiny_gpt, trainer_env
+from service_helpers import REPO, free_port
 
 from app.metrics import Metrics
 from app.serving import Service

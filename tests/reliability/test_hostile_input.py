@@ -1,4 +1,4 @@
-"""Hostile requests beyond tests/service/test_api.py's bad parameters: huge prompts, bad bytes, lone
+"""Hostile requests beyond tests/app/test_api.py's bad parameters: huge prompts, bad bytes, lone
 surrogates in every string field, header floods, and numbers at the edges of what floats can hold.
 Each gets its 4xx in the one error shape (never a 5xx), and the next request is served."""
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import TINY_GPT, TINY_LSTM
+from helpers import TINY_GPT, TINY_LSTM, tiny_gpt, tiny_lstm
 
-from model import GPT, LSTM, MLP, Block, CausalSelfAttention, MultiHeadCausalSelfAttention
+from model import GPT, MLP, Block, CausalSelfAttention, MultiHeadCausalSelfAttention
 from model import device as device_module
 from model.device import pick_device
 from model.gpt import GPTConfig, KVCache
@@ -192,7 +192,7 @@ def test_block_is_pre_layernorm_with_two_residuals():
 
 
 def test_gpt_forward_returns_n_t_v_logits_and_cross_entropy():
-    gpt = GPT(**TINY_GPT)
+    gpt = tiny_gpt()
     x, y = torch.randint(0, 40, (N, 16)), torch.randint(0, 40, (N, 16))
     logits, loss = gpt(x, y)
     assert logits.shape == (N, 16, 40)
@@ -200,11 +200,11 @@ def test_gpt_forward_returns_n_t_v_logits_and_cross_entropy():
 
 
 def test_gpt_forward_without_targets_returns_logits_and_none():
-    logits, loss = GPT(**TINY_GPT)(torch.randint(0, 40, (N, 5)))
+    logits, loss = tiny_gpt()(torch.randint(0, 40, (N, 5)))
     assert logits.shape == (N, 5, 40) and loss is None
 
 
-@pytest.mark.parametrize("make", [lambda: GPT(**TINY_GPT), lambda: LSTM(**TINY_LSTM)], ids=["gpt", "lstm"])
+@pytest.mark.parametrize("make", [lambda: tiny_gpt(), lambda: tiny_lstm()], ids=["gpt", "lstm"])
 def test_forward_accepts_targets_that_are_a_strided_slice_of_the_input(make):
     model, x = make(), torch.randint(0, 40, (N, 16))
     logits, loss = model(x[:, :-1], x[:, 1:])  # x[:, 1:] is not contiguous
@@ -213,12 +213,12 @@ def test_forward_accepts_targets_that_are_a_strided_slice_of_the_input(make):
 
 def test_gpt_forward_when_longer_than_context_raises_value_error():
     with pytest.raises(ValueError, match="context_size"):
-        GPT(**TINY_GPT)(torch.randint(0, 40, (1, 17)))
+        tiny_gpt()(torch.randint(0, 40, (1, 17)))
 
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_gpt_logits_at_t_ignore_tokens_after_t(fused):
-    gpt = GPT(**TINY_GPT).eval()
+    gpt = tiny_gpt().eval()
     if not fused:
         explicit(gpt)
     before, after = changes_before(lambda x: gpt(x)[0], torch.randint(0, 40, (N, 16)), 7)
@@ -227,27 +227,27 @@ def test_gpt_logits_at_t_ignore_tokens_after_t(fused):
 
 
 def test_gpt_fused_path_equals_explicit_path():
-    gpt, x = GPT(**TINY_GPT).eval(), torch.randint(0, 40, (N, 16))
+    gpt, x = tiny_gpt().eval(), torch.randint(0, 40, (N, 16))
     fused = gpt(x)[0]
     torch.testing.assert_close(fused, explicit(gpt)(x)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_gpt_embeds_tokens_plus_positions_then_dropout():
-    gpt, x = GPT(**TINY_GPT), torch.randint(0, 40, (N, 9))
+    gpt, x = tiny_gpt(), torch.randint(0, 40, (N, 9))
     gpt.drop = Recorder()
     gpt(x)
     torch.testing.assert_close(gpt.drop.seen[0], gpt.tok_emb(x) + gpt.pos_emb(torch.arange(9)))
 
 
 def test_gpt_uses_the_same_dropout_rate_everywhere():
-    gpt = GPT(**{**TINY_GPT, "dropout": 0.3})
+    gpt = tiny_gpt(dropout=0.3)
     rates = [m.p for m in gpt.modules() if isinstance(m, nn.Dropout)]
     assert rates == [0.3] * (1 + 3 * TINY_GPT["n_layer"])  # embeddings, then two in attention, one in the MLP
     assert all(m.attn_dropout.p == 0.3 for m in gpt.modules() if isinstance(m, MultiHeadCausalSelfAttention))
 
 
 def test_gpt_output_layer_is_the_token_embedding():
-    gpt = GPT(**TINY_GPT)
+    gpt = tiny_gpt()
     assert gpt.lm_head.weight is gpt.tok_emb.weight
     assert gpt.lm_head.bias is None
 
@@ -283,7 +283,7 @@ def test_gpt_init_sets_every_bias_to_zero(wide_gpt):
 
 
 def test_gpt_optimizer_is_adamw_with_decayed_matrices_and_undecayed_vectors():
-    gpt = GPT(**TINY_GPT)
+    gpt = tiny_gpt()
     opt = gpt.configure_optimizers(weight_decay=0.1, learning_rate=3e-4, betas=(0.9, 0.95))
     assert isinstance(opt, torch.optim.AdamW)
     decay, no_decay = opt.param_groups
@@ -294,7 +294,7 @@ def test_gpt_optimizer_is_adamw_with_decayed_matrices_and_undecayed_vectors():
 
 
 def test_gpt_optimizer_holds_each_parameter_once_and_the_tied_matrix_once():
-    gpt = GPT(**TINY_GPT)
+    gpt = tiny_gpt()
     grouped = [id(p) for g in gpt.configure_optimizers(0.1, 1e-3, (0.9, 0.99)).param_groups for p in g["params"]]
     assert len(grouped) == len(set(grouped))
     assert set(grouped) == {id(p) for p in gpt.parameters()}
@@ -302,18 +302,18 @@ def test_gpt_optimizer_holds_each_parameter_once_and_the_tied_matrix_once():
 
 
 def test_gpt_and_lstm_optimizers_are_the_one_shared_adamw():
-    for net in (GPT(**TINY_GPT), LSTM(**TINY_LSTM)):
+    for net in (tiny_gpt(), tiny_lstm()):
         ours, shared = net.configure_optimizers(0.1, 1e-3, (0.9, 0.99)), configure_adamw(net, 0.1, 1e-3, (0.9, 0.99))
         assert [len(g["params"]) for g in ours.param_groups] == [len(g["params"]) for g in shared.param_groups]
         assert [g["weight_decay"] for g in ours.param_groups] == [0.1, 0.0]
 
 
 def test_gpt_config_holds_the_constructor_arguments_and_reads_by_name_or_key():
-    gpt = GPT(**TINY_GPT)
+    gpt = tiny_gpt()
     assert gpt.config == GPTConfig(**TINY_GPT)
     assert dataclasses.asdict(gpt.config) == TINY_GPT
     assert gpt.config.n_head == TINY_GPT["n_head"]
-    assert dataclasses.asdict(LSTM(**TINY_LSTM).config) == TINY_LSTM
+    assert dataclasses.asdict(tiny_lstm().config) == TINY_LSTM
 
 
 def test_pick_device_auto_is_cpu_without_an_accelerator_and_a_device_absent_here_is_refused(monkeypatch):
@@ -342,14 +342,14 @@ def test_pick_device_auto_prefers_cuda_then_mps(monkeypatch):
 
 def test_gpt_generate_extends_every_row_by_max_new_tokens():
     x = torch.randint(0, 40, (N, 5))
-    out = GPT(**TINY_GPT).generate(x, max_new_tokens=7)
+    out = tiny_gpt().generate(x, max_new_tokens=7)
     assert out.shape == (N, 12)
     assert torch.equal(out[:, :5], x)
     assert out.dtype == torch.long and out.min() >= 0 and out.max() < 40
 
 
 def test_gpt_generate_past_the_context_reads_only_the_last_context_size_tokens():
-    gpt = GPT(**TINY_GPT)
+    gpt = tiny_gpt()
     lengths = []
     gpt.register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1]))
     out = gpt.generate(torch.zeros(2, 1, dtype=torch.long), max_new_tokens=40)
@@ -358,7 +358,7 @@ def test_gpt_generate_past_the_context_reads_only_the_last_context_size_tokens()
 
 
 def test_gpt_generate_is_unaffected_by_tokens_beyond_the_context():
-    gpt = GPT(**TINY_GPT)
+    gpt = tiny_gpt()
     prompt = torch.randint(0, 40, (2, 30))
     torch.manual_seed(1)
     long = gpt.generate(prompt, 10)
@@ -369,7 +369,7 @@ def test_gpt_generate_is_unaffected_by_tokens_beyond_the_context():
 
 def peaked_gpt():
     """A GPT whose next-token distribution has real structure, so temperature matters."""
-    gpt = GPT(**TINY_GPT)
+    gpt = tiny_gpt()
     with torch.no_grad():
         gpt.tok_emb.weight.mul_(10)
     return gpt
@@ -390,14 +390,14 @@ def test_gpt_generate_at_high_temperature_samples_more_diverse_tokens():
 
 @pytest.mark.parametrize("training", [True, False])
 def test_gpt_generate_leaves_train_or_eval_mode_as_it_found_it(training):
-    gpt = GPT(**TINY_GPT).train(training)
+    gpt = tiny_gpt().train(training)
     gpt.generate(torch.zeros(1, 1, dtype=torch.long), 3)
     assert gpt.training is training
     assert all(m.training is training for m in gpt.modules())
 
 
 def test_gpt_generate_samples_without_dropout_even_from_training_mode():
-    gpt, prompt = GPT(**{**TINY_GPT, "dropout": 0.5}), torch.randint(0, 40, (4, 8))
+    gpt, prompt = tiny_gpt(dropout=0.5), torch.randint(0, 40, (4, 8))
     torch.manual_seed(3)
     from_train = gpt.train().generate(prompt, 12)
     torch.manual_seed(3)
@@ -406,7 +406,7 @@ def test_gpt_generate_samples_without_dropout_even_from_training_mode():
 
 
 def test_gpt_generate_draws_from_the_global_generator_so_its_seed_decides_the_tokens():
-    gpt, prompt = GPT(**TINY_GPT), torch.zeros(2, 1, dtype=torch.long)
+    gpt, prompt = tiny_gpt(), torch.zeros(2, 1, dtype=torch.long)
     torch.manual_seed(7)
     a = gpt.generate(prompt, 20)
     torch.manual_seed(7)
@@ -419,7 +419,7 @@ def test_gpt_generate_draws_from_the_global_generator_so_its_seed_decides_the_to
 
 
 def test_lstm_forward_returns_logits_and_cross_entropy():
-    lstm = LSTM(**TINY_LSTM)
+    lstm = tiny_lstm()
     x, y = torch.randint(0, 40, (N, 12)), torch.randint(0, 40, (N, 12))
     logits, loss = lstm(x, y)
     assert logits.shape == (N, 12, 40)
@@ -428,21 +428,21 @@ def test_lstm_forward_returns_logits_and_cross_entropy():
 
 
 def test_lstm_logits_at_t_ignore_tokens_after_t():
-    lstm = LSTM(**TINY_LSTM).eval()
+    lstm = tiny_lstm().eval()
     before, after = changes_before(lambda x: lstm(x)[0], torch.randint(0, 40, (N, 12)), 5)
     assert before < 1e-6
     assert after > 0.0
 
 
 def test_lstm_generate_extends_every_row_and_restores_the_mode():
-    lstm, x = LSTM(**TINY_LSTM).train(), torch.randint(0, 40, (N, 4))
+    lstm, x = tiny_lstm().train(), torch.randint(0, 40, (N, 4))
     out = lstm.generate(x, max_new_tokens=50)  # no context limit: the state carries everything
     assert out.shape == (N, 54) and torch.equal(out[:, :4], x)
     assert lstm.training
 
 
 def test_lstm_generate_with_carried_state_equals_rereading_the_whole_sequence():
-    lstm, x = LSTM(**TINY_LSTM).eval(), torch.randint(0, 40, (2, 4))
+    lstm, x = tiny_lstm().eval(), torch.randint(0, 40, (2, 4))
     torch.manual_seed(5)
     fast = lstm.generate(x, 15, temperature=0.8)
     torch.manual_seed(5)
@@ -455,7 +455,7 @@ def test_lstm_generate_with_carried_state_equals_rereading_the_whole_sequence():
 
 
 def test_lstm_optimizer_decays_matrices_only_and_holds_each_parameter_once():
-    lstm = LSTM(**TINY_LSTM)
+    lstm = tiny_lstm()
     decay, no_decay = lstm.configure_optimizers(0.1, 1e-3, (0.9, 0.99)).param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
@@ -464,7 +464,7 @@ def test_lstm_optimizer_decays_matrices_only_and_holds_each_parameter_once():
 
 
 def test_lstm_forward_with_a_state_carries_it_on_in_place():
-    lstm, x = LSTM(**TINY_LSTM).eval(), torch.randint(0, 40, (N, 12))
+    lstm, x = tiny_lstm().eval(), torch.randint(0, 40, (N, 12))
     state = lstm.zero_state(N)
     first, _ = lstm(x[:, :5], state=state)
     after_first = [s.clone() for s in state]
@@ -489,7 +489,7 @@ def cached(k, v, lengths):
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_gpt_cached_forward_chunk_then_token_by_token_equals_the_full_forward(fused):
-    gpt, x = GPT(**TINY_GPT).eval(), torch.randint(0, 40, (N, 16))
+    gpt, x = tiny_gpt().eval(), torch.randint(0, 40, (N, 16))
     if not fused:
         explicit(gpt)
     k, v = storage(gpt, N)
@@ -501,7 +501,7 @@ def test_gpt_cached_forward_chunk_then_token_by_token_equals_the_full_forward(fu
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_gpt_cached_forward_of_rows_with_different_lengths_equals_each_row_alone(fused):
-    gpt, lengths = GPT(**TINY_GPT).eval(), [3, 9, 1]
+    gpt, lengths = tiny_gpt().eval(), [3, 9, 1]
     if not fused:
         explicit(gpt)
     rows = [torch.randint(0, 40, (1, n + 1)) for n in lengths]
@@ -514,7 +514,7 @@ def test_gpt_cached_forward_of_rows_with_different_lengths_equals_each_row_alone
 
 
 def test_gpt_cached_forward_writes_each_rows_keys_at_its_own_length_only():
-    gpt, lengths = GPT(**TINY_GPT).eval(), [2, 5]
+    gpt, lengths = tiny_gpt().eval(), [2, 5]
     k, v = storage(gpt, len(lengths))
     k0 = k.clone()
     gpt(torch.randint(0, 40, (2, 3)), kv_cache=cached(k, v, lengths))
@@ -524,7 +524,7 @@ def test_gpt_cached_forward_writes_each_rows_keys_at_its_own_length_only():
 
 
 def test_gpt_cached_forward_past_the_context_raises_value_error():
-    gpt = GPT(**TINY_GPT)
+    gpt = tiny_gpt()
     k, v = storage(gpt, 1)
     with pytest.raises(ValueError, match="context_size"):
         gpt(torch.randint(0, 40, (1, 3)), kv_cache=cached(k, v, [14]))

@@ -1,13 +1,11 @@
 """The checkpoints shipped under checkpoints/: they load, explain themselves, and are good enough."""
 
-from pathlib import Path
-
 import pytest
+from helpers import REPO as ROOT
 
 from model import load_checkpoint
 from train.data import SHAKESPEARE_SHA256, full_loss, read_corpus, split
 
-ROOT = Path(__file__).resolve().parent.parent
 GPT_RUN = ROOT / "checkpoints" / "shakespeare-gpt"
 LSTM_RUN = ROOT / "checkpoints" / "shakespeare-lstm"
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"

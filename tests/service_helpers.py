@@ -11,34 +11,24 @@ import time
 from pathlib import Path
 
 import httpx
-import torch
+from helpers import tiny_gpt, tiny_lstm
 from prometheus_client.parser import text_string_to_metric_families
 
-from model import GPT, LSTM, ByteTokenizer, CharTokenizer, save_checkpoint
+from model import ByteTokenizer, CharTokenizer, save_checkpoint
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 # Every character a test prompt uses; anything else is "not in the vocabulary".
 TEXT = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?'-\n"
 CONTEXT = 32
-
-
-def tiny_gpt(vocab_size, seed=0):
-    torch.manual_seed(seed)
-    return GPT(vocab_size, context_size=CONTEXT, hidden_size=32, n_layer=2, n_head=2, dropout=0.0)
-
-
-def tiny_lstm(vocab_size, seed=0):
-    torch.manual_seed(seed)
-    return LSTM(vocab_size, hidden_size=32, n_layer=2, dropout=0.0)
 
 
 def write_checkpoints(root):
     """Random-weight checkpoints, one directory each (the directory names the model)."""
     chars, raw = CharTokenizer.from_text(TEXT), ByteTokenizer()
     made = {
-        "tiny-gpt": (tiny_gpt(chars.vocab_size), chars),
+        "tiny-gpt": (tiny_gpt(chars.vocab_size, context_size=CONTEXT), chars),
         "tiny-lstm": (tiny_lstm(chars.vocab_size), chars),
-        "byte-gpt": (tiny_gpt(raw.vocab_size), raw),
+        "byte-gpt": (tiny_gpt(raw.vocab_size, context_size=CONTEXT), raw),
     }
     for name, (model, tokenizer) in made.items():
         save_checkpoint(Path(root) / name / "model.safetensors", model, tokenizer, {})

@@ -4,7 +4,8 @@ import threading
 
 import pytest
 import torch
-from service_helpers import CONTEXT, tiny_gpt, tiny_lstm, wait_until
+from helpers import tiny_gpt, tiny_lstm
+from service_helpers import CONTEXT, wait_until
 
 from model import LSTM, Block, MultiHeadCausalSelfAttention
 from model.engine import Engine, Finished, Request, Token
@@ -15,7 +16,8 @@ PROMPT = [1, 2, 3, 4]
 
 
 def gpt64():
-    return tiny_gpt(VOCAB).double()  # double: the oracle comparisons are about logic, not float noise
+    # double: the oracle comparisons are about logic, not float noise
+    return tiny_gpt(VOCAB, context_size=CONTEXT).double()
 
 
 def lstm64():
@@ -162,7 +164,7 @@ def test_engine_max_new_tokens_is_respected(n):
 
 
 def test_engine_same_seed_same_tokens_alone_or_batched_with_others():
-    model = tiny_gpt(VOCAB)  # float32, as served
+    model = tiny_gpt(VOCAB, context_size=CONTEXT)  # float32, as served
     # different prompts and lengths, some past the context (each row slides on its own)
     jobs = [([1, 2, 3], 90, 11), ([5] * 40, 30, 12), ([7, 8], 70, 13), ([9, 1, 9, 1], 50, 11)]
     alone = [Engine(model, max_batch=1).generate(p, n, seed=s) for p, n, s in jobs]

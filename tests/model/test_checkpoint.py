@@ -14,10 +14,10 @@ import time
 
 import pytest
 import torch
-from helpers import REPO, TINY_GPT, TINY_LSTM, trainer_env
+from helpers import REPO, tiny_gpt, tiny_lstm, trainer_env
 from safetensors.torch import save_file
 
-from model import GPT, LSTM, ByteTokenizer, CharTokenizer, CheckpointError, load_checkpoint, save_checkpoint
+from model import ByteTokenizer, CharTokenizer, CheckpointError, load_checkpoint, save_checkpoint
 from model.checkpoint import (
     TMP_PREFIX,
     default_checkpoints,
@@ -31,7 +31,7 @@ CHARS = "abcdefghijklmnopqrstuvwxyz .,;:!?'\n-ABCD"  # 40 characters, to match t
 
 def tiny(kind):
     torch.manual_seed(0)
-    return GPT(**TINY_GPT) if kind == "gpt" else LSTM(**TINY_LSTM)
+    return tiny_gpt() if kind == "gpt" else tiny_lstm()
 
 
 def assert_same_weights(a, b):
@@ -55,7 +55,7 @@ def test_checkpoint_round_trip_restores_weights_tokenizer_and_metadata(tmp_path,
 
 
 def test_checkpoint_loads_the_model_in_eval_mode_with_identical_logits(tmp_path):
-    model = GPT(**{**TINY_GPT, "vocab_size": 256, "dropout": 0.2}).eval()
+    model = tiny_gpt(256, dropout=0.2).eval()
     save_checkpoint(tmp_path / "m.safetensors", model.train(), ByteTokenizer(), {})
     loaded, tok, _ = load_checkpoint(tmp_path / "m.safetensors")
     assert not loaded.training
@@ -165,7 +165,7 @@ def test_checkpoint_whose_tokenizer_disagrees_with_the_model_is_refused(tmp_path
 
 
 def test_checkpoint_whose_weights_disagree_with_the_config_is_refused(tmp_path):
-    small, big = tiny("gpt"), GPT(**{**TINY_GPT, "hidden_size": 64})
+    small, big = tiny("gpt"), tiny_gpt(hidden_size=64)
     meta = {
         "model_type": "gpt",
         "config": dataclasses.asdict(small.config),

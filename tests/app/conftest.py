@@ -1,13 +1,7 @@
-"""Fixtures for the service tests: tiny random-weight checkpoints (no trained model needed)."""
+"""The app tests' real server, serving the tiny random-weight checkpoints of tests/conftest.py."""
 
 import pytest
-from service_helpers import app_command, running_server, write_checkpoints
-
-
-@pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory):
-    """{"tiny-gpt", "tiny-lstm" (character models), "byte-gpt" (UTF-8 bytes)}: run directories."""
-    return write_checkpoints(tmp_path_factory.mktemp("checkpoints"))
+from service_helpers import app_command, running_server
 
 
 @pytest.fixture(scope="session")

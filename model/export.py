@@ -1,0 +1,173 @@
+"""Export a checkpoint for other runtimes, one function per format.
+
+    python -m model.export checkpoints/shakespeare-gpt --format gguf --out shakespeare.gguf [--dtype f16]
+
+GGUF is llama.cpp's file (Ollama runs it too): architecture "gpt2", written the way llama.cpp's
+convert_hf_to_gguf.py writes GPT-2, so llama-server and llama-cli run it with no Quill code.
+"""
+
+import argparse
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from model.checkpoint import CheckpointError, load_checkpoint
+from model.gpt import GPT
+from model.tokenizer import ByteTokenizer
+
+T = gguf.MODEL_TENSOR
+Q = gguf.GGMLQuantizationType
+# --dtype: how 2-D weights are stored, and the file type llama.cpp reports.
+GGUF_DTYPES = {
+    "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+# A Block's module -> llama.cpp's gpt2 tensor. Our qkv Linear stacks q, k, v along its output rows,
+# as GPT-2's c_attn does, and nn.Linear's (out, in) weight is already the layout convert_hf_to_gguf.py
+# gets by transposing GPT-2's Conv1D, so every weight goes in as it is.
+BLOCK_TENSORS = {
+    "ln1": T.ATTN_NORM,
+    "attn.qkv": T.ATTN_QKV,
+    "attn.proj": T.ATTN_OUT,
+    "ln2": T.FFN_NORM,
+    "mlp.fc": T.FFN_UP,
+    "mlp.proj": T.FFN_DOWN,
+}
+
+
+def gguf_tensors(model):
+    """(GGUF name, tensor) for every weight of a GPT, in llama.cpp's gpt2 naming."""
+
+    def name(tensor, bid=None):
+        return gguf.TENSOR_NAMES[tensor].format(bid=bid)
+
+    yield name(T.TOKEN_EMBD) + ".weight", model.tok_emb.weight
+    yield name(T.POS_EMBD) + ".weight", model.pos_emb.weight
+    for i, block in enumerate(model.blocks):
+        for module_name, tensor in BLOCK_TENSORS.items():
+            module = block.get_submodule(module_name)
+            yield name(tensor, i) + ".weight", module.weight
+            yield name(tensor, i) + ".bias", module.bias
+    yield name(T.OUTPUT_NORM) + ".weight", model.ln_f.weight
+    yield name(T.OUTPUT_NORM) + ".bias", model.ln_f.bias
+    # The lm head is tied to the embedding; older llama.cpp requires output.weight, so it is written twice.
+    yield name(T.OUTPUT) + ".weight", model.lm_head.weight
+
+
+def stored(name, data, qtype):
+    """(array, type) as convert_hf_to_gguf.py stores a tensor: norms, biases and position embeddings stay f32."""
+    if data.ndim == 1 or name.startswith(gguf.TENSOR_NAMES[T.POS_EMBD]):
+        qtype = Q.F32
+    try:
+        return gguf.quants.quantize(data, qtype), qtype
+    except gguf.quants.QuantError:  # q8_0 needs rows that are a multiple of 32 wide; convert falls back to f16 too
+        return data.astype(np.float16), Q.F16
+
+
+def rwkv_token(piece):
+    """One vocabulary entry (bytes) as llama.cpp's rwkv tokenizer reads it: printable text as it is, a backslash
+    doubled, anything else (newline, control and lone bytes) as \\xNN with lowercase hex, which is all it parses."""
+    with contextlib.suppress(UnicodeDecodeError):
+        text = piece.decode("utf-8")
+        if text.isprintable():
+            return text.replace("\\", "\\\\")
+    return "".join(f"\\x{b:02x}" for b in piece)
+
+
+def gguf_vocab(tokenizer):
+    """The token list: entry i is the text of Quill's token i.
+
+    Why llama.cpp's "rwkv" tokenizer and not "llama" (SentencePiece): llama.cpp's SPM vocab assumes
+    bos/eos/unk at ids 1/2/0 and no key can unset them, so in a character vocabulary the character at
+    id 2 ('!' in Shakespeare) would be end-of-generation. The rwkv vocab has no special tokens, adds no
+    BOS and no space prefix, does not rewrite spaces, and tokenizes by longest byte match over exactly
+    these entries: one token per character (or byte), as Quill does, newline and control characters
+    included. (Read in ggml-org/llama.cpp src/llama-vocab.cpp.) A prompt character outside the
+    vocabulary becomes token -1, an invalid one; llama.cpp loops forever on one that shares its first
+    UTF-8 byte with a vocabulary character, so prompts must keep to the vocabulary's characters.
+    """
+    if isinstance(tokenizer, ByteTokenizer):
+        return [rwkv_token(bytes([i])) for i in range(256)]
+    return [rwkv_token(c.encode("utf-8")) for c in tokenizer.chars]
+
+
+def export_gguf(model, tokenizer, out, dtype="f32", name="quill"):
+    """Write `model` (a GPT) and its tokenizer to the GGUF file `out`, atomically."""
+    qtype, file_type = GGUF_DTYPES[dtype]
+    cfg = model.config
+    writer = gguf.GGUFWriter(None, "gpt2")
+    writer.add_name(name)
+    writer.add_context_length(cfg.context_size)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(4 * cfg.hidden_size)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_head_count(cfg.n_head)
+    writer.add_layer_norm_eps(model.ln_f.eps)  # every LayerNorm of the GPT uses torch's default, 1e-5
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_tokenizer_model("rwkv")
+    writer.add_token_list(gguf_vocab(tokenizer))
+    writer.add_token_types([gguf.TokenType.NORMAL] * tokenizer.vocab_size)
+    writer.add_add_bos_token(False)  # Quill's prompts start with no special token
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(False)
+    for tensor_name, tensor in gguf_tensors(model):
+        data, data_type = stored(tensor_name, tensor.detach().float().cpu().numpy(), qtype)
+        writer.add_tensor(tensor_name, data, raw_dtype=data_type)
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{out.name}.", dir=out.parent)
+    os.close(fd)
+    try:
+        writer.write_header_to_file(Path(tmp))
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m model.export", description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="a run directory or a .safetensors file")
+    parser.add_argument("--format", required=True, choices=["gguf"])
+    parser.add_argument("--out", required=True, type=Path, help="the file to write")
+    parser.add_argument("--dtype", default="f32", choices=list(GGUF_DTYPES), help="how 2-D weights are stored")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    args = parser.parse_args(argv)
+
+    if args.out.exists() and not args.overwrite:
+        raise SystemExit(f"python -m model.export: {args.out} exists; pass --overwrite to replace it")
+    try:
+        model, tokenizer, _ = load_checkpoint(args.checkpoint)
+    except CheckpointError as e:
+        raise SystemExit(f"python -m model.export: cannot load the checkpoint: {e}") from None
+    if not isinstance(model, GPT):
+        raise SystemExit(
+            f"python -m model.export: {args.checkpoint} is an LSTM; only GPT checkpoints export (llama.cpp has no LSTM)"
+        )
+    checkpoint = Path(args.checkpoint)
+    name = checkpoint.name if checkpoint.is_dir() else checkpoint.stem
+    try:
+        export_gguf(model, tokenizer, args.out, args.dtype, name=name)
+    except OSError as e:
+        raise SystemExit(f"python -m model.export: cannot write {args.out}: {e.strerror or e}") from None
+    size_mb = args.out.stat().st_size / 1e6
+    print(
+        f"wrote {args.out} ({args.dtype}, {size_mb:.1f} MB); context {model.config.context_size}: "
+        f"llama-server -m {args.out} -c {model.config.context_size}"
+    )
+
+
+if __name__ == "__main__":
+    main()
