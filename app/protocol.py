@@ -1,5 +1,6 @@
 """Request bodies and their bounds: the one place that knows each limit."""
 
+import dataclasses
 import secrets
 from typing import Annotated, Literal
 
@@ -32,6 +33,16 @@ def whole_number(v):
 def choose_seed(seed):
     """The request's seed, or a random one (returned to the client, so the text can be had again)."""
     return seed if seed is not None else secrets.randbelow(MAX_SEED + 1)
+
+
+SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)} - {"seed", "stop"}
+
+
+def sampling_params(body, **renamed):
+    """A body's SamplingParams: its fields named as SamplingParams names them, then `renamed` ones
+    (an API's own name for a field), a random seed when it gave none, and its stop strings."""
+    named = body.model_dump(include=SAMPLING_FIELDS)
+    return SamplingParams(**named, **renamed, seed=choose_seed(body.seed), stop=tuple(body.stop))
 
 
 def check_prompt(prompt):
@@ -71,16 +82,7 @@ class GenerateRequest(Strict):
     _whole = field_validator("max_new_tokens", "top_k", "seed", mode="before")(whole_number)
 
     def to_sampling_params(self):
-        return SamplingParams(
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
-            seed=choose_seed(self.seed),
-            stop=tuple(self.stop),
-        )
+        return sampling_params(self)
 
 
 class StreamOptions(Strict):
@@ -118,15 +120,7 @@ class CompletionRequest(Strict):
     _whole = field_validator("max_tokens", "seed", mode="before")(whole_number)
 
     def to_sampling_params(self):
-        return SamplingParams(
-            max_new_tokens=self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
-            seed=choose_seed(self.seed),
-            stop=tuple(self.stop),
-        )
+        return sampling_params(self, max_new_tokens=self.max_tokens)
 
     @field_validator("stop")
     @classmethod

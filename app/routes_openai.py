@@ -15,9 +15,7 @@ router = APIRouter(prefix="/v1")
     responses={**streaming.STREAMED, **error_responses(400, 401, 403, 404, 422, 429, 503)},
 )
 async def completions(body: CompletionRequest, request: Request):
-    service = request.app.state.service
-    served = service.get(body.model)
-    events = service.generate(served, body.prompt, body.to_sampling_params())
+    served, events = request.app.state.service.generate(body)
     if not body.stream:
         return await streaming.completion(events, served)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -230,10 +230,11 @@ class Service:
         served.engine.submit(req)
         return Job(req, events)
 
-    def generate(self, served, prompt, params):
-        """Admit the request now (raising what refuses it before any response starts); return the
-        async iterator of its TokenEvents and final dict."""
-        return self._events(served, self.admit(served, prompt, params))
+    def generate(self, body):
+        """Admit a request body (a GenerateRequest or CompletionRequest) now, raising what refuses it
+        before any response starts; return its model and the async iterator of its TokenEvents and Done."""
+        served = self.get(body.model)
+        return served, self._events(served, self.admit(served, body.prompt, body.to_sampling_params()))
 
     async def _events(self, served, job):
         """Yield TokenEvents, then a Done; raise GenerationFailed if the engine fails."""

@@ -52,33 +52,21 @@ class TrainConfig:
 
 
 # nanoGPT's Shakespeare-char recipes; explicit options still win over them.
+SCHEDULE = dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99)  # both recipes'
 PRESETS = {
     "cpu": dict(
+        SCHEDULE,
         n_layer=4,
         n_head=4,
         hidden_size=128,
         context_size=64,
         batch_size=12,
         max_iters=2000,
-        learning_rate=1e-3,
-        min_lr=1e-4,
-        warmup_iters=100,
-        beta2=0.99,
         dropout=0.0,
         eval_iters=20,
     ),
     "gpu": dict(
-        n_layer=6,
-        n_head=6,
-        hidden_size=384,
-        context_size=256,
-        batch_size=64,
-        max_iters=5000,
-        learning_rate=1e-3,
-        min_lr=1e-4,
-        warmup_iters=100,
-        beta2=0.99,
-        dropout=0.2,
+        SCHEDULE, n_layer=6, n_head=6, hidden_size=384, context_size=256, batch_size=64, max_iters=5000, dropout=0.2
     ),
 }
 
