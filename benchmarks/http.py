@@ -34,15 +34,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(checkpoint, port, max_running):
+def start_server(checkpoint, port, max_running, compiled=False, ready_within=120):
     env = {**os.environ, "QUILL_MAX_RUNNING": str(max_running), "QUILL_MAX_QUEUED": "256", "PYTHONPATH": str(ROOT)}
+    env["QUILL_COMPILE"] = "1" if compiled else "0"
     proc = subprocess.Popen(
         [sys.executable, "-m", "app", "--checkpoint", str(checkpoint), "--port", str(port)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + ready_within
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
@@ -51,7 +52,7 @@ def start_server(checkpoint, port, max_running):
             pass
         time.sleep(0.2)
     proc.kill()
-    raise SystemExit("the server did not become ready in 120 s")
+    raise SystemExit(f"the server did not become ready in {ready_within} s")
 
 
 async def one_stream(client, url, tokens, seed):

@@ -16,6 +16,7 @@ halves; the re-prefill is amortised over the context_size // 2 steps that follow
 context_size tokens the output equals GPT.generate token for token.
 """
 
+import logging
 import math
 import threading
 import time
@@ -27,20 +28,51 @@ import torch
 from model.gpt import GPT, KVCache
 from model.sampling import Sampler, SamplingParams
 
+log = logging.getLogger("quill")
+
+
+def batch_buckets(max_batch):
+    """The batch sizes a compiled decode step is built for: powers of two below max_batch, and max_batch.
+    A step pads its batch to the next one, so a handful of fixed shapes serve every batch size."""
+    sizes = [1]
+    while sizes[-1] * 2 < max_batch:
+        sizes.append(sizes[-1] * 2)
+    return sizes + [max_batch] if max_batch > 1 else sizes
+
+
+def compile_step(step):
+    """The decode step through torch.compile (inductor): weights frozen into the graph as constants and
+    matrix products autotuned, which on a CPU picks kernels far faster than the library's matrix-vector
+    product at batch 1 (docs/benchmarks-peers.md); every shape fixed, so each bucket compiles once."""
+    compiled = torch.compile(step, fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs")
+
+    def run(*args):
+        # freezing is read when compiling (the first call of each bucket), not a torch.compile option with a mode
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(*args)
+
+    return run
+
 
 class GPTCache:
-    """Storage for the GPT's cached forward: preallocated keys and values for max_batch rows and a
-    length per row. The model reads and writes them (GPT.forward's kv_cache); this class only slots them."""
+    """Storage for the GPT's cached forward: preallocated keys and values for max_batch rows, one tensor
+    per layer, and a length per row. The model reads and writes them (GPT.forward's kv_cache); this class
+    only slots them. With `compiled`, decode steps run a compiled step over a padded batch (batch_buckets)
+    that reads the whole context, masked, so that its shapes never change; prefills stay eager."""
 
-    def __init__(self, model: GPT, max_batch):
+    def __init__(self, model: GPT, max_batch, compiled=False):
         self.model = model
         cfg = model.config
         self.context = cfg.context_size
         p = next(model.parameters())
-        shape = (cfg.n_layer, max_batch, cfg.n_head, self.context, cfg.hidden_size // cfg.n_head)
-        self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
-        self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.device = p.device
+        # one tensor per layer, not views of one: a compiled step then writes them in place
+        shape = (max_batch, cfg.n_head, self.context, cfg.hidden_size // cfg.n_head)
+        self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(cfg.n_layer)]
         self.length = [0] * max_batch
+        self.buckets = batch_buckets(max_batch)
+        self.step = compile_step(self._static_step) if compiled else None
 
     def room(self, slot):
         return self.context - self.length[slot]
@@ -52,21 +84,51 @@ class GPTCache:
 
     def decode(self, ids):
         """Append one token to each of rows 0..B-1 and return their next-token logits (B, V)."""
-        return self._forward(0, [[t] for t in ids])[:, -1]
+        if self.step is None:
+            return self._forward(0, [[t] for t in ids])[:, -1]
+        B = len(ids)
+        n = next(b for b in self.buckets if b >= B)
+        held = self.length[:B]
+        # rows B..n-1 are free slots: they compute a junk token at position 0, which a prefill overwrites
+        tokens = torch.tensor([[t] for t in ids] + [[0]] * (n - B), device=self.device)
+        lengths = torch.tensor(held + [0] * (n - B), device=self.device)
+        logits = self.step(tokens, self.k, self.v, lengths)[:B]
+        self.length[:B] = [h + 1 for h in held]
+        return logits
+
+    def _static_step(self, tokens, k, v, lengths):
+        """One token for each of rows 0..n-1, reading all context_size positions (masked past each
+        row's length): the same shapes every step. Next-token logits (n, V)."""
+        logits, _ = self.model(tokens, kv_cache=KVCache(k, v, lengths, self.context - 1))
+        return logits[:, -1]
+
+    @torch.no_grad()
+    def warm_up(self):
+        """Compile the step for every bucket now, not in a user's request. If compiling fails, say so
+        in one line and decode eagerly: a slower server, never a broken one."""
+        if self.step is None:
+            return
+        try:
+            for n in self.buckets:
+                zeros = torch.zeros(n, dtype=torch.long, device=self.device)
+                self.step(zeros[:, None], self.k, self.v, zeros)
+        except Exception as e:
+            log.warning("compiling the decode step failed, decoding without it: %s: %s", type(e).__name__, e)
+            self.step = None
 
     def _forward(self, first, ids):
         """The model's forward over rows first.. with ids (N, T) as their new tokens; logits (N, T, V)."""
         rows = slice(first, first + len(ids))
         held = self.length[rows]
-        lengths = torch.tensor(held, device=self.k.device)
-        cache = KVCache(self.k[:, rows], self.v[:, rows], lengths, max(held))  # views: written in place
-        logits, _ = self.model(torch.tensor(ids, device=self.k.device), kv_cache=cache)
+        lengths = torch.tensor(held, device=self.device)
+        cache = KVCache([k[rows] for k in self.k], [v[rows] for v in self.v], lengths, max(held))  # views
+        logits, _ = self.model(torch.tensor(ids, device=self.device), kv_cache=cache)
         self.length[rows] = [n + len(ids[0]) for n in held]
         return logits
 
     def move(self, src, dst):
-        self.k[:, dst] = self.k[:, src]
-        self.v[:, dst] = self.v[:, src]
+        for k, v in zip(self.k, self.v):
+            k[dst], v[dst] = k[src], v[src]
         self.length[dst] = self.length[src]
 
 
@@ -81,6 +143,9 @@ class LSTMState:
 
     def room(self, slot):
         return math.inf
+
+    def warm_up(self):
+        pass  # nothing to compile
 
     def prefill(self, slot, ids):
         self.h[:, slot], self.c[:, slot] = 0, 0
@@ -137,10 +202,11 @@ class Request:
 class Engine:
     """Continuous batching over one model in a dedicated thread."""
 
-    def __init__(self, model, max_batch=32, on_step=None, clock=time.perf_counter, threads=None):
+    def __init__(self, model, max_batch=32, on_step=None, clock=time.perf_counter, threads=None, compiled=False):
         self.model = model.eval()
         self.max_batch = max_batch
-        self.cache = GPTCache(model, max_batch) if isinstance(model, GPT) else LSTMState(model, max_batch)
+        is_gpt = isinstance(model, GPT)
+        self.cache = GPTCache(model, max_batch, compiled) if is_gpt else LSTMState(model, max_batch)
         self.on_step = on_step  # called after each decode step with the batch size (metrics)
         self.threads = threads  # torch threads for the engine thread (OpenMP's setting is per thread)
         self.clock = clock
@@ -158,6 +224,13 @@ class Engine:
         with self.cond:
             self.waiting.append(req)
             self.cond.notify()
+
+    def warm_up(self):
+        """For an engine stepped in the caller's thread (not start()ed): compile the decode step if asked
+        (see GPTCache), then run one prefill and one decode step. A started engine does this itself, in
+        its own thread: a compiled step is only good for the torch thread count it was compiled under."""
+        self.cache.warm_up()
+        self.generate([0], 2, temperature=0.0)
 
     def counts(self):
         """(active, waiting): read without the lock, so a snapshot, good for gauges and admission."""
@@ -203,6 +276,7 @@ class Engine:
     def _loop(self):
         if self.threads:
             torch.set_num_threads(self.threads)
+        self.cache.warm_up()  # requests submitted meanwhile wait in the queue
         while True:
             with self.cond:
                 while self.running and not self.waiting and not self.active:

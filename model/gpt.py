@@ -19,10 +19,13 @@ from model.optim import configure_adamw
 class KVCache:
     """Keys and values of the tokens a forward has already seen; the caller owns the storage.
 
-    k, v: (n_layer, N, nh, context_size, hs) for GPT.forward, and one layer's (N, nh, context_size, hs)
-    for a Block or the attention (GPT.forward hands each block `layer(i)`). Written in place.
+    k, v: for GPT.forward, n_layer tensors (a list, or one tensor stacked on dim 0) of (rows, nh,
+    context_size, hs); a Block or the attention gets one layer's (GPT.forward hands each block `layer(i)`).
+    Written in place. The batch is rows 0..N-1; storage may hold more rows, which the forward leaves alone.
     lengths: (N,) long, the tokens each row holds; a forward's T new tokens go at lengths .. lengths + T - 1.
-    longest: max(lengths) as a Python int, so that sizing the attention never waits on the device.
+    longest: how many cached positions the attention reads, as a Python int so that sizing the attention
+    never waits on the device: max(lengths), or up to context_size - T, which gives every step the same
+    shapes (positions past a row's length are masked either way).
     One KVCache serves one forward: what all its layers need is worked out once (`where`).
     """
 
@@ -95,7 +98,7 @@ class MultiHeadCausalSelfAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (N, nh, T, hs) each
         if visible is not None:  # the new tokens see the cached ones too
             Tk = visible.size(-1)
-            k, v = kv_cache.k[:, :, :Tk], kv_cache.v[:, :, :Tk]  # (N, nh, Tk, hs)
+            k, v = kv_cache.k[:N, :, :Tk], kv_cache.v[:N, :, :Tk]  # (N, nh, Tk, hs): the batch's rows
         if self.fused:
             p = self.attn_dropout.p if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=p, is_causal=visible is None)

