@@ -276,10 +276,11 @@ def table(values, dtypes):
     for (model, test), med in rows.items():
         ours = [med[q] for q in QUILLS if q in med]
         best = (min if test.endswith((" ms", " s")) else max)(ours) if ours else None
-        row = [model, test, *(f"{med[q]:.0f}" if q in med else "-" for q in QUILLS)]
+        fmt = ".1f" if test.endswith(" s") else ".0f"  # start-up seconds: llama.cpp's are under one
+        row = [model, test, *(f"{med[q]:{fmt}}" if q in med else "-" for q in QUILLS)]
         for d in dtypes:
             peer = med.get(f"llama.cpp {d}")
-            row += [f"{peer:.0f}" if peer is not None else "-", f"{best / peer:.2f}x" if best and peer else "-"]
+            row += [f"{peer:{fmt}}" if peer is not None else "-", f"{best / peer:.2f}x" if best and peer else "-"]
         body.append(row)
     return markdown_table(header, body)
 
