@@ -44,6 +44,10 @@ def compile_step(step):
     """The decode step through torch.compile (inductor): weights frozen into the graph as constants and
     matrix products autotuned, which on a CPU picks kernels far faster than the library's matrix-vector
     product at batch 1 (docs/benchmarks-peers.md); every shape fixed, so each bucket compiles once."""
+    # Every model's every bucket is one compiled entry of the same function: dynamo's default limit of 8
+    # a function would end the compiling partway through a second model (and fullgraph makes that an error).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 1024)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
     compiled = torch.compile(step, fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs")
 
     def run(*args):

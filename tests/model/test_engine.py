@@ -377,6 +377,17 @@ def test_compiled_engine_keeps_same_seed_same_tokens_alone_or_batched(compiled_e
     assert mine.emit.tokens == alone
 
 
+@pytest.mark.slow
+def test_a_second_compiled_model_compiles_too(compiled_engine):
+    """Each model's each bucket is one more compiled version of the same step: more than torch's default
+    limit of 8 a function, here 3 + 6, must not leave the second model uncompiled."""
+    model = tiny_gpt(VOCAB, seed=1, context_size=CONTEXT)
+    engine = Engine(model, max_batch=32, compiled=True)
+    engine.warm_up()
+    assert engine.cache.step is not None
+    assert engine.generate(PROMPT, 10, temperature=0.0) == greedy(model, PROMPT, 10)
+
+
 def test_a_failed_compile_decodes_eagerly_after_one_warning(monkeypatch, caplog):
     def broken(step):
         def fail(*args):
