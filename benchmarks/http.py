@@ -43,16 +43,21 @@ def start_server(checkpoint, port, max_running, compiled=False, ready_within=120
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + ready_within
-    while time.monotonic() < deadline:
+    return wait_ready(proc, f"http://127.0.0.1:{port}/ready", ready_within, "the server")
+
+
+def wait_ready(proc, url, within, name):
+    """`proc` once `url` answers 200; killed, and the benchmark stopped, if it exits or takes over `within` s."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+            if httpx.get(url, timeout=1).status_code == 200:
                 return proc
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
     proc.kill()
-    raise SystemExit(f"the server did not become ready in {ready_within} s")
+    raise SystemExit(f"{name} did not become ready in {within} s (exit code {proc.poll()})")
 
 
 async def one_stream(client, url, tokens, seed):

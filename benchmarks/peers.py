@@ -29,7 +29,7 @@ import httpx
 import torch
 
 from benchmarks.common import DOCS, machine, markdown_table, median_time, percentile
-from benchmarks.http import free_port, start_server
+from benchmarks.http import free_port, start_server, wait_ready
 from model import GPT, load_checkpoint, save_checkpoint
 from model.checkpoint import default_checkpoints
 from model.engine import Engine
@@ -150,16 +150,7 @@ def llama_batch1(bin_dir, gguf, n, threads, repeats=3):
 def start_llama_server(bin_dir, gguf, port, threads, slots, ctx):
     cmd = [bin_dir / "llama-server", "-m", gguf, "-t", threads, "-np", slots, "-c", slots * ctx, "--port", port]
     proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"llama-server did not become ready on {gguf} (exit code {proc.poll()})")
+    return wait_ready(proc, f"http://127.0.0.1:{port}/health", 120, f"llama-server on {gguf}")
 
 
 # Per server: the path, the request body, and what one SSE data line holds as (tokens, text).
@@ -220,7 +211,11 @@ def serve_and_measure(start, api, clients, n, repeats=3):
         return results, started
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:  # llama-server now and then hangs in its shutdown
+            proc.kill()
+            proc.wait()
 
 
 def one_round(bin_dir, model, checkpoint, engines, ggufs, ctx, n, threads, record):
