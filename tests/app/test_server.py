@@ -166,7 +166,7 @@ def test_compiled_server_is_ready_only_once_compiled_and_writes_the_eager_server
     body = {"prompt": "Hello there", "max_new_tokens": 40, "temperature": 0, "stream": False}
     eager = httpx.post(server.url + "/generate", json=body, timeout=60).json()["text"]
     log = tmp_path / "server.log"
-    env = {"QUILL_COMPILE": "1", "QUILL_MAX_RUNNING": "2"}  # buckets 1 and 2: a short compile
-    with running_server(app_command([checkpoints["tiny-gpt"]]), env, log) as compiled:
+    env = {"QUILL_MAX_RUNNING": "2"}  # buckets 1 and 2: a short compile
+    with running_server([*app_command([checkpoints["tiny-gpt"]]), "--compile"], env, log) as compiled:
         assert "compiling tiny-gpt's decode step" in log.read_text()  # logged before /ready said 200
         assert httpx.post(compiled.url + "/generate", json=body, timeout=60).json()["text"] == eager
