@@ -13,7 +13,7 @@ from pathlib import Path
 from app.errors import APIError
 from app.textstream import TextStream
 from model import CheckpointError, load_checkpoint
-from model.checkpoint import BUNDLED, WEIGHTS_NAME, default_checkpoints, resolve_checkpoint_path
+from model.checkpoint import BUNDLED, default_checkpoints, model_name, resolve_checkpoint_path
 from model.device import pick_device
 from model.engine import Engine, Finished, Request
 
@@ -80,11 +80,6 @@ class ServedModel:
     meta: dict
     sha256: str
     engine: Engine
-
-
-def model_name(weights):
-    """A run directory's name, or a loose .safetensors file's stem."""
-    return weights.parent.name if weights.name == WEIGHTS_NAME else weights.stem
 
 
 def checkpoint_files(configured):

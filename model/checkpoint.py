@@ -48,16 +48,18 @@ def code_version():
         return "unknown"
 
 
-def atomic_write_bytes(path, data):
-    """Write to a temporary file beside `path`, fsync, then rename over it: all or nothing."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary file beside `path` for the block to write; fsynced and renamed over `path` when the
+    block ends, removed if it fails: all or nothing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
     os.fchmod(fd, 0o644)  # mkstemp makes 0600; checkpoints are meant to be shared
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -69,6 +71,11 @@ def atomic_write_bytes(path, data):
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def atomic_write_bytes(path, data):
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def remove_stale_temp_files(directory):
@@ -164,6 +171,12 @@ def save_checkpoint(path, model, tokenizer, meta):
     config = dataclasses.asdict(model.config)
     full = {**meta, "model_type": model_type, "config": config, "tokenizer": tokenizer.to_dict()}
     write_safetensors(path, model_tensors(model), full)
+
+
+def model_name(weights):
+    """A run directory's name, or a loose .safetensors file's stem: what the server and exports call it."""
+    weights = Path(weights)
+    return weights.parent.name if weights.name == WEIGHTS_NAME else weights.stem
 
 
 def resolve_checkpoint_path(path):

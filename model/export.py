@@ -8,14 +8,12 @@ convert_hf_to_gguf.py writes GPT-2, so llama-server and llama-cli run it with no
 
 import argparse
 import contextlib
-import os
-import tempfile
 from pathlib import Path
 
 import gguf
 import numpy as np
 
-from model.checkpoint import CheckpointError, load_checkpoint
+from model.checkpoint import CheckpointError, atomic_path, load_checkpoint, model_name, resolve_checkpoint_path
 from model.gpt import GPT
 from model.tokenizer import ByteTokenizer
 
@@ -120,21 +118,11 @@ def export_gguf(model, tokenizer, out, dtype="f32", name="quill"):
         data, data_type = stored(tensor_name, tensor.detach().float().cpu().numpy(), qtype)
         writer.add_tensor(tensor_name, data, raw_dtype=data_type)
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{out.name}.", dir=out.parent)
-    os.close(fd)
-    try:
-        writer.write_header_to_file(Path(tmp))
+    with atomic_path(out) as tmp:
+        writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def main(argv=None):
@@ -156,10 +144,8 @@ def main(argv=None):
         raise SystemExit(
             f"python -m model.export: {args.checkpoint} is an LSTM; only GPT checkpoints export (llama.cpp has no LSTM)"
         )
-    checkpoint = Path(args.checkpoint)
-    name = checkpoint.name if checkpoint.is_dir() else checkpoint.stem
     try:
-        export_gguf(model, tokenizer, args.out, args.dtype, name=name)
+        export_gguf(model, tokenizer, args.out, args.dtype, name=model_name(resolve_checkpoint_path(args.checkpoint)))
     except OSError as e:
         raise SystemExit(f"python -m model.export: cannot write {args.out}: {e.strerror or e}") from None
     size_mb = args.out.stat().st_size / 1e6
