@@ -170,8 +170,6 @@ class Service:
 
     def start(self):
         for served in self.models.values():
-            if self.settings.compile:
-                log.info("compiling %s's decode step (QUILL_COMPILE)", served.name)
             served.engine.start()
             served.engine.generate([0], 2, temperature=0.0)  # waits for the warm-up: one prefill and decode step
         self.ready = True

@@ -112,6 +112,7 @@ class GPTCache:
         in one line and decode eagerly: a slower server, never a broken one."""
         if self.step is None:
             return
+        log.info("compiling the GPT's decode step for batch sizes %s", ", ".join(map(str, self.buckets)))
         try:
             for n in self.buckets:
                 zeros = torch.zeros(n, dtype=torch.long, device=self.device)

@@ -168,5 +168,5 @@ def test_compiled_server_is_ready_only_once_compiled_and_writes_the_eager_server
     log = tmp_path / "server.log"
     env = {"QUILL_MAX_RUNNING": "2"}  # buckets 1 and 2: a short compile
     with running_server([*app_command([checkpoints["tiny-gpt"]]), "--compile"], env, log) as compiled:
-        assert "compiling tiny-gpt's decode step" in log.read_text()  # logged before /ready said 200
+        assert "compiling the GPT's decode step for batch sizes 1, 2" in log.read_text()
         assert httpx.post(compiled.url + "/generate", json=body, timeout=60).json()["text"] == eager
