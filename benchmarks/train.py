@@ -24,7 +24,7 @@ import torch
 from benchmarks.common import markdown_table, write_results
 from model import load_checkpoint
 from train.config import PRESETS, TrainConfig
-from train.data import full_loss, read_corpus, split
+from train.data import encode_splits, full_loss, read_corpus
 from train.loop import train
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -132,7 +132,7 @@ def main():
         results.append(run("LSTM 2x224, ctx 64, batch 12 (cpu preset's time)", lstm, peak, out))
         for r, cfg in zip(results, (cpu, big, lstm)):  # the full validation split, every character once
             model, tokenizer, _ = load_checkpoint(r["dir"])
-            _, val = split(tokenizer.encode(text), cfg.context_size)
+            _, val = encode_splits(tokenizer, text, cfg.context_size)
             r["val_loss_full"] = full_loss(model, val, cfg.context_size)
     table = f"fp32 matmul peak measured: {peak / 1e9:.0f} GFLOP/s\n\n" + markdown_table(
         [

@@ -3,7 +3,7 @@
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.gpt import GPT, MLP, Block, CausalSelfAttention, GPTConfig, MultiHeadCausalSelfAttention
 from model.lstm import LSTM, LSTMConfig
-from model.tokenizer import ByteTokenizer, CharTokenizer
+from model.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer
 
 __all__ = [
     "CausalSelfAttention",
@@ -16,6 +16,7 @@ __all__ = [
     "LSTMConfig",
     "CharTokenizer",
     "ByteTokenizer",
+    "BPETokenizer",
     "load_checkpoint",
     "save_checkpoint",
     "CheckpointError",

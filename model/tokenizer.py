@@ -1,4 +1,8 @@
-"""Tokenizers: characters of the training text (the course's choice) or raw UTF-8 bytes."""
+"""Tokenizers: characters of the training text (the course's choice), raw UTF-8 bytes, or a byte-level
+BPE learned from the corpus. Each one encodes text to ids, gives the bytes of ids, and saves itself as
+a dict that goes into the checkpoint."""
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 
 class CharTokenizer:
@@ -46,9 +50,72 @@ class ByteTokenizer:
         return {"kind": self.kind}
 
 
+def byte_level_chars():
+    """The printable stand-in for each byte in a byte-level BPE's token strings (GPT-2's convention, which
+    `tokenizers`' ByteLevel follows): printable Latin-1 bytes stand for themselves, the other bytes for
+    the code points from 256 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+class BPETokenizer:
+    """Byte-level BPE (Hugging Face `tokenizers`), trained on the user's corpus: any text encodes, and a
+    token's bytes may end inside a character, which the server's text stream holds back until whole."""
+
+    kind = "bpe"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size()
+        byte_of = {c: b for b, c in byte_level_chars().items()}
+        self.token_bytes = [bytes(byte_of[c] for c in tokenizer.id_to_token(i)) for i in range(self.vocab_size)]
+
+    @classmethod
+    def train(cls, texts, vocab_size):
+        """Learn merges from `texts` (an iterable of strings: the training split only) up to `vocab_size`
+        tokens; every one of the 256 bytes is a token, so nothing is ever unknown."""
+        if vocab_size < 256:
+            raise ValueError(f"a byte-level BPE needs a vocabulary of at least 256 tokens, not {vocab_size}")
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        )
+        tokenizer.train_from_iterator(texts, trainer)
+        return cls(tokenizer)
+
+    @classmethod
+    def from_json(cls, text):
+        return cls(Tokenizer.from_str(text))
+
+    def encode(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts):
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids):
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids):
+        return b"".join(self.token_bytes[i] for i in ids)
+
+    def to_dict(self):
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "json": self.tokenizer.to_str()}
+
+
 def tokenizer_from_dict(d):
     if d.get("kind") == "char":
         return CharTokenizer(d["chars"])
     if d.get("kind") == "byte":
         return ByteTokenizer()
+    if d.get("kind") == "bpe":
+        if not isinstance(d.get("json"), str):
+            raise ValueError("a bpe tokenizer needs its tokenizers JSON under 'json'")
+        try:
+            return BPETokenizer.from_json(d["json"])
+        except Exception as e:  # the library's parse errors have no common type
+            raise ValueError(f"the bpe tokenizer's JSON does not load: {e}") from None
     raise ValueError(f"unknown tokenizer kind {d.get('kind')!r}")

@@ -16,7 +16,7 @@ import torch
 
 from model import load_checkpoint
 from model.engine import Engine
-from train.data import full_loss, read_corpus, split
+from train.data import encode_splits, full_loss, read_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["ROMEO:\n", "First Citizen:\nWhat say you to"]
@@ -29,7 +29,7 @@ def describe(run_dir, text, corpus_sha):
     model, tokenizer, meta = load_checkpoint(run_dir)
     if meta.get("corpus_sha256") != corpus_sha:
         raise SystemExit(f"{run_dir} was trained on another corpus than --data")
-    _, val = split(tokenizer.encode(text), meta["train_config"]["context_size"])
+    _, val = encode_splits(tokenizer, text, meta["train_config"]["context_size"])
     context = meta["config"].get("context_size", meta["train_config"]["context_size"])
     loss = full_loss(model, val, context)
     engine = Engine(model, max_batch=1)

@@ -4,6 +4,11 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
+from train.data import DEFAULT_BPE_VOCAB
+
+# what --init-from takes from the checkpoint, so they cannot be given with it
+FROM_CHECKPOINT = ("model", "tokenizer", "vocab_size", "n_layer", "n_head", "hidden_size", "context_size")
+
 
 def opt(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
@@ -11,10 +16,25 @@ def opt(default, help, **kw):
 
 @dataclass
 class TrainConfig:
-    data: str = opt(None, "UTF-8 text file to train on, or 'shakespeare' to download Tiny Shakespeare")
+    data: str = opt(
+        None,
+        "UTF-8 text file to train on, a folder made by python -m train.prepare, or 'shakespeare' to download "
+        "Tiny Shakespeare",
+    )
     out: str = opt(None, "run directory: best weights, resume state, log and plot")
     model: str = opt("gpt", "network to train", choices=["gpt", "lstm"])
-    tokenizer: str = opt("char", "char: vocabulary of the text's characters; byte: any UTF-8", choices=["char", "byte"])
+    tokenizer: str = opt(
+        None,
+        "char (the default for a text file): the text's characters; byte: any UTF-8; bpe: byte-level BPE "
+        "learned from the training split (a prepared folder brings its own)",
+        choices=["char", "byte", "bpe"],
+    )
+    vocab_size: int = opt(None, f"tokens in a BPE vocabulary (default {DEFAULT_BPE_VOCAB}; at least 256)")
+    init_from: str = opt(
+        None,
+        "fine-tune: start from this checkpoint's weights, with its architecture and tokenizer, and a fresh "
+        "optimizer and schedule",
+    )
     n_layer: int = opt(4, "blocks (GPT) or stacked layers (LSTM)")
     n_head: int = opt(4, "attention heads per block (GPT only)")
     hidden_size: int = opt(128, "width of the residual stream / LSTM state")
@@ -72,7 +92,10 @@ PRESETS = {
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m train", description="Train a character GPT or LSTM on a text file.")
+    p = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Train a GPT or LSTM on text: characters, bytes or BPE tokens; from scratch or fine-tuned.",
+    )
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = "" if f.default is None else f" (default: {f.default})"
@@ -88,6 +111,12 @@ def parse_config(argv=None):
     args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None and v is not False}
     cfg = TrainConfig(**{**PRESETS.get(args.get("preset"), {}), **args})
     problems = validate(cfg)
+    if cfg.init_from:
+        given = [f"--{k.replace('_', '-')}" for k in FROM_CHECKPOINT if k in args]
+        if given:
+            problems.append(
+                f"--init-from takes the model, its shape and its tokenizer from the checkpoint: drop {', '.join(given)}"
+            )
     if problems:
         build_parser().error("; ".join(problems))
     return cfg
@@ -112,6 +141,10 @@ def validate(cfg):
     ):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
+    if cfg.vocab_size is not None and cfg.tokenizer != "bpe":
+        problems.append("--vocab-size is for --tokenizer bpe (character and byte vocabularies are fixed by the text)")
+    if cfg.vocab_size is not None and cfg.vocab_size < 256:
+        problems.append("--vocab-size must be >= 256: a byte-level BPE starts from the 256 bytes")
     if cfg.threads is not None and cfg.threads < 1:
         problems.append("--threads must be >= 1")
     if cfg.max_iters < 0 or cfg.warmup_iters < 0:

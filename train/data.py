@@ -1,15 +1,23 @@
-"""Corpus loading, the 90/10 split, random batches, and the Tiny Shakespeare download."""
+"""Corpus loading, the 90/10 split, tokenized corpora in memory or prepared on disk, random batches, and
+the Tiny Shakespeare download."""
 
 import hashlib
+import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from model.tokenizer import ByteTokenizer, CharTokenizer
+from model.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, tokenizer_from_dict
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+TRAIN_FRACTION = 0.9
+DEFAULT_BPE_VOCAB = 2048
+PREPARED_META = "meta.json"  # a prepared corpus folder's description, beside train.bin and val.bin
 
 
 def sha256_bytes(data):
@@ -49,26 +57,122 @@ def read_corpus(data):
     return text, sha256_bytes(raw)
 
 
-def make_tokenizer(kind, text):
+def split_at(total, byte_at):
+    """Where validation starts in a corpus of `total` UTF-8 bytes: 90% of the way in, moved forward to the
+    start of a character. One rule for text in memory and prepared folders, whatever the tokenizer, so
+    every model of a corpus is validated on the same text and bits per byte compare."""
+    cut = int(TRAIN_FRACTION * total)
+    while cut < total and 0x80 <= byte_at(cut) < 0xC0:  # a UTF-8 continuation byte
+        cut += 1
+    return cut
+
+
+def split_text(text):
+    """(training text, validation text): the first 90% of the bytes, and the last 10%."""
+    raw = text.encode("utf-8")
+    cut = split_at(len(raw), raw.__getitem__)
+    return raw[:cut].decode("utf-8"), raw[cut:].decode("utf-8")
+
+
+def make_tokenizer(kind, text, vocab_size=None):
+    """A new tokenizer for `text`: its characters, bytes, or a BPE learned from its training split only."""
+    if kind == "bpe":
+        return BPETokenizer.train([split_text(text)[0]], vocab_size or DEFAULT_BPE_VOCAB)
     return CharTokenizer.from_text(text) if kind == "char" else ByteTokenizer()
 
 
-def split(ids, context_size):
-    """The first 90% trains, the last 10% validates; each must hold one whole sequence."""
-    ids = torch.tensor(ids, dtype=torch.long)
-    n = int(0.9 * len(ids))
-    train, val = ids[:n], ids[n:]
-    if len(val) <= context_size + 1:
+@dataclass
+class Corpus:
+    """A tokenized corpus: its splits' ids (tensors, or files on disk when prepared) and their sizes in
+    UTF-8 bytes, which turn a loss per token into bits per byte."""
+
+    sha256: str
+    tokenizer: object
+    splits: dict  # {"train": ids, "val": ids}
+    bytes: dict  # {"train": n, "val": n}
+
+    def bits_per_byte(self, name, loss):
+        """A mean loss per token (nats) of split `name`, as bits per byte of its text: comparable across tokenizers."""
+        return loss * len(self.splits[name]) / self.bytes[name] / math.log(2)
+
+    def check_context(self, context_size):
+        n = len(self.splits["val"])
+        if n <= context_size + 1:
+            raise SystemExit(
+                f"the corpus is too small: its last 10% ({n} tokens) must exceed --context-size {context_size} + 1"
+            )
+
+
+def encode_text(tokenizer, text, sha256):
+    """The Corpus of a text held in memory."""
+    texts = dict(zip(("train", "val"), split_text(text)))
+    splits = {name: torch.tensor(tokenizer.encode(t), dtype=torch.long) for name, t in texts.items()}
+    return Corpus(sha256, tokenizer, splits, {name: len(t.encode("utf-8")) for name, t in texts.items()})
+
+
+def encode_splits(tokenizer, text, context_size):
+    """(training ids, validation ids) of a text, checked to hold a whole validation sequence."""
+    corpus = encode_text(tokenizer, text, None)
+    corpus.check_context(context_size)
+    return corpus.splits["train"], corpus.splits["val"]
+
+
+class TokenFile:
+    """One split of a prepared corpus: token ids in a flat file, read through a fresh memory map for each
+    batch. Pages a batch touched leave the process with its map, so resident memory stays small however
+    large the file is (nanoGPT re-maps per batch for the same reason)."""
+
+    def __init__(self, path, dtype, n_tokens):
+        self.path, self.dtype, self.n_tokens = Path(path), np.dtype(dtype), n_tokens
+
+    def __len__(self):
+        return self.n_tokens
+
+    def windows(self, starts, length):
+        ids = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
+        return torch.from_numpy(np.stack([ids[i : i + length] for i in starts]).astype(np.int64))
+
+    def __getitem__(self, part):
+        ids = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
+        return torch.from_numpy(ids[part].astype(np.int64))
+
+
+def is_prepared(data):
+    return data is not None and (Path(data) / PREPARED_META).is_file()
+
+
+def load_prepared(directory):
+    """The Corpus that `python -m train.prepare` wrote into `directory`, read lazily from disk."""
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / PREPARED_META).read_text())
+        splits = {
+            name: TokenFile(directory / f"{name}.bin", meta["dtype"], meta["splits"][name]["tokens"])
+            for name in ("train", "val")
+        }
+        sizes = {name: meta["splits"][name]["bytes"] for name in ("train", "val")}
+        tokenizer = tokenizer_from_dict(meta["tokenizer"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(
-            f"the corpus is too small: its last 10% ({len(val)} tokens) must exceed --context-size {context_size} + 1"
-        )
-    return train, val
+            f"--data {directory}: not a usable prepared corpus ({e}); run python -m train.prepare again"
+        ) from None
+    for ids in splits.values():
+        expected = len(ids) * ids.dtype.itemsize
+        if not ids.path.is_file() or ids.path.stat().st_size != expected:
+            raise SystemExit(
+                f"--data {directory}: {ids.path.name} is missing or not {expected} bytes; prepare it again"
+            )
+    return Corpus(meta["sha256"], tokenizer, splits, sizes)
 
 
 def get_batch(data, batch_size, context_size, generator, device="cpu"):
-    ix = torch.randint(len(data) - context_size, (batch_size,), generator=generator)
-    x = torch.stack([data[i : i + context_size] for i in ix])  # (B, T)
-    y = torch.stack([data[i + 1 : i + 1 + context_size] for i in ix])
+    """`batch_size` random windows of `data` (a tensor, or a TokenFile) as inputs and next-token targets."""
+    ix = torch.randint(len(data) - context_size, (batch_size,), generator=generator).tolist()
+    if isinstance(data, TokenFile):
+        rows = data.windows(ix, context_size + 1)
+    else:
+        rows = torch.stack([data[i : i + context_size + 1] for i in ix])
+    x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # (B, T) each
     return x.to(device), y.to(device)
 
 

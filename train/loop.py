@@ -15,18 +15,15 @@ from tqdm import tqdm
 
 from model.checkpoint import (
     WEIGHTS_NAME,
-    CheckpointError,
     build_model,
     code_version,
-    read_safetensors,
+    load_model_tensors,
     remove_stale_temp_files,
     save_checkpoint,
 )
 from model.device import pick_device
-from model.gpt import GPTConfig
-from model.lstm import LSTMConfig
-from model.tokenizer import tokenizer_from_dict
-from train.data import get_batch, make_tokenizer, read_corpus, split
+from train.data import get_batch
+from train.inputs import adopt_architecture, model_config, read_corpus_for, read_init_checkpoint, read_resume_state
 from train.resume import load_resume, save_resume
 from train.runlog import plot_losses, trim_log, write_row
 
@@ -45,13 +42,15 @@ class Progress:
     """How far the run has come: saved with every checkpoint, so that a resumed run carries on from it."""
 
     best_val_loss: float = math.inf
+    best_val_bpb: float = math.inf  # the same loss in bits per byte of the validation text
     tokens_seen: int = 0
     train_seconds: float = 0.0
 
     def meta(self, it, about):
         """A checkpoint's metadata at iteration `it`; `about` holds what stays fixed through the run."""
         seconds = round(self.train_seconds, 1)
-        progress = {"best_val_loss": self.best_val_loss, "tokens_seen": self.tokens_seen, "train_seconds": seconds}
+        progress = {"best_val_loss": self.best_val_loss, "best_val_bpb": self.best_val_bpb}
+        progress |= {"tokens_seen": self.tokens_seen, "train_seconds": seconds}
         return {"iter": it, **progress, **about}
 
 
@@ -65,8 +64,7 @@ class Run:
     model: torch.nn.Module  # the raw model (not compiled, not DDP-wrapped): the one evaluated and saved
     optimizer: torch.optim.Optimizer
     data_gen: torch.Generator
-    splits: dict
-    tokenizer: object
+    corpus: object  # train.data.Corpus
     progress: Progress
     about: dict  # the checkpoint metadata that stays fixed through the run
     autocast: object
@@ -142,44 +140,25 @@ def interrupted_message(out, it, saved):
     )
 
 
-def model_config(cfg, vocab_size):
-    """The model's constructor arguments: the trainer's settings of the same names, and the vocabulary."""
-    fields = dataclasses.fields(GPTConfig if cfg.model == "gpt" else LSTMConfig)
-    return {f.name: vocab_size if f.name == "vocab_size" else getattr(cfg, f.name) for f in fields}
-
-
-def read_inputs(cfg, out):
-    """(corpus hash, tokenizer, {"train", "val"} ids, resuming): all that can fail on bad input, checked
-    before the run folder is made. Under --resume the tokenizer is the one the run was trained with."""
-    text, corpus_sha = read_corpus(cfg.data)
-    if cfg.resume:
-        try:
-            _, state = read_safetensors(out / RESUME_NAME)
-        except CheckpointError as e:
-            raise SystemExit(f"cannot resume: {e}") from None
-        if state["corpus_sha256"] != corpus_sha:
-            raise SystemExit("cannot resume: --data is not the corpus this run was trained on")
-        tokenizer = tokenizer_from_dict(state["tokenizer"])
-    else:
-        tokenizer = make_tokenizer(cfg.tokenizer, text)
-    train_data, val_data = split(tokenizer.encode(text), cfg.context_size)
-    return corpus_sha, tokenizer, {"train": train_data, "val": val_data}, cfg.resume
-
-
-def start_model(cfg, vocab_size, device, rank, resume_path):
-    """(model, optimizer, batch generator, first iteration, progress): fresh, or as the resume state left them."""
+def start_model(cfg, vocab_size, device, rank, resume_path, init=None):
+    """(model, optimizer, batch generator, first iteration, progress): fresh (from the weights of `init`, a
+    checkpoint's (tensors, meta, source), when fine-tuning), or as the resume state left them."""
     torch.manual_seed(cfg.seed + rank)
     data_gen = torch.Generator().manual_seed(cfg.seed + rank)
     model = build_model(cfg.model, model_config(cfg, vocab_size)).to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
     if resume_path is None:
+        if init:
+            load_model_tensors(model, init[0], init[2]["path"])
         return model, optimizer, data_gen, 0, Progress()
     state = load_resume(resume_path, model, optimizer, data_gen)
     start_iter = state["iter"]
     if rank:  # only rank 0's RNG streams are saved; the others take fresh, distinct ones
         torch.manual_seed(cfg.seed + rank + start_iter)
         data_gen.manual_seed(cfg.seed + rank + start_iter)
-    progress = Progress(state["best_val_loss"], state["tokens_seen"], state["train_seconds"])
+    progress = Progress(
+        state["best_val_loss"], state.get("best_val_bpb", math.inf), state["tokens_seen"], state["train_seconds"]
+    )
     return model, optimizer, data_gen, start_iter, progress
 
 
@@ -196,22 +175,24 @@ def stepped_model(model, cfg, device, world):
 def evaluate_and_save(run, it, lr):
     """Estimate both losses, log them, save the weights if they are the best yet, and the resume state."""
     cfg, out, progress = run.cfg, run.out, run.progress
-    losses = estimate_loss(run.model, run.splits, cfg, run.device, run.autocast)
+    losses = estimate_loss(run.model, run.corpus.splits, cfg, run.device, run.autocast)
+    bpb = {name: run.corpus.bits_per_byte(name, loss) for name, loss in losses.items()}
     row = {"kind": "eval", "iter": it, "tokens": progress.tokens_seen, "seconds": round(progress.train_seconds, 2)}
-    write_row(run.log, {**row, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr})
+    row |= {"train_loss": losses["train"], "val_loss": losses["val"], "train_bpb": bpb["train"], "val_bpb": bpb["val"]}
+    write_row(run.log, {**row, "lr": lr})
     if losses["val"] < progress.best_val_loss:
-        progress.best_val_loss = losses["val"]
-        save_checkpoint(out / WEIGHTS_NAME, run.model, run.tokenizer, progress.meta(it, run.about))
+        progress.best_val_loss, progress.best_val_bpb = losses["val"], bpb["val"]
+        save_checkpoint(out / WEIGHTS_NAME, run.model, run.corpus.tokenizer, progress.meta(it, run.about))
     save_resume(out / RESUME_NAME, run.model, run.optimizer, run.data_gen, progress.meta(it, run.about))
     plot_losses(out / LOG_NAME, out / PLOT_NAME)
-    tqdm.write(f"iter {it}: train {losses['train']:.4f}, val {losses['val']:.4f}")
+    tqdm.write(f"iter {it}: train {losses['train']:.4f}, val {losses['val']:.4f} ({bpb['val']:.3f} bits/byte)")
 
 
 def train_step(run, model, world):
     """One optimizer step over the micro-batches; returns the last one's loss, scaled by their number."""
     cfg, steps = run.cfg, run.cfg.gradient_accumulation_steps
     for micro in range(steps):
-        x, y = get_batch(run.splits["train"], cfg.batch_size, cfg.context_size, run.data_gen, run.device)
+        x, y = get_batch(run.corpus.splits["train"], cfg.batch_size, cfg.context_size, run.data_gen, run.device)
         last = micro == steps - 1
         # DDP all-reduces gradients only on the last micro-batch; no_sync() is single-use, so one block.
         with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
@@ -225,23 +206,28 @@ def train_step(run, model, world):
     return loss
 
 
-def start_run(cfg, out, device, rank, world):
-    """(run, first iteration, resuming): the run's pieces, fresh or as its resume state left them."""
-    corpus_sha, tokenizer, splits, resuming = read_inputs(cfg, out)
+def start_run(cfg, out, device, rank, world, init=None):
+    """(run, first iteration, resuming): the run's pieces, fresh or as its resume state left them. All
+    that can fail on bad input (the corpus, the resume state) is read before the run folder is made."""
+    resume_state = read_resume_state(out / RESUME_NAME) if cfg.resume else None
+    corpus = read_corpus_for(cfg, out, resume_state, init[1] if init else None)
     model, optimizer, data_gen, start_iter, progress = start_model(
-        cfg, tokenizer.vocab_size, device, rank, out / RESUME_NAME if resuming else None
+        cfg, corpus.tokenizer.vocab_size, device, rank, out / RESUME_NAME if cfg.resume else None, init
     )
     about = {
-        "corpus_sha256": corpus_sha,
+        "corpus_sha256": corpus.sha256,
         "code_version": code_version(),  # the code this run started with, not whatever HEAD is at save time
         "train_config": dataclasses.asdict(cfg),
         "world_size": world,
-        "tokenizer": tokenizer.to_dict(),
+        "tokenizer": corpus.tokenizer.to_dict(),
+        "bytes_per_token": {name: corpus.bytes[name] / len(ids) for name, ids in corpus.splits.items()},
     }
+    if init:
+        about["init_from"] = init[2]
     autocast = make_autocast(cfg.dtype, device)
-    parts = dict(model=model, optimizer=optimizer, data_gen=data_gen, splits=splits, tokenizer=tokenizer)
+    parts = dict(model=model, optimizer=optimizer, data_gen=data_gen, corpus=corpus)
     run = Run(cfg, out, device, **parts, progress=progress, about=about, autocast=autocast)
-    return run, start_iter, resuming
+    return run, start_iter, cfg.resume
 
 
 def open_run_folder(run, start_iter, resuming, tokens_per_iter, world):
@@ -254,7 +240,7 @@ def open_run_folder(run, start_iter, resuming, tokens_per_iter, world):
     n_params = sum(p.numel() for p in run.model.parameters())
     tqdm.write(
         f"{run.cfg.model}: {n_params / 1e6:.2f}M parameters, {tokens_per_iter} tokens/iter, "
-        f"vocab {run.tokenizer.vocab_size}, device {run.device}, world {world}"
+        f"{run.corpus.tokenizer.kind} vocab {run.corpus.tokenizer.vocab_size}, device {run.device}, world {world}"
     )
 
 
@@ -271,7 +257,10 @@ def train(cfg):
     if master:
         refuse_to_replace_a_run(out, cfg)
     # everything that can fail on bad input happens before the run folder is made
-    run, start_iter, resuming = start_run(cfg, out, device, rank, world)
+    init = read_init_checkpoint(cfg.init_from) if cfg.init_from else None  # (tensors, meta, source)
+    if init:
+        cfg = adopt_architecture(cfg, init[1])  # fine-tuning keeps the checkpoint's model
+    run, start_iter, resuming = start_run(cfg, out, device, rank, world, init)
     raw_model, optimizer, progress = run.model, run.optimizer, run.progress
     model = stepped_model(raw_model, cfg, device, world)
     tokens_per_iter = cfg.batch_size * cfg.context_size * cfg.gradient_accumulation_steps * world
@@ -322,8 +311,9 @@ def train(cfg):
     bar.close()
     if master:
         run.log.close()
+        best = f"{progress.best_val_loss:.4f} ({progress.best_val_bpb:.3f} bits/byte)"
         tqdm.write(
-            f"done: best val loss {progress.best_val_loss:.4f}, {progress.tokens_seen} tokens in "
+            f"done: best val loss {best}, {progress.tokens_seen} tokens in "
             f"{progress.train_seconds:.0f}s; best weights in {out / WEIGHTS_NAME}"
         )
     if world > 1:

@@ -3,7 +3,7 @@
 import pytest
 
 from app.textstream import TextStream
-from model import ByteTokenizer, CharTokenizer
+from model import BPETokenizer, ByteTokenizer, CharTokenizer
 
 BYTES = ByteTokenizer()
 
@@ -98,3 +98,15 @@ def test_char_tokenizer_stream_sends_each_character_at_once():
 def test_empty_stop_strings_are_ignored():
     stream = TextStream(BYTES, stop=[""])
     assert feed(stream, "ab") == ["a", "b"]
+
+
+def test_bpe_stream_holds_a_character_cut_between_tokens_and_matches_stops_across_them():
+    bpe = BPETokenizer.train(["héllo world, héllo there\n" * 20], vocab_size=280)
+    e_first, e_second = ("é".encode()[0:1], "é".encode()[1:2])
+    ids = [bpe.token_bytes.index(b"h"), bpe.token_bytes.index(e_first), bpe.token_bytes.index(e_second)]
+    ids += bpe.encode("llo world")
+    stream = TextStream(bpe, stop=["o wor"])
+    out = [stream.push(i) for i in ids]
+    assert out[:3] == ["h", "", "é"]  # the first byte of é is held until its second arrives
+    assert "".join(out) + stream.flush() == "héll"
+    assert stream.stopped

@@ -4,7 +4,7 @@ import pytest
 from helpers import REPO as ROOT
 
 from model import load_checkpoint
-from train.data import SHAKESPEARE_SHA256, full_loss, read_corpus, split
+from train.data import SHAKESPEARE_SHA256, encode_splits, full_loss, read_corpus
 
 GPT_RUN = ROOT / "checkpoints" / "shakespeare-gpt"
 LSTM_RUN = ROOT / "checkpoints" / "shakespeare-lstm"
@@ -28,5 +28,5 @@ def test_bundled_checkpoint_loads_small_and_with_its_training_record(run):
 def test_bundled_gpt_validation_loss_on_the_standard_split_is_at_most_1_60():
     model, tokenizer, meta = load_checkpoint(GPT_RUN)
     text, _ = read_corpus(CORPUS)
-    _, val = split(tokenizer.encode(text), model.context_size)  # the last 10% of the corpus
+    _, val = encode_splits(tokenizer, text, model.context_size)  # the last 10% of the corpus
     assert full_loss(model, val, model.context_size) <= 1.60

@@ -1,9 +1,11 @@
-"""Tokenizers: characters of the training text, or UTF-8 bytes; both round-trip through a checkpoint."""
+"""Tokenizers: characters of the training text, UTF-8 bytes, or a byte-level BPE; each round-trips through
+its dict form (what a checkpoint stores)."""
 
 import pytest
 
-from model import ByteTokenizer, CharTokenizer
+from model import BPETokenizer, ByteTokenizer, CharTokenizer
 from model.tokenizer import tokenizer_from_dict
+from train.data import make_tokenizer, split_text
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
 
@@ -66,4 +68,65 @@ def test_tokenizer_survives_its_dict_form(tok):
 
 def test_tokenizer_from_dict_with_unknown_kind_raises():
     with pytest.raises(ValueError, match="unknown tokenizer kind"):
-        tokenizer_from_dict({"kind": "bpe"})
+        tokenizer_from_dict({"kind": "wordpiece"})
+
+
+# byte-level BPE (Hugging Face tokenizers), learned from the corpus
+
+BPE_CORPUS = TEXT * 30 + "Citizens, citizens! What say you to the people of Rome?\n" * 30
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return BPETokenizer.train([BPE_CORPUS], vocab_size=300)
+
+
+def test_bpe_learns_merges_up_to_the_vocabulary_size_on_top_of_the_256_bytes(bpe):
+    assert bpe.vocab_size == 300
+    assert {bytes([b]) for b in range(256)} <= set(bpe.token_bytes)
+    assert len(bpe.encode(TEXT)) < 0.6 * len(TEXT.encode())  # merges make the text shorter than its bytes
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", TEXT, "héllo wörld ✓ 日本語 🙂", "\x00\x01\r\n\t  trailing  ", "Zoë — never seen ⚡ in training", "🧑‍🚀" * 3],
+)
+def test_bpe_round_trips_any_unicode_text(bpe, text):
+    ids = bpe.encode(text)
+    assert all(0 <= i < bpe.vocab_size for i in ids)
+    assert bpe.decode(ids) == text
+    assert bpe.decode_bytes(ids) == text.encode("utf-8")
+
+
+def test_bpe_token_bytes_may_end_inside_a_character(bpe):
+    first, second = "é".encode()
+    ids = [bpe.token_bytes.index(bytes([first])), bpe.token_bytes.index(bytes([second]))]
+    assert bpe.decode_bytes(ids[:1]) == b"\xc3"  # half a character: the text stream holds it back
+    assert bpe.decode(ids) == "é"
+
+
+def test_bpe_is_learned_from_the_training_split_only():
+    unseen = "zyxwvutsrq "
+    text = TEXT * 99 + unseen * 61  # 6,039 + 671 bytes: the unseen word is exactly the last 10%
+    assert split_text(text) == (TEXT * 99, unseen * 61)
+    bpe = make_tokenizer("bpe", text, vocab_size=400)
+    assert not any(b"zy" in t or b"xw" in t for t in bpe.token_bytes)  # never merged: never seen
+    assert any(b"Citizen" in t for t in bpe.token_bytes)
+
+
+def test_bpe_with_fewer_than_256_tokens_is_refused():
+    with pytest.raises(ValueError, match="at least 256"):
+        BPETokenizer.train([TEXT], vocab_size=200)
+
+
+@pytest.mark.parametrize("bad", [{"kind": "bpe"}, {"kind": "bpe", "json": "{not json"}])
+def test_bpe_from_a_damaged_dict_raises_a_value_error_saying_so(bad):
+    with pytest.raises(ValueError, match="bpe tokenizer"):
+        tokenizer_from_dict(bad)
+
+
+def test_bpe_survives_its_dict_form(bpe):
+    again = tokenizer_from_dict(bpe.to_dict())
+    assert isinstance(again, BPETokenizer) and again.vocab_size == bpe.vocab_size
+    assert again.encode(BPE_CORPUS) == bpe.encode(BPE_CORPUS)
+    assert again.token_bytes == bpe.token_bytes

@@ -160,9 +160,23 @@ def test_trainer_when_corpus_is_too_small_for_the_context_says_so(tmp_path):
         train(config(small, tmp_path / "run", "--max-iters", 1))
 
 
-def test_split_validates_on_the_last_tenth():
-    train_ids, val_ids = data_module.split(list(range(1000)), context_size=16)
-    assert train_ids.tolist() == list(range(900)) and val_ids.tolist() == list(range(900, 1000))
+def test_split_validates_on_the_last_tenth_of_the_bytes():
+    text = "".join(chr(ord("a") + i % 26) for i in range(1000))
+    train_text, val_text = data_module.split_text(text)
+    assert train_text == text[:900] and val_text == text[900:]
+
+
+def test_split_moves_forward_to_the_start_of_a_character():
+    text = "a" * 899 + "é" + "b" * 100  # byte 900 is the second byte of é
+    train_text, val_text = data_module.split_text(text)
+    assert train_text == "a" * 899 + "é" and val_text == "b" * 100
+
+
+def test_encode_splits_gives_the_ids_of_each_split():
+    text = "abcdefghij" * 100
+    tok = CharTokenizer.from_text(text)
+    train_ids, val_ids = data_module.encode_splits(tok, text, context_size=16)
+    assert tok.decode(train_ids.tolist()) == text[:900] and tok.decode(val_ids.tolist()) == text[900:]
 
 
 def test_shakespeare_download_when_offline_asks_for_a_local_file(tmp_path, monkeypatch):

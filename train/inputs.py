@@ -1,0 +1,91 @@
+"""What a run reads before it starts: the corpus, its tokenizer (new, the resumed run's, or the
+fine-tuned checkpoint's) and, for fine-tuning, the checkpoint's architecture. Everything here that
+can fail on bad input fails before the run folder is made."""
+
+import dataclasses
+import hashlib
+
+from model.checkpoint import CheckpointError, read_safetensors, resolve_checkpoint_path
+from model.gpt import GPTConfig
+from model.lstm import LSTMConfig
+from model.tokenizer import tokenizer_from_dict
+from train.data import encode_text, is_prepared, load_prepared, make_tokenizer, read_corpus
+
+ARCHITECTURE = ("model", "n_layer", "n_head", "hidden_size", "context_size")  # what --init-from decides
+
+
+def model_config(cfg, vocab_size):
+    """The model's constructor arguments: the trainer's settings of the same names, and the vocabulary."""
+    fields = dataclasses.fields(GPTConfig if cfg.model == "gpt" else LSTMConfig)
+    return {f.name: vocab_size if f.name == "vocab_size" else getattr(cfg, f.name) for f in fields}
+
+
+def read_init_checkpoint(path):
+    """(tensors, metadata, {"path", "sha256"}) of the checkpoint that --init-from names."""
+    weights = resolve_checkpoint_path(path)
+    try:
+        tensors, meta = read_safetensors(weights)
+    except CheckpointError as e:
+        raise SystemExit(f"cannot fine-tune: {e}") from None
+    if "config" not in meta or "tokenizer" not in meta:
+        raise SystemExit(f"cannot fine-tune: {weights} lacks its model config or tokenizer")
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    return tensors, meta, {"path": str(weights), "sha256": sha}
+
+
+def adopt_architecture(cfg, meta):
+    """`cfg` with the fine-tuned checkpoint's model type and shape in place of its own."""
+    shape = {k: meta["config"][k] for k in ARCHITECTURE[1:] if k in meta["config"]}
+    return dataclasses.replace(cfg, model=meta["model_type"], **shape)
+
+
+def encode_for_fine_tuning(tokenizer, text, sha, source):
+    try:
+        return encode_text(tokenizer, text, sha)
+    except ValueError as e:  # a character vocabulary that lacks some of the new text's characters
+        raise SystemExit(
+            f"cannot fine-tune {source} on --data: the text has {e}; a character model can only learn "
+            "text made of its characters: train a byte or BPE model instead (--tokenizer byte or bpe)"
+        ) from None
+
+
+def check_resumed_corpus(resume_state, sha256):
+    if resume_state and resume_state["corpus_sha256"] != sha256:
+        raise SystemExit("cannot resume: --data is not the corpus this run was trained on")
+
+
+def read_corpus_for(cfg, out, resume_state=None, init_meta=None):
+    """The run's Corpus. The tokenizer is the resumed run's, else the fine-tuned checkpoint's, else the
+    prepared folder's, else a new one of --tokenizer's kind."""
+    fixed = resume_state or init_meta
+    tokenizer = tokenizer_from_dict(fixed["tokenizer"]) if fixed else None
+    if is_prepared(cfg.data):
+        corpus = load_prepared(cfg.data)
+        if cfg.tokenizer and cfg.tokenizer != corpus.tokenizer.kind:
+            raise SystemExit(
+                f"--data {cfg.data} was prepared with a {corpus.tokenizer.kind} tokenizer, not {cfg.tokenizer}"
+            )
+        if tokenizer is not None and tokenizer.to_dict() != corpus.tokenizer.to_dict():
+            raise SystemExit(
+                f"--data {cfg.data} was prepared with another tokenizer than the checkpoint's: prepare it again "
+                "with --tokenizer pointing at the checkpoint"
+            )
+    else:
+        text, sha = read_corpus(cfg.data)
+        check_resumed_corpus(resume_state, sha)
+        if tokenizer is None:
+            corpus = encode_text(make_tokenizer(cfg.tokenizer or "char", text, cfg.vocab_size), text, sha)
+        elif resume_state:
+            corpus = encode_text(tokenizer, text, sha)
+        else:
+            corpus = encode_for_fine_tuning(tokenizer, text, sha, cfg.init_from)
+    check_resumed_corpus(resume_state, corpus.sha256)
+    corpus.check_context(cfg.context_size)
+    return corpus
+
+
+def read_resume_state(path):
+    try:
+        return read_safetensors(path)[1]
+    except CheckpointError as e:
+        raise SystemExit(f"cannot resume: {e}") from None
