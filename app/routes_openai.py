@@ -22,20 +22,27 @@ async def completions(body: CompletionRequest, request: Request):
     return streaming.completion_chunks(events, request, served, include_usage)
 
 
+def describe(m):
+    """OpenAI's model object, and what a user needs to judge the model: its size, context, tokenizer, and
+    how well it did on its validation text (bits per byte compare across tokenizers; absent in
+    checkpoints saved before they were recorded)."""
+    context = getattr(m.model.config, "context_size", None)  # the LSTM has no fixed context
+    return {
+        "id": m.name,
+        "object": "model",
+        "created": int(m.path.stat().st_mtime),
+        "owned_by": "quill",
+        "model_type": m.meta["model_type"],
+        "checkpoint_sha256": m.sha256,
+        "parameters": sum(p.numel() for p in m.model.parameters()),
+        "context_size": context,
+        "tokenizer": {"kind": m.tokenizer.kind, "vocab_size": m.tokenizer.vocab_size},
+        "best_val_loss": m.meta.get("best_val_loss"),
+        "best_val_bpb": m.meta.get("best_val_bpb"),
+        "init_from": m.meta.get("init_from"),
+    }
+
+
 @router.get("/models", summary="The models this server serves", responses=error_responses(401))
 async def models(request: Request):
-    service = request.app.state.service
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": m.name,
-                "object": "model",
-                "created": int(m.path.stat().st_mtime),
-                "owned_by": "quill",
-                "model_type": m.meta["model_type"],
-                "checkpoint_sha256": m.sha256,
-            }
-            for m in service.models.values()
-        ],
-    }
+    return {"object": "list", "data": [describe(m) for m in request.app.state.service.models.values()]}

@@ -27,5 +27,6 @@ def corpus(tmp_path):
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
-    """{"tiny-gpt", "tiny-lstm" (character models), "byte-gpt" (UTF-8 bytes)}: random-weight run directories."""
+    """{"tiny-gpt", "tiny-lstm" (character models), "byte-gpt" (UTF-8 bytes), "bpe-gpt" (byte-level BPE)}:
+    random-weight run directories."""
     return write_checkpoints(tmp_path_factory.mktemp("checkpoints"))

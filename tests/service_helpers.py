@@ -14,7 +14,7 @@ import httpx
 from helpers import tiny_gpt, tiny_lstm
 from prometheus_client.parser import text_string_to_metric_families
 
-from model import ByteTokenizer, CharTokenizer, save_checkpoint
+from model import BPETokenizer, ByteTokenizer, CharTokenizer, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 # Every character a test prompt uses; anything else is "not in the vocabulary".
@@ -25,10 +25,12 @@ CONTEXT = 32
 def write_checkpoints(root):
     """Random-weight checkpoints, one directory each (the directory names the model)."""
     chars, raw = CharTokenizer.from_text(TEXT), ByteTokenizer()
+    bpe = BPETokenizer.train([TEXT * 20 + "the quick brown fox jumps over the lazy dog\n" * 50], vocab_size=300)
     made = {
         "tiny-gpt": (tiny_gpt(chars.vocab_size, context_size=CONTEXT), chars),
         "tiny-lstm": (tiny_lstm(chars.vocab_size), chars),
         "byte-gpt": (tiny_gpt(raw.vocab_size, context_size=CONTEXT), raw),
+        "bpe-gpt": (tiny_gpt(bpe.vocab_size, context_size=CONTEXT), bpe),
     }
     for name, (model, tokenizer) in made.items():
         save_checkpoint(Path(root) / name / "model.safetensors", model, tokenizer, {})

@@ -51,7 +51,7 @@ async function loadModels() {
     const response = await fetch("/v1/models", { headers: headers() });
     if (!response.ok) return showError(await describeRefusal(response));
     const { data } = await response.json();
-    select.replaceChildren(...data.map((m) => new Option(`${m.id} (${m.model_type})`, m.id)));
+    select.replaceChildren(...data.map((m) => new Option(`${m.id} (${m.model_type}, ${m.tokenizer.kind} tokens)`, m.id)));
     if (data.some((m) => m.id === chosen)) select.value = chosen;
     showError("");
   } catch (err) {

@@ -76,6 +76,8 @@ def idle(server):
 def test_page_lists_the_served_models_from_v1_models(page):
     options = page.eval_on_selector_all("#model option", "options => options.map(o => o.value)")
     assert options == ["tiny-gpt", "tiny-lstm"]
+    labels = page.eval_on_selector_all("#model option", "options => options.map(o => o.text)")
+    assert labels == ["tiny-gpt (gpt, char tokens)", "tiny-lstm (lstm, char tokens)"]
 
 
 def test_text_grows_as_tokens_arrive_and_stop_cancels_the_generation_on_the_server(page, server):
