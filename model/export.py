@@ -8,6 +8,7 @@ convert_hf_to_gguf.py writes GPT-2, so llama-server and llama-cli run it with no
 
 import argparse
 import contextlib
+import json
 from pathlib import Path
 
 import gguf
@@ -15,7 +16,7 @@ import numpy as np
 
 from model.checkpoint import CheckpointError, atomic_path, load_checkpoint, model_name, resolve_checkpoint_path
 from model.gpt import GPT
-from model.tokenizer import ByteTokenizer
+from model.tokenizer import BPETokenizer, ByteTokenizer
 
 T = gguf.MODEL_TENSOR
 Q = gguf.GGMLQuantizationType
@@ -94,6 +95,59 @@ def gguf_vocab(tokenizer):
     return [rwkv_token(c.encode("utf-8")) for c in tokenizer.chars]
 
 
+def bpe_merges(tokenizer):
+    """A BPE tokenizer's merges in rank order as GGUF keeps them, "a b": `tokenizers` stores each one so or,
+    in newer versions, as a pair. No byte-level token holds a space (space is "Ġ"), so the split is unambiguous."""
+    merges = json.loads(tokenizer.to_dict()["json"])["model"]["merges"]
+    return [m if isinstance(m, str) else " ".join(m) for m in merges]
+
+
+# The end token a byte-level BPE's GGUF vocabulary gets after the model's own; the space keeps it from ever
+# equalling a byte-level token's text.
+END_TOKEN = "[quill end of text]"
+
+
+def add_tokenizer(writer, tokenizer):
+    """Write the vocabulary; return how many tokens it has beyond the model's (0, or 1 for a BPE).
+
+    A byte-level BPE is written as convert_hf_to_gguf.py writes GPT-2's: tokenizer "gpt2", pre-tokenizer
+    "gpt-2" (the same regex as `tokenizers`' ByteLevel), the token strings in byte-level form and the merges.
+    But llama.cpp's gpt2 vocab takes bos and eos to be id 11 unless the file names others in range (an id out
+    of range falls back to 11), and eos always ends generation: Quill's BPE has no special token, so id 11 is
+    an ordinary one (',', as in GPT-2). So, like GPT-2's <|endoftext|>, one token more is written, bos and
+    eos, of type UNUSED so that llama.cpp never matches it in prompt text; `end_token_rows` gives it its weights,
+    and tokenizer.ggml.suppress_tokens has llama.cpp's samplers give it no chance. The GPT-2 regex also keeps
+    letters and punctuation in separate words, so no BPE token can be a name such as "</s>" that llama.cpp
+    takes for an end of generation by its text. (Read in ggml-org/llama.cpp src/llama-vocab.cpp.)
+    """
+    if not isinstance(tokenizer, BPETokenizer):
+        writer.add_tokenizer_model("rwkv")
+        writer.add_token_list(gguf_vocab(tokenizer))
+        writer.add_token_types([gguf.TokenType.NORMAL] * tokenizer.vocab_size)
+        return 0
+    n = tokenizer.vocab_size
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list([tokenizer.tokenizer.id_to_token(i) for i in range(n)] + [END_TOKEN])
+    writer.add_token_types([gguf.TokenType.NORMAL] * n + [gguf.TokenType.UNUSED])
+    writer.add_token_merges(bpe_merges(tokenizer))
+    writer.add_bos_token_id(n)
+    writer.add_eos_token_id(n)
+    writer.add_array("tokenizer.ggml.suppress_tokens", [n])  # gguf 0.19 has no add_suppress_tokens yet
+    return 1
+
+
+def end_token_rows(name, data):
+    """`data` with the end token's row where a tensor has one row per token: zero in the embedding (it is
+    never an input) and, in the output, the mean of the others, so its logit is the mean of the model's
+    logits: never the greedy choice, even in a runtime that ignores suppress_tokens."""
+    if name == gguf.TENSOR_NAMES[T.TOKEN_EMBD] + ".weight":
+        return np.vstack([data, np.zeros_like(data[:1])])
+    if name == gguf.TENSOR_NAMES[T.OUTPUT] + ".weight":
+        return np.vstack([data, data.mean(axis=0, keepdims=True)])
+    return data
+
+
 def export_gguf(model, tokenizer, out, dtype="f32", name="quill"):
     """Write `model` (a GPT) and its tokenizer to the GGUF file `out`, atomically."""
     qtype, file_type = GGUF_DTYPES[dtype]
@@ -108,14 +162,15 @@ def export_gguf(model, tokenizer, out, dtype="f32", name="quill"):
     writer.add_layer_norm_eps(model.ln_f.eps)  # every LayerNorm of the GPT uses torch's default, 1e-5
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_tokenizer_model("rwkv")
-    writer.add_token_list(gguf_vocab(tokenizer))
-    writer.add_token_types([gguf.TokenType.NORMAL] * tokenizer.vocab_size)
+    extra_tokens = add_tokenizer(writer, tokenizer)
     writer.add_add_bos_token(False)  # Quill's prompts start with no special token
     writer.add_add_eos_token(False)
     writer.add_add_space_prefix(False)
     for tensor_name, tensor in gguf_tensors(model):
-        data, data_type = stored(tensor_name, tensor.detach().float().cpu().numpy(), qtype)
+        data = tensor.detach().float().cpu().numpy()
+        if extra_tokens:
+            data = end_token_rows(tensor_name, data)
+        data, data_type = stored(tensor_name, data, qtype)
         writer.add_tensor(tensor_name, data, raw_dtype=data_type)
 
     with atomic_path(out) as tmp:

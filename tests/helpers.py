@@ -77,3 +77,11 @@ def run_trainer(*args, nproc=None, timeout=120):
 
 def read_log(run_dir):
     return [json.loads(line) for line in open(Path(run_dir) / "log.jsonl")]
+
+
+# A few lines for byte-level BPE tests: commas, blank lines, and characters that are two bytes (é, ï).
+BPE_TEXT = (
+    "ROMEO:\nWhat, ho! Apothecary! Thy drugs are quick.\n\n"
+    "JULIET:\nO happy dagger, this is thy sheath; there rust, and let me die.\n\n"
+    "NURSE:\nHer café, her crème, her naïve old friar? Peace, peace!\n\n"
+)
