@@ -4,6 +4,8 @@ a dict that goes into the checkpoint."""
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+PIECE_CHARS = 256 << 10  # a long text is encoded (and learned from) in pieces about this long; see bpe_pieces
+
 
 class CharTokenizer:
     kind = "char"
@@ -59,6 +61,39 @@ def byte_level_chars():
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
 
+def safe_cut(text):
+    """The last index in `text` where cutting it leaves the ids of a byte-level BPE unchanged, or None.
+
+    Cut right before a "\\n" (or the "\\r" of "\\r\\n") that follows a non-whitespace character. GPT-2's
+    pre-tokenizer regex, which the byte-level BPE uses, has no piece that holds a non-whitespace character
+    followed by whitespace, and it looks neither behind nor past such a pair, so the text on either side splits
+    into the same pieces whether it is tokenized alone or whole: chunk by chunk gives exactly the ids of the
+    whole text. Elsewhere, e.g. inside a run of blank lines or spaces ("\\n\\n" is one piece, and "  x" splits
+    as " " + " x"), a cut would change the pieces and so the ids. Python's isspace() accepts every character
+    the regex's \\s does, so a character it calls non-whitespace is one for the regex too."""
+    i = text.rfind("\n")
+    while i > 0:
+        j = i - 1 if text[i - 1] == "\r" else i
+        if j > 0 and not text[j - 1].isspace():
+            return j
+        i = text.rfind("\n", 0, i)
+    return None
+
+
+def bpe_pieces(text, size=None):
+    """`text` in pieces of about `size` characters, cut only where safe_cut allows (or, with no such place in
+    a piece, anywhere): `tokenizers` holds about 150 bytes per byte of the text it encodes, so a long text
+    goes through it a piece at a time, with the same ids."""
+    start, size = 0, size or PIECE_CHARS
+    while len(text) - start > size:
+        cut = safe_cut(text[start : start + size])
+        end = start + (cut or size)
+        yield text[start:end]
+        start = end
+    if start < len(text) or not text:
+        yield text[start:]
+
+
 class BPETokenizer:
     """Byte-level BPE (Hugging Face `tokenizers`), trained on the user's corpus: any text encodes, and a
     token's bytes may end inside a character, which the server's text stream holds back until whole."""
@@ -83,7 +118,7 @@ class BPETokenizer:
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
         )
-        tokenizer.train_from_iterator(texts, trainer)
+        tokenizer.train_from_iterator((piece for text in texts for piece in bpe_pieces(text)), trainer)
         return cls(tokenizer)
 
     @classmethod
@@ -91,7 +126,9 @@ class BPETokenizer:
         return cls(Tokenizer.from_str(text))
 
     def encode(self, text):
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        if len(text) <= PIECE_CHARS:
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return [i for piece in bpe_pieces(text) for i in self.tokenizer.encode(piece, add_special_tokens=False).ids]
 
     def encode_batch(self, texts):
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]

@@ -92,3 +92,12 @@ def test_peers_table_shows_medians_over_rounds_and_quill_over_llama_ratios():
         "| m | TTFT p50 ms | 5 | 9 | 10 | 0.50x | - | - |",
     ]
     assert (agreement("ROMEO: hi", "ROMEO: ho"), agreement("abc", "abcdef")) == (8, 3)
+
+
+@pytest.mark.slow
+def test_prepared_benchmark_quick_mode_trains_from_memory_and_from_a_prepared_folder(tmp_path):
+    result = run_quick("prepared", tmp_path)["results"]
+    assert result["corpus_mb"] == 12 and result["corpus_tokens"] > 0
+    for name in ("memory", "prepared"):
+        assert len(result[f"{name}_tokens_per_s"]) == 1 and result[f"{name}_tokens_per_s"][0] > 0
+        assert result[f"{name}_peak_mb"][0] > 0

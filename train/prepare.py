@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from model.checkpoint import CheckpointError, atomic_path, atomic_write_bytes, read_safetensors, resolve_checkpoint_path
-from model.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, tokenizer_from_dict
+from model.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, safe_cut, tokenizer_from_dict
 from train.data import DEFAULT_BPE_VOCAB, PREPARED_META, split_at
 
 # Bytes read at a time, about the size of a chunk. Not megabytes: `tokenizers` holds ~150 bytes per byte while
@@ -117,25 +117,6 @@ def decoded_blocks(segment, block_bytes, on_read):
                 yield text
     except OSError as e:
         raise SystemExit(f"cannot read {segment.path}: {e.strerror}") from None
-
-
-def safe_cut(text):
-    """The last index in `text` where cutting it leaves the ids of a byte-level BPE unchanged, or None.
-
-    Cut right before a "\\n" (or the "\\r" of "\\r\\n") that follows a non-whitespace character. GPT-2's
-    pre-tokenizer regex, which the byte-level BPE uses, has no piece that holds a non-whitespace character
-    followed by whitespace, and it looks neither behind nor past such a pair, so the text on either side splits
-    into the same pieces whether it is tokenized alone or whole: chunk by chunk gives exactly the ids of the
-    whole text. Elsewhere, e.g. inside a run of blank lines or spaces ("\\n\\n" is one piece, and "  x" splits
-    as " " + " x"), a cut would change the pieces and so the ids. Python's isspace() accepts every character
-    the regex's \\s does, so a character it calls non-whitespace is one for the regex too."""
-    i = text.rfind("\n")
-    while i > 0:
-        j = i - 1 if text[i - 1] == "\r" else i
-        if j > 0 and not text[j - 1].isspace():
-            return j
-        i = text.rfind("\n", 0, i)
-    return None
 
 
 def chunks(segments, block_bytes, on_read=lambda segment, raw: None):

@@ -130,3 +130,14 @@ def test_bpe_survives_its_dict_form(bpe):
     assert isinstance(again, BPETokenizer) and again.vocab_size == bpe.vocab_size
     assert again.encode(BPE_CORPUS) == bpe.encode(BPE_CORPUS)
     assert again.token_bytes == bpe.token_bytes
+
+
+def test_bpe_encodes_a_long_text_in_pieces_with_the_ids_of_encoding_it_whole(bpe, monkeypatch):
+    from model import tokenizer as tokenizer_module
+
+    text = ("Citizens,  hear\tme!\n\n\nZoë \r\nsaid: «déjà vu» 🙂\n  \n" + TEXT) * 40
+    whole = bpe.tokenizer.encode(text, add_special_tokens=False).ids
+    monkeypatch.setattr(tokenizer_module, "PIECE_CHARS", 50)
+    pieces = list(tokenizer_module.bpe_pieces(text, 50))
+    assert len(pieces) > 40 and "".join(pieces) == text
+    assert bpe.encode(text) == whole
