@@ -43,6 +43,16 @@ def main():
         parts += [f"## {titles[step]}", "", (DOCS / f"bench-{step}.md").read_text().strip(), ""]
         if step == "http":
             parts += ["![aggregate tokens/s and p99 latency against concurrency](bench-http.png)", ""]
+    prepared = DOCS / "bench-prepared.md"  # its own run (python -m benchmarks.prepared, about 15 minutes)
+    if prepared.exists():
+        parts += [
+            "## Training from a prepared corpus larger than memory",
+            "",
+            "`python -m benchmarks.prepared` (not part of `make bench`: it builds and tokenizes a 1 GB corpus).",
+            "",
+            prepared.read_text().strip(),
+            "",
+        ]
     notes = DOCS / "benchmarks-notes.md"
     if notes.exists():
         parts += [notes.read_text().strip(), ""]
