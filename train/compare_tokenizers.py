@@ -9,7 +9,8 @@ iterations that fill the budget (so every tokenizer trains for the same time, no
 of steps: a larger vocabulary costs more per step), train, then measure the loss over the whole
 validation split and turn it into bits per byte, which compare across tokenizers where a loss per
 token does not. Writes docs/tokenizers.md, .png and .json. A finished run is reused, so an
-interrupted comparison continues where it stopped (remove --runs to start afresh).
+interrupted comparison continues where it stopped (remove --runs to start afresh). With --measure RUN...,
+it trains nothing and prints the same table for runs trained elsewhere (e.g. the bundled GPT).
 """
 
 import argparse
@@ -97,7 +98,7 @@ def describe(run, text, sha):
         "val_bpb": corpus.bits_per_byte("val", loss),
         "prompt": prompt,
         "sample": tokenizer.decode(ids),
-        "curve": [(r["seconds"], r["val_bpb"]) for r in log if r["kind"] == "eval"],
+        "curve": [(r["seconds"], r["val_bpb"]) for r in log if r["kind"] == "eval" and "val_bpb" in r],
     }
 
 
@@ -121,6 +122,21 @@ def plot(results, path):
     plt.close(fig)
 
 
+def table(rows):
+    lines = [
+        "| tokenizer | vocab | parameters | steps | training time | tokens seen | bytes/token | val loss/token "
+        "| **bits/byte** |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['tokenizer']} | {r['vocab_size']} | {r['parameters'] / 1e6:.2f}M | {r['iters']} "
+            f"| {r['train_seconds'] / 60:.1f} min | {r['tokens_seen'] / 1e6:.1f}M | {r['bytes_per_token']:.2f} "
+            f"| {r['val_loss']:.4f} | **{r['val_bpb']:.3f}** |"
+        )
+    return lines
+
+
 def report(results, minutes, figure):
     lines = [
         "# Characters, bytes or BPE",
@@ -132,20 +148,7 @@ def report(results, minutes, figure):
         "",
     ]
     for name, rows in results.items():
-        lines += [
-            f"## {name}",
-            "",
-            "| tokenizer | vocab | parameters | steps | training time | tokens seen "
-            "| bytes/token | val loss/token | **bits/byte** |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in rows:
-            lines.append(
-                f"| {r['tokenizer']} | {r['vocab_size']} | {r['parameters'] / 1e6:.2f}M | {r['iters']} "
-                f"| {r['train_seconds'] / 60:.1f} min | {r['tokens_seen'] / 1e6:.1f}M | {r['bytes_per_token']:.2f} "
-                f"| {r['val_loss']:.4f} | **{r['val_bpb']:.3f}** |"
-            )
-        lines.append("")
+        lines += [f"## {name}", "", *table(rows), ""]
     lines += [f"![validation bits per byte against training time]({figure.name})", ""]
     notes = figure.parent / "tokenizers-notes.md"  # the reading of the numbers, written by a person
     if notes.exists():
@@ -172,11 +175,19 @@ def main(argv=None):
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "tokenizers", help="where the runs go")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "tokenizers.md")
     ap.add_argument("--train-args", default="", help="more trainer options, e.g. '--threads 1'")
+    ap.add_argument(
+        "--measure", nargs="+", metavar="RUN", help="train nothing: measure these runs on the corpus, print a table"
+    )
     args = ap.parse_args(argv)
     corpora = dict(c.split("=", 1) for c in args.corpus if "=" in c)
     if len(corpora) != len(args.corpus):
         ap.error("--corpus takes NAME=PATH")
     torch.manual_seed(0)
+    if args.measure:
+        for name, path in corpora.items():
+            text, sha = read_corpus(path)
+            print("\n".join([f"## {name}", "", *table([describe(Path(run), text, sha) for run in args.measure])]))
+        return
     results = {}
     for name, path in corpora.items():
         text, sha = read_corpus(path)

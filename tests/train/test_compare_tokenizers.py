@@ -7,6 +7,7 @@ import pytest
 
 from model import load_checkpoint
 from train import compare_tokenizers
+from train.config import parse_config
 from train.data import encode_text, full_loss, read_corpus
 
 TINY = "--n-layer 1 --n-head 2 --hidden-size 16 --context-size 16 --batch-size 4 --eval-iters 2 --threads 1"
@@ -52,3 +53,22 @@ def test_compare_with_a_corpus_not_named_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         compare_tokenizers.main(["--corpus", "just/a/path.txt"])
     assert "NAME=PATH" in capsys.readouterr().err
+
+
+def test_measure_prints_the_table_for_runs_trained_elsewhere_without_training(corpus, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    compare_tokenizers.train(parse_config(["--data", str(corpus), "--out", str(run), *TINY.split(), "--max-iters=2"]))
+
+    def no_training(cfg):
+        raise AssertionError("trained")
+
+    monkeypatch.setattr(compare_tokenizers, "train", no_training)
+    compare_tokenizers.main(["--corpus", f"tiny={corpus}", "--measure", str(run), "--out", str(tmp_path / "x.md")])
+    model, tokenizer, _ = load_checkpoint(run)
+    text, sha = read_corpus(corpus)
+    split = encode_text(tokenizer, text, sha)
+    loss = full_loss(model, split.splits["val"], model.config.context_size)
+    bpb = loss * len(split.splits["val"]) / split.bytes["val"] / math.log(2)
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| char | 34 |"))
+    assert row.endswith(f"| {loss:.4f} | **{bpb:.3f}** |")
+    assert not (tmp_path / "x.md").exists()
