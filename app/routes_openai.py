@@ -1,4 +1,6 @@
-"""OpenAI-compatible POST /v1/completions and GET /v1/models."""
+"""OpenAI-compatible POST /v1/completions, GET /v1/models and GET /v1/models/{name}."""
+
+import math
 
 from fastapi import APIRouter, Request
 
@@ -22,6 +24,15 @@ async def completions(body: CompletionRequest, request: Request):
     return streaming.completion_chunks(events, request, served, include_usage)
 
 
+# from the checkpoint's metadata; null where a checkpoint does not record one (bits per byte: before they were)
+TRAINING_FACTS = ("iter", "tokens_seen", "train_seconds", "best_val_loss", "best_val_bpb", "corpus_sha256")
+
+
+def json_safe(value):
+    """A checkpoint's metadata is JSON that may hold Infinity or NaN, which a JSON response cannot."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def describe(m):
     """OpenAI's model object, and what a user needs to judge the model: its size, context, tokenizer, and
     how well it did on its validation text (bits per byte compare across tokenizers; absent in
@@ -37,12 +48,19 @@ def describe(m):
         "parameters": sum(p.numel() for p in m.model.parameters()),
         "context_size": context,
         "tokenizer": {"kind": m.tokenizer.kind, "vocab_size": m.tokenizer.vocab_size},
-        "best_val_loss": m.meta.get("best_val_loss"),
-        "best_val_bpb": m.meta.get("best_val_bpb"),
-        "init_from": m.meta.get("init_from"),
+        "training": {key: json_safe(m.meta.get(key)) for key in TRAINING_FACTS},
+        "fine_tuned_from": m.meta.get("init_from"),
+        "imported_from": m.meta.get("imported_from"),
     }
 
 
 @router.get("/models", summary="The models this server serves", responses=error_responses(401))
 async def models(request: Request):
     return {"object": "list", "data": [describe(m) for m in request.app.state.service.models.values()]}
+
+
+@router.get(
+    "/models/{name}", summary="One served model: what it is and how it was trained", responses=error_responses(401, 404)
+)
+async def model(name: str, request: Request):
+    return describe(request.app.state.service.get(name))
