@@ -43,6 +43,10 @@ def plot_losses(log_path, png_path):
     ax.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("cross-entropy (nats/token)")
+    scale = next((r["val_bpb"] / r["val_loss"] for r in evals if r.get("val_bpb") and r["val_loss"]), None)
+    if scale:  # the validation text's bits per byte, the scale that compares across tokenizers
+        right = ax.secondary_yaxis("right", functions=(lambda loss: loss * scale, lambda bpb: bpb / scale))
+        right.set_ylabel("validation bits per byte")
     ax.grid(alpha=0.3)
     ax.legend()
     buf = io.BytesIO()
