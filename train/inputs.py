@@ -54,21 +54,24 @@ def check_resumed_corpus(resume_state, sha256):
         raise SystemExit("cannot resume: --data is not the corpus this run was trained on")
 
 
-def read_corpus_for(cfg, out, resume_state=None, init_meta=None):
+def read_corpus_for(cfg, resume_state=None, init_meta=None):
     """The run's Corpus. The tokenizer is the resumed run's, else the fine-tuned checkpoint's, else the
     prepared folder's, else a new one of --tokenizer's kind."""
     fixed = resume_state or init_meta
     tokenizer = tokenizer_from_dict(fixed["tokenizer"]) if fixed else None
     if is_prepared(cfg.data):
         corpus = load_prepared(cfg.data)
-        if cfg.tokenizer and cfg.tokenizer != corpus.tokenizer.kind:
+        prepared = corpus.tokenizer
+        if (cfg.tokenizer and cfg.tokenizer != prepared.kind) or cfg.vocab_size not in (None, prepared.vocab_size):
             raise SystemExit(
-                f"--data {cfg.data} was prepared with a {corpus.tokenizer.kind} tokenizer, not {cfg.tokenizer}"
+                f"--data {cfg.data} was prepared with a {prepared.kind} tokenizer of {prepared.vocab_size} tokens: "
+                "drop --tokenizer and --vocab-size, or prepare it again"
             )
-        if tokenizer is not None and tokenizer.to_dict() != corpus.tokenizer.to_dict():
+        if tokenizer is not None and tokenizer.to_dict() != prepared.to_dict():
+            source = "the resumed run's" if resume_state else "the checkpoint's"
             raise SystemExit(
-                f"--data {cfg.data} was prepared with another tokenizer than the checkpoint's: prepare it again "
-                "with --tokenizer pointing at the checkpoint"
+                f"--data {cfg.data} was prepared with another tokenizer than {source}: prepare it again with "
+                f"python -m train.prepare --tokenizer {cfg.out if resume_state else cfg.init_from}"
             )
     else:
         text, sha = read_corpus(cfg.data)

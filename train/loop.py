@@ -210,7 +210,7 @@ def start_run(cfg, out, device, rank, world, init=None):
     """(run, first iteration, resuming): the run's pieces, fresh or as its resume state left them. All
     that can fail on bad input (the corpus, the resume state) is read before the run folder is made."""
     resume_state = read_resume_state(out / RESUME_NAME) if cfg.resume else None
-    corpus = read_corpus_for(cfg, out, resume_state, init[1] if init else None)
+    corpus = read_corpus_for(cfg, resume_state, init[1] if init else None)
     model, optimizer, data_gen, start_iter, progress = start_model(
         cfg, corpus.tokenizer.vocab_size, device, rank, out / RESUME_NAME if cfg.resume else None, init
     )

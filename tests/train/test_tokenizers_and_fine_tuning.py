@@ -12,6 +12,7 @@ from model.checkpoint import read_safetensors
 from train.config import parse_config
 from train.data import split_text
 from train.loop import train
+from train.prepare import prepare
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--hidden-size", "16", "--context-size", "16", "--batch-size", "4"]
 RUN = ["--eval-iters", "2", "--log-interval", "1", "--warmup-iters", "2"]
@@ -132,3 +133,12 @@ def test_init_from_a_missing_checkpoint_says_so_and_writes_nothing(corpus, tmp_p
     with pytest.raises(SystemExit, match="cannot fine-tune"):
         train(config(corpus, tmp_path / "tuned", "--init-from", tmp_path / "nothing", tiny=False))
     assert not (tmp_path / "tuned").exists()
+
+
+@pytest.mark.parametrize("flags", [["--tokenizer", "char"], ["--tokenizer", "bpe", "--vocab-size", "290"]])
+def test_training_from_a_prepared_folder_with_another_tokenizer_is_refused_naming_its_own(corpus, tmp_path, flags):
+    prepare([corpus], tmp_path / "data", tokenizer="bpe", vocab_size=300, workers=1)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="prepared with a bpe tokenizer of 300 tokens") as err:
+        train(parse_config(["--data", str(tmp_path / "data"), "--out", str(out), *TINY, *RUN, *flags]))
+    assert "--tokenizer" in str(err.value) and not out.exists()
