@@ -1,9 +1,15 @@
 """Export a checkpoint for other runtimes, one function per format.
 
     python -m model.export checkpoints/shakespeare-gpt --format gguf --out shakespeare.gguf [--dtype f16]
+    python -m model.export checkpoints/shakespeare-gpt --format hf --out shakespeare-hf
 
 GGUF is llama.cpp's file (Ollama runs it too): architecture "gpt2", written the way llama.cpp's
-convert_hf_to_gguf.py writes GPT-2, so llama-server and llama-cli run it with no Quill code.
+convert_hf_to_gguf.py writes GPT-2, so llama-server and llama-cli run it with no Quill code. llama.cpp's
+gpt2 uses the tanh GELU: a model with gelu "tanh" (an imported GPT-2) computes there exactly what it does
+here; the course's exact-GELU models differ by about 1e-3 in the logits.
+
+"hf" is a Hugging Face directory (config.json, model.safetensors, tokenizer.json) that transformers loads
+as GPT2LMHeadModel and PreTrainedTokenizerFast, with no Quill code.
 """
 
 import argparse
@@ -13,10 +19,21 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from safetensors.torch import save as safetensors_bytes
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from model.checkpoint import CheckpointError, atomic_path, load_checkpoint, model_name, resolve_checkpoint_path
+from model.checkpoint import (
+    WEIGHTS_NAME,
+    CheckpointError,
+    atomic_path,
+    atomic_write_bytes,
+    load_checkpoint,
+    model_name,
+    resolve_checkpoint_path,
+)
 from model.gpt import GPT
-from model.tokenizer import BPETokenizer, ByteTokenizer
+from model.import_hf import BLOCK_MODULES
+from model.tokenizer import BPETokenizer, ByteTokenizer, byte_level_chars
 
 T = gguf.MODEL_TENSOR
 Q = gguf.GGMLQuantizationType
@@ -180,15 +197,90 @@ def export_gguf(model, tokenizer, out, dtype="f32", name="quill"):
         writer.close()
 
 
+HF_ACTIVATION = {"exact": "gelu", "tanh": "gelu_new"}  # transformers' names for the two GELU forms
+HF_END_TOKEN = "<|endoftext|>"  # GPT-2's, kept as bos/eos when a BPE (e.g. an imported GPT-2) has it
+
+
+def hf_tokenizer(tokenizer):
+    """A `tokenizers.Tokenizer` whose ids are Quill's. A character or byte vocabulary becomes a BPE with no
+    merges, so each character (byte) is one token: characters over the raw text, joined back by Fuse; bytes
+    through ByteLevel with no regex split, so any text encodes to its UTF-8 bytes. No BPE has an unknown token:
+    a character outside a character vocabulary is dropped (Quill refuses it)."""
+    if isinstance(tokenizer, BPETokenizer):
+        return tokenizer.tokenizer
+    if isinstance(tokenizer, ByteTokenizer):
+        chars = byte_level_chars()
+        hf = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        hf.decoder = decoders.ByteLevel()
+        return hf
+    hf = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(tokenizer.chars)}, merges=[]))
+    hf.decoder = decoders.Fuse()
+    return hf
+
+
+def hf_tensors(model):
+    """GPT2LMHeadModel's state dict from a GPT: Conv1D weights are nn.Linear's transposed; the tied lm_head is
+    left out, as save_pretrained does, and transformers ties it to the embedding on load."""
+    out = {"transformer.wte.weight": model.tok_emb.weight, "transformer.wpe.weight": model.pos_emb.weight}
+    for i, block in enumerate(model.blocks):
+        for ours, (theirs, conv) in BLOCK_MODULES.items():
+            module = block.get_submodule(ours)
+            out[f"transformer.h.{i}.{theirs}.weight"] = module.weight.T if conv else module.weight
+            out[f"transformer.h.{i}.{theirs}.bias"] = module.bias
+    out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = model.ln_f.weight, model.ln_f.bias
+    return {k: v.detach().float().contiguous().cpu() for k, v in out.items()}
+
+
+def export_hf(model, tokenizer, out):
+    """Write `model` (a GPT) and its tokenizer to the directory `out` as a transformers GPT-2, file by file."""
+    cfg, out = model.config, Path(out)
+    hf = hf_tokenizer(tokenizer)
+    end = hf.token_to_id(HF_END_TOKEN) if isinstance(tokenizer, BPETokenizer) else None
+    config = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.context_size,
+        "n_embd": cfg.hidden_size,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": None,  # 4 * n_embd
+        "activation_function": HF_ACTIVATION[cfg.gelu],
+        **dict.fromkeys(("resid_pdrop", "embd_pdrop", "attn_pdrop"), cfg.dropout),
+        "layer_norm_epsilon": model.ln_f.eps,
+        "tie_word_embeddings": True,
+        "bos_token_id": end,
+        "eos_token_id": end,
+        "dtype": "float32",
+    }
+    # Quill's text is exactly the tokens' text: no spaces "cleaned up" around punctuation on decode.
+    tok_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": cfg.context_size,
+        "clean_up_tokenization_spaces": False,
+    }
+    if end is not None:
+        tok_config.update(bos_token=HF_END_TOKEN, eos_token=HF_END_TOKEN)
+    weights = safetensors_bytes(hf_tensors(model), metadata={"format": "pt"})  # transformers asks for "format"
+    atomic_write_bytes(out / WEIGHTS_NAME, weights)
+    atomic_write_bytes(out / "tokenizer.json", hf.to_str().encode("utf-8"))
+    for name, data in (("config.json", config), ("tokenizer_config.json", tok_config)):
+        atomic_write_bytes(out / name, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m model.export", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a run directory or a .safetensors file")
-    parser.add_argument("--format", required=True, choices=["gguf"])
-    parser.add_argument("--out", required=True, type=Path, help="the file to write")
-    parser.add_argument("--dtype", default="f32", choices=list(GGUF_DTYPES), help="how 2-D weights are stored")
+    parser.add_argument("--format", required=True, choices=["gguf", "hf"])
+    parser.add_argument("--out", required=True, type=Path, help="the file (gguf) or directory (hf) to write")
+    parser.add_argument("--dtype", choices=list(GGUF_DTYPES), help="gguf only: how 2-D weights are stored (f32)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
 
+    if args.format == "hf" and args.dtype:
+        raise SystemExit("python -m model.export: --dtype is for --format gguf; hf weights are written as f32")
+    args.dtype = args.dtype or "f32"
     if args.out.exists() and not args.overwrite:
         raise SystemExit(f"python -m model.export: {args.out} exists; pass --overwrite to replace it")
     try:
@@ -196,13 +288,21 @@ def main(argv=None):
     except CheckpointError as e:
         raise SystemExit(f"python -m model.export: cannot load the checkpoint: {e}") from None
     if not isinstance(model, GPT):
+        runtime = "llama.cpp" if args.format == "gguf" else "transformers' GPT-2"
         raise SystemExit(
-            f"python -m model.export: {args.checkpoint} is an LSTM; only GPT checkpoints export (llama.cpp has no LSTM)"
+            f"python -m model.export: {args.checkpoint} is an LSTM; only GPT checkpoints export ({runtime} has no LSTM)"
         )
     try:
-        export_gguf(model, tokenizer, args.out, args.dtype, name=model_name(resolve_checkpoint_path(args.checkpoint)))
+        if args.format == "hf":
+            export_hf(model, tokenizer, args.out)
+        else:
+            name = model_name(resolve_checkpoint_path(args.checkpoint))
+            export_gguf(model, tokenizer, args.out, args.dtype, name=name)
     except OSError as e:
         raise SystemExit(f"python -m model.export: cannot write {args.out}: {e.strerror or e}") from None
+    if args.format == "hf":
+        print(f"wrote {args.out}: transformers.GPT2LMHeadModel.from_pretrained({str(args.out)!r})")
+        return
     size_mb = args.out.stat().st_size / 1e6
     print(
         f"wrote {args.out} ({args.dtype}, {size_mb:.1f} MB); context {model.config.context_size}: "

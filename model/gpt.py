@@ -112,11 +112,17 @@ class MultiHeadCausalSelfAttention(nn.Module):
         return self.resid_dropout(self.proj(y))
 
 
+# GELU forms: the course's exact (erf) GELU, or GPT-2's tanh approximation (imported GPT-2 checkpoints).
+GELU_FORMS = {"exact": "none", "tanh": "tanh"}  # -> nn.GELU's `approximate`
+
+
 class MLP(nn.Module):
-    def __init__(self, hidden_size, dropout):
+    def __init__(self, hidden_size, dropout, gelu="exact"):
         super().__init__()
+        if gelu not in GELU_FORMS:
+            raise ValueError(f"gelu must be one of {', '.join(GELU_FORMS)}, not {gelu!r}")
         self.fc = nn.Linear(hidden_size, 4 * hidden_size)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate=GELU_FORMS[gelu])
         self.proj = nn.Linear(4 * hidden_size, hidden_size)
         self.dropout = nn.Dropout(dropout)
 
@@ -125,12 +131,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, hidden_size, n_head, dropout):
+    def __init__(self, hidden_size, n_head, dropout, gelu="exact"):
         super().__init__()
         self.ln1 = nn.LayerNorm(hidden_size)
         self.attn = MultiHeadCausalSelfAttention(hidden_size, n_head, dropout)
         self.ln2 = nn.LayerNorm(hidden_size)
-        self.mlp = MLP(hidden_size, dropout)
+        self.mlp = MLP(hidden_size, dropout, gelu)
 
     def forward(self, x, kv_cache=None):
         x = x + self.attn(self.ln1(x), kv_cache=kv_cache)
@@ -147,17 +153,18 @@ class GPTConfig:
     n_layer: int
     n_head: int
     dropout: float
+    gelu: str = "exact"  # or "tanh"; checkpoints written before this field are exact
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab_size, context_size, hidden_size, n_layer, n_head, dropout):
+    def __init__(self, vocab_size, context_size, hidden_size, n_layer, n_head, dropout, gelu="exact"):
         super().__init__()
-        self.config = GPTConfig(vocab_size, context_size, hidden_size, n_layer, n_head, dropout)
+        self.config = GPTConfig(vocab_size, context_size, hidden_size, n_layer, n_head, dropout, gelu)
         self.context_size = context_size
         self.tok_emb = nn.Embedding(vocab_size, hidden_size)
         self.pos_emb = nn.Embedding(context_size, hidden_size)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(hidden_size, n_head, dropout) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(Block(hidden_size, n_head, dropout, gelu) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(hidden_size)
         self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # tied: one matrix, two uses

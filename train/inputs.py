@@ -14,10 +14,17 @@ from train.data import encode_text, is_prepared, load_prepared, make_tokenizer, 
 ARCHITECTURE = ("model", "n_layer", "n_head", "hidden_size", "context_size")  # what --init-from decides
 
 
-def model_config(cfg, vocab_size):
-    """The model's constructor arguments: the trainer's settings of the same names, and the vocabulary."""
-    fields = dataclasses.fields(GPTConfig if cfg.model == "gpt" else LSTMConfig)
-    return {f.name: vocab_size if f.name == "vocab_size" else getattr(cfg, f.name) for f in fields}
+def model_config(cfg, vocab_size, init_config=None):
+    """The model's constructor arguments: the trainer's settings of the same names, and the vocabulary.
+    A field the trainer has no option for (the GELU form) comes from the fine-tuned checkpoint's config
+    (an imported GPT-2 keeps its tanh GELU), or is left to its default."""
+    config = {"vocab_size": vocab_size}
+    for f in dataclasses.fields(GPTConfig if cfg.model == "gpt" else LSTMConfig):
+        if f.name != "vocab_size" and hasattr(cfg, f.name):
+            config[f.name] = getattr(cfg, f.name)
+        elif f.name != "vocab_size" and f.name in (init_config or {}):
+            config[f.name] = init_config[f.name]
+    return config
 
 
 def read_init_checkpoint(path):

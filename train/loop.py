@@ -145,7 +145,7 @@ def start_model(cfg, vocab_size, device, rank, resume_path, init=None):
     checkpoint's (tensors, meta, source), when fine-tuning), or as the resume state left them."""
     torch.manual_seed(cfg.seed + rank)
     data_gen = torch.Generator().manual_seed(cfg.seed + rank)
-    model = build_model(cfg.model, model_config(cfg, vocab_size)).to(device)
+    model = build_model(cfg.model, model_config(cfg, vocab_size, init[1]["config"] if init else None)).to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
     if resume_path is None:
         if init:
@@ -210,6 +210,9 @@ def start_run(cfg, out, device, rank, world, init=None):
     """(run, first iteration, resuming): the run's pieces, fresh or as its resume state left them. All
     that can fail on bad input (the corpus, the resume state) is read before the run folder is made."""
     resume_state = read_resume_state(out / RESUME_NAME) if cfg.resume else None
+    if resume_state and resume_state["train_config"].get("init_from") != cfg.init_from:
+        was = resume_state["train_config"].get("init_from")
+        raise SystemExit(f"cannot resume: the run was started with --init-from {was}; resume it with the same")
     corpus = read_corpus_for(cfg, resume_state, init[1] if init else None)
     model, optimizer, data_gen, start_iter, progress = start_model(
         cfg, corpus.tokenizer.vocab_size, device, rank, out / RESUME_NAME if cfg.resume else None, init

@@ -8,7 +8,7 @@ import torch
 from helpers import read_log
 
 from model import BPETokenizer, load_checkpoint
-from model.checkpoint import read_safetensors
+from model.checkpoint import read_safetensors, write_safetensors
 from train.config import parse_config
 from train.data import split_text
 from train.loop import train
@@ -142,3 +142,19 @@ def test_training_from_a_prepared_folder_with_another_tokenizer_is_refused_namin
     with pytest.raises(SystemExit, match="prepared with a bpe tokenizer of 300 tokens") as err:
         train(parse_config(["--data", str(tmp_path / "data"), "--out", str(out), *TINY, *RUN, *flags]))
     assert "--tokenizer" in str(err.value) and not out.exists()
+
+
+def test_init_from_keeps_the_checkpoints_gelu_form(base_run, corpus, tmp_path):
+    tensors, meta = read_safetensors(base_run / "model.safetensors")
+    tanh = tmp_path / "tanh"
+    write_safetensors(tanh / "model.safetensors", tensors, {**meta, "config": {**meta["config"], "gelu": "tanh"}})
+    train(config(corpus, tmp_path / "tuned", "--init-from", tanh, "--max-iters", 1, tiny=False))
+    model, _, meta = load_checkpoint(tmp_path / "tuned")
+    assert meta["config"]["gelu"] == "tanh" and model.blocks[0].mlp.gelu.approximate == "tanh"
+
+
+def test_resuming_a_fine_tuned_run_without_its_init_from_is_refused(base_run, corpus, tmp_path):
+    out = tmp_path / "tuned"
+    train(config(corpus, out, "--init-from", base_run, "--max-iters", 2, tiny=False))
+    with pytest.raises(SystemExit, match="--init-from"):
+        train(config(corpus, out, "--resume", "--max-iters", 4))
