@@ -1,7 +1,6 @@
 """Turns a request into engine work and the engine's tokens into text events. Knows no HTTP."""
 
 import asyncio
-import hashlib
 import logging
 import math
 import os
@@ -13,7 +12,7 @@ from pathlib import Path
 from app.errors import APIError
 from app.textstream import TextStream
 from model import CheckpointError, load_checkpoint
-from model.checkpoint import BUNDLED, default_checkpoints, model_name, resolve_checkpoint_path
+from model.checkpoint import BUNDLED, default_checkpoints, file_sha256, model_name, resolve_checkpoint_path
 from model.device import pick_device
 from model.engine import Engine, Finished, Request
 
@@ -109,7 +108,7 @@ def load_served_model(weights, device, max_batch, on_step, threads=None, compile
     weights = Path(weights)
     model, tokenizer, meta = load_checkpoint(weights, device=device)
     name = model_name(weights)
-    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    sha = file_sha256(weights)
     engine = Engine(model, max_batch, on_step=on_step, threads=threads, compiled=compiled)
     return ServedModel(name, weights, model, tokenizer, meta, sha, engine)
 

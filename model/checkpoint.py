@@ -8,6 +8,7 @@ how it was trained. One file means one atomic write: there is no sidecar to fall
 import contextlib
 import dataclasses
 import glob
+import hashlib
 import json
 import os
 import struct
@@ -71,6 +72,15 @@ def atomic_path(path):
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def file_sha256(path):
+    """A file's sha256, read a megabyte at a time (a large checkpoint is not held twice in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def atomic_write_bytes(path, data):

@@ -283,6 +283,9 @@ def main(argv=None):
     args.dtype = args.dtype or "f32"
     if args.out.exists() and not args.overwrite:
         raise SystemExit(f"python -m model.export: {args.out} exists; pass --overwrite to replace it")
+    source = resolve_checkpoint_path(args.checkpoint).resolve()
+    if args.out.resolve() in (source, source.parent):  # --overwrite must not turn the checkpoint into its export
+        raise SystemExit(f"python -m model.export: --out {args.out} is the checkpoint itself; choose another --out")
     try:
         model, tokenizer, _ = load_checkpoint(args.checkpoint)
     except CheckpointError as e:

@@ -10,7 +10,6 @@ weights map one to one; only GPT-2's Conv1D matrices are stored (in, out) and ar
 """
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from model.checkpoint import WEIGHTS_NAME, CheckpointError, load_model_tensors, save_checkpoint
+from model.checkpoint import WEIGHTS_NAME, CheckpointError, file_sha256, load_model_tensors, save_checkpoint
 from model.gpt import GPT
 from model.tokenizer import BPETokenizer
 
@@ -85,9 +84,17 @@ def read_tokenizer(path):
     their bytes (as transformers decodes them with skip_special_tokens=False); encode adds none."""
     try:
         tokenizer = Tokenizer.from_file(str(path))
-        model = json.loads(tokenizer.to_str())["model"]
+        spec = json.loads(tokenizer.to_str())
+        model, pre = spec["model"], spec.get("pre_tokenizer") or {}
         if model.get("type") != "BPE":
             refuse(f"{path} is a {model.get('type')} tokenizer; only GPT-2's byte-level BPE imports")
+        # GPT-2's own splitting, which the safe cuts of long texts (model.tokenizer.safe_cut) rely on
+        gpt2_split = pre.get("type") == "ByteLevel" and not pre.get("add_prefix_space") and pre.get("use_regex", True)
+        if not gpt2_split or spec.get("normalizer"):
+            refuse(
+                f"{path} splits text otherwise than GPT-2 (pre-tokenizer {pre.get('type')}, normalizer "
+                f"{(spec.get('normalizer') or {}).get('type')}); only GPT-2's byte-level BPE imports"
+            )
         return BPETokenizer(tokenizer)
     except KeyError:  # a token with a character outside the byte-level alphabet
         refuse(f"{path} is not a byte-level BPE: a token has a character outside GPT-2's byte alphabet")
@@ -121,14 +128,6 @@ def quill_tensors(hf, n_layer):
     return out
 
 
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def import_gpt2(hf_dir, out_dir):
     """Read the GPT-2 in `hf_dir`, write `out_dir`/model.safetensors; return (model, tokenizer). Refusals come
     before anything is written."""
@@ -159,7 +158,7 @@ def import_gpt2(hf_dir, out_dir):
     meta = {
         "imported_from": {
             "path": str(hf_dir.resolve()),
-            "sha256": sha256(weights),
+            "sha256": file_sha256(weights),
             "name_or_path": config.get("_name_or_path") or None,
         }
     }

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from model import load_checkpoint
-from model.checkpoint import read_safetensors
+from model.checkpoint import CheckpointError, read_safetensors
 from model.engine import Engine
 from train.config import parse_config
 from train.data import encode_text, full_loss, read_corpus, split_text
@@ -34,6 +34,7 @@ RECIPE = ["--preset", "cpu"]  # nanoGPT's CPU recipe: minutes-scale runs on this
 CALIBRATION_ITERS = 30
 SAMPLE_BYTES = 300
 SEED = 1234
+SETTINGS_NAME = "comparison.json"  # beside a run: the settings it was trained under, to reuse it only for those
 
 
 def trainer_args(corpus, out, spec, extra):
@@ -53,46 +54,54 @@ def seconds_per_iter(corpus, spec, extra, scratch):
     return cfg.batch_size * cfg.context_size * cfg.gradient_accumulation_steps / statistics.median(rates)
 
 
-def finished(out):
-    """The run in `out` if it ran to its end (its resume state is at max_iters), else None."""
+def finished(out, settings):
+    """Whether `out` holds a run of these settings (budget, corpus, options) that ran to its end."""
     try:
         _, state = read_safetensors(out / "resume.safetensors")
-    except Exception:  # absent or cut short: train it (again)
-        return None
-    return state if state["iter"] == state["train_config"]["max_iters"] else None
+        same = json.loads((out / SETTINGS_NAME).read_text()) == settings
+    except Exception:  # absent, cut short, or from an older comparison: train it (again)
+        return False
+    return same and state["iter"] == state["train_config"]["max_iters"]
 
 
 def run_one(corpus, spec, budget, extra, runs):
     out = runs / spec.replace(":", "-")
-    if not finished(out):
+    settings = {"seconds": budget, "corpus": str(corpus), "corpus_sha256": read_corpus(corpus)[1], "extra": extra}
+    if not finished(out, settings):
         per_iter = seconds_per_iter(corpus, spec, extra, runs / "calibration")
         iters = max(1, round(budget / per_iter))
         args = trainer_args(corpus, out, spec, extra)
         train(
             parse_config([*args, "--max-iters", str(iters), "--eval-interval", str(max(1, iters // 10)), "--overwrite"])
         )
+        (out / SETTINGS_NAME).write_text(json.dumps(settings))
     return out
 
 
 def describe(run, text, sha):
     """Size, time, the whole validation split's loss and bits per byte, and a sample, of one run."""
-    model, tokenizer, meta = load_checkpoint(run)
-    corpus = encode_text(tokenizer, text, sha)
-    loss = full_loss(model, corpus.splits["val"], model.config.context_size)
+    try:
+        model, tokenizer, meta = load_checkpoint(run)
+        corpus = encode_text(tokenizer, text, sha)
+    except (CheckpointError, ValueError) as e:  # not a checkpoint; a character model that lacks the text's characters
+        raise SystemExit(f"cannot measure {run}: {e}") from None
+    context = getattr(model.config, "context_size", None) or meta.get("train_config", {}).get("context_size", 256)
+    loss = full_loss(model, corpus.splits["val"], context)
     bytes_per_token = corpus.bytes["val"] / len(corpus.splits["val"])
     prompt = split_text(text)[1][:40]  # the start of the validation text
     engine = Engine(model, max_batch=1)
     ids = engine.generate(
         tokenizer.encode(prompt), math.ceil(SAMPLE_BYTES / bytes_per_token), temperature=0.8, seed=SEED
     )
-    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    log_path = Path(run) / "log.jsonl"  # an imported model, or a loose .safetensors file, has none
+    log = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
     return {
         "tokenizer": tokenizer.kind,
         "vocab_size": tokenizer.vocab_size,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "iters": meta["train_config"]["max_iters"],
-        "train_seconds": meta["train_seconds"],
-        "tokens_seen": meta["tokens_seen"],
+        "iters": meta.get("train_config", {}).get("max_iters", meta.get("iter", 0)),
+        "train_seconds": meta.get("train_seconds", 0.0),
+        "tokens_seen": meta.get("tokens_seen", 0),
         "bytes_per_token": bytes_per_token,
         "val_loss": loss,
         "val_bpb": corpus.bits_per_byte("val", loss),
@@ -182,6 +191,12 @@ def main(argv=None):
     corpora = dict(c.split("=", 1) for c in args.corpus if "=" in c)
     if len(corpora) != len(args.corpus):
         ap.error("--corpus takes NAME=PATH")
+    for spec in args.tokenizers:  # every spec is checked before anything trains for minutes
+        kind, _, vocab = spec.partition(":")
+        if kind not in ("char", "byte", "bpe") or (
+            vocab and (kind != "bpe" or not vocab.isdigit() or int(vocab) < 256)
+        ):
+            ap.error(f"--tokenizers {spec!r}: give char, byte or bpe:N with N >= 256")
     torch.manual_seed(0)
     if args.measure:
         for name, path in corpora.items():

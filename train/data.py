@@ -152,6 +152,7 @@ def load_prepared(directory):
         }
         sizes = {name: meta["splits"][name]["bytes"] for name in ("train", "val")}
         tokenizer = tokenizer_from_dict(meta["tokenizer"])
+        sha256 = meta["sha256"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(
             f"--data {directory}: not a usable prepared corpus ({e}); run python -m train.prepare again"
@@ -162,7 +163,7 @@ def load_prepared(directory):
             raise SystemExit(
                 f"--data {directory}: {ids.path.name} is missing or not {expected} bytes; prepare it again"
             )
-    return Corpus(meta["sha256"], tokenizer, splits, sizes)
+    return Corpus(sha256, tokenizer, splits, sizes)
 
 
 def get_batch(data, batch_size, context_size, generator, device="cpu"):

@@ -3,9 +3,8 @@ fine-tuned checkpoint's) and, for fine-tuning, the checkpoint's architecture. Ev
 can fail on bad input fails before the run folder is made."""
 
 import dataclasses
-import hashlib
 
-from model.checkpoint import CheckpointError, read_safetensors, resolve_checkpoint_path
+from model.checkpoint import CheckpointError, file_sha256, read_safetensors, resolve_checkpoint_path
 from model.gpt import GPTConfig
 from model.lstm import LSTMConfig
 from model.tokenizer import tokenizer_from_dict
@@ -34,10 +33,9 @@ def read_init_checkpoint(path):
         tensors, meta = read_safetensors(weights)
     except CheckpointError as e:
         raise SystemExit(f"cannot fine-tune: {e}") from None
-    if "config" not in meta or "tokenizer" not in meta:
+    if not all(key in meta for key in ("model_type", "config", "tokenizer")):
         raise SystemExit(f"cannot fine-tune: {weights} lacks its model config or tokenizer")
-    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
-    return tensors, meta, {"path": str(weights), "sha256": sha}
+    return tensors, meta, {"path": str(weights.resolve()), "sha256": file_sha256(weights)}
 
 
 def adopt_architecture(cfg, meta):

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from model.checkpoint import (
     WEIGHTS_NAME,
+    CheckpointError,
     build_model,
     code_version,
     load_model_tensors,
@@ -140,18 +141,22 @@ def interrupted_message(out, it, saved):
     )
 
 
-def start_model(cfg, vocab_size, device, rank, resume_path, init=None):
+def start_model(cfg, vocab_size, device, rank, resume_path, init=None, shape=None):
     """(model, optimizer, batch generator, first iteration, progress): fresh (from the weights of `init`, a
-    checkpoint's (tensors, meta, source), when fine-tuning), or as the resume state left them."""
+    checkpoint's (tensors, meta, source), when fine-tuning), or as the resume state left them. `shape`: the
+    metadata whose model config the run keeps (the resumed run's, or the fine-tuned checkpoint's)."""
     torch.manual_seed(cfg.seed + rank)
     data_gen = torch.Generator().manual_seed(cfg.seed + rank)
-    model = build_model(cfg.model, model_config(cfg, vocab_size, init[1]["config"] if init else None)).to(device)
+    model = build_model(cfg.model, model_config(cfg, vocab_size, shape["config"] if shape else None)).to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
     if resume_path is None:
         if init:
             load_model_tensors(model, init[0], init[2]["path"])
         return model, optimizer, data_gen, 0, Progress()
-    state = load_resume(resume_path, model, optimizer, data_gen)
+    try:
+        state = load_resume(resume_path, model, optimizer, data_gen)
+    except CheckpointError as e:
+        raise SystemExit(f"cannot resume: {e}") from None
     start_iter = state["iter"]
     if rank:  # only rank 0's RNG streams are saved; the others take fresh, distinct ones
         torch.manual_seed(cfg.seed + rank + start_iter)
@@ -206,16 +211,27 @@ def train_step(run, model, world):
     return loss
 
 
-def start_run(cfg, out, device, rank, world, init=None):
+def run_origin(cfg, out):
+    """(cfg, resume state, init, shape) before anything is built. A resumed run keeps the model it was
+    started with (its resume state records the model's config: the fine-tuned checkpoint is not read
+    again, and may have moved); a fine-tuning run takes the checkpoint's model and its weights (`init`:
+    its (tensors, meta, source)). `shape` is the metadata whose model type and config the run adopts."""
+    resume_state = read_resume_state(out / RESUME_NAME) if cfg.resume else None
+    if resume_state and "config" in resume_state:
+        return adopt_architecture(cfg, resume_state), resume_state, None, resume_state
+    init = read_init_checkpoint(cfg.init_from) if cfg.init_from else None
+    if init:
+        return adopt_architecture(cfg, init[1]), resume_state, init, init[1]
+    return cfg, resume_state, None, None
+
+
+def start_run(cfg, out, device, rank, world):
     """(run, first iteration, resuming): the run's pieces, fresh or as its resume state left them. All
     that can fail on bad input (the corpus, the resume state) is read before the run folder is made."""
-    resume_state = read_resume_state(out / RESUME_NAME) if cfg.resume else None
-    if resume_state and resume_state["train_config"].get("init_from") != cfg.init_from:
-        was = resume_state["train_config"].get("init_from")
-        raise SystemExit(f"cannot resume: the run was started with --init-from {was}; resume it with the same")
+    cfg, resume_state, init, shape = run_origin(cfg, out)
     corpus = read_corpus_for(cfg, resume_state, init[1] if init else None)
     model, optimizer, data_gen, start_iter, progress = start_model(
-        cfg, corpus.tokenizer.vocab_size, device, rank, out / RESUME_NAME if cfg.resume else None, init
+        cfg, corpus.tokenizer.vocab_size, device, rank, out / RESUME_NAME if cfg.resume else None, init, shape
     )
     about = {
         "corpus_sha256": corpus.sha256,
@@ -224,9 +240,12 @@ def start_run(cfg, out, device, rank, world, init=None):
         "world_size": world,
         "tokenizer": corpus.tokenizer.to_dict(),
         "bytes_per_token": {name: corpus.bytes[name] / len(ids) for name, ids in corpus.splits.items()},
+        "model_type": cfg.model,
+        "config": dataclasses.asdict(model.config),  # so that --resume rebuilds this model, GELU form included
     }
-    if init:
-        about["init_from"] = init[2]
+    origin = init[2] if init else (resume_state or {}).get("init_from")
+    if origin:
+        about["init_from"] = origin
     autocast = make_autocast(cfg.dtype, device)
     parts = dict(model=model, optimizer=optimizer, data_gen=data_gen, corpus=corpus)
     run = Run(cfg, out, device, **parts, progress=progress, about=about, autocast=autocast)
@@ -260,10 +279,8 @@ def train(cfg):
     if master:
         refuse_to_replace_a_run(out, cfg)
     # everything that can fail on bad input happens before the run folder is made
-    init = read_init_checkpoint(cfg.init_from) if cfg.init_from else None  # (tensors, meta, source)
-    if init:
-        cfg = adopt_architecture(cfg, init[1])  # fine-tuning keeps the checkpoint's model
-    run, start_iter, resuming = start_run(cfg, out, device, rank, world, init)
+    run, start_iter, resuming = start_run(cfg, out, device, rank, world)
+    cfg = run.cfg  # with the model shape of the resumed run or the fine-tuned checkpoint
     raw_model, optimizer, progress = run.model, run.optimizer, run.progress
     model = stepped_model(raw_model, cfg, device, world)
     tokens_per_iter = cfg.batch_size * cfg.context_size * cfg.gradient_accumulation_steps * world

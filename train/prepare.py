@@ -12,6 +12,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 from collections import deque
@@ -169,8 +170,19 @@ def learn_tokenizer(kind, vocab_size, segments, block_bytes):
 
 def start_worker(tokenizer_dict, dtype):
     global worker_tokenizer, worker_dtype
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: one line, not one per worker
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism; no threads inside them
     worker_tokenizer, worker_dtype = tokenizer_from_dict(tokenizer_dict), np.dtype(dtype).newbyteorder("<")
+
+
+def start_pool(context, workers, args):
+    """The worker pool, started with Ctrl-C held back: one that arrives while workers fork leaves a half-made
+    pool that never shuts down; held, it arrives once the pool is whole, and the pool is torn down."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return context.Pool(workers, initializer=start_worker, initargs=args)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def encode_chunk(text):
@@ -185,7 +197,7 @@ def tokenize(tokenizer, segments, total, files_out, workers, block_bytes, on_rea
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     args = (tokenizer.to_dict(), token_dtype(tokenizer.vocab_size))
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="pass 2 (tokenize)")
-    with bar, context.Pool(workers, initializer=start_worker, initargs=args) as pool:
+    with bar, start_pool(context, workers, args) as pool:
         in_flight = deque()
 
         def write_until(n):
@@ -290,9 +302,17 @@ def main(argv=None):
         p.error(f"--vocab-size must be at least 256 (a byte-level BPE holds every byte), not {args.vocab_size}")
     if args.workers < 1:
         p.error(f"--workers must be at least 1, not {args.workers}")
-    prepare(
-        args.data, args.out, args.tokenizer, args.vocab_size, args.glob or DEFAULT_GLOBS, args.workers, args.overwrite
-    )
+    for pattern in args.glob or ():
+        if not pattern or Path(pattern).is_absolute():
+            p.error(f"--glob {pattern!r}: give a file name pattern such as '*.py', matched inside the --data folders")
+    try:
+        globs = args.glob or DEFAULT_GLOBS
+        prepare(args.data, args.out, args.tokenizer, args.vocab_size, globs, args.workers, args.overwrite)
+    except KeyboardInterrupt:  # what was written is gone (a folder it made) or untouched (one that held a corpus)
+        print("python -m train.prepare: interrupted; --out is as it was", file=sys.stderr)
+        raise SystemExit(130) from None
+    except OSError as e:  # an unreadable input, a read-only or full --out
+        raise SystemExit(f"python -m train.prepare: {e.filename or args.out}: {e.strerror or e}") from None
 
 
 if __name__ == "__main__":

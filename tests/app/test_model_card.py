@@ -66,13 +66,20 @@ def test_model_card_reports_size_tokenizer_and_training(client, runs):
 def test_model_card_of_a_fine_tuned_model_names_its_origin(client, runs):
     card = client.get("/v1/models/tuned").json()
     weights = runs[0] / "model.safetensors"
-    assert card["fine_tuned_from"] == {"path": str(weights), "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    assert card["fine_tuned_from"] == {
+        "path": str(weights.resolve()),
+        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+    }
 
 
-def test_model_list_holds_the_same_cards(client):
-    listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
-    assert listed["base"] == client.get("/v1/models/base").json()
-    assert listed["tuned"] == client.get("/v1/models/tuned").json()
+def test_model_list_holds_a_card_for_each_served_model(client, runs):
+    listed = client.get("/v1/models").json()["data"]
+    assert [m["id"] for m in listed] == ["base", "tuned"]
+    for card, run in zip(listed, runs):
+        _, tokenizer, meta = load_checkpoint(run)
+        assert card["tokenizer"] == {"kind": "bpe", "vocab_size": tokenizer.vocab_size}
+        assert card["training"]["iter"] == meta["iter"] and card["training"]["best_val_bpb"] == meta["best_val_bpb"]
+    assert listed[0]["fine_tuned_from"] is None and listed[1]["fine_tuned_from"]["path"].endswith("model.safetensors")
 
 
 def test_model_card_of_a_model_not_served_is_a_404_naming_the_served_ones(client):

@@ -131,3 +131,15 @@ def test_readme_hf_export_command_and_snippet_work_as_printed(tmp_path, capsys):
         os.chdir(cwd)
     printed = capsys.readouterr().out
     assert printed.startswith("ROMEO:") and len(printed) > len("ROMEO:") + 20
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_export_refuses_to_write_over_the_checkpoint_it_reads(fmt, tmp_path):
+    tok = CharTokenizer("abc \n")
+    run = tmp_path / "run"
+    save_checkpoint(run / "model.safetensors", tiny_gpt(vocab_size=tok.vocab_size), tok, {})
+    before = (run / "model.safetensors").read_bytes()
+    out = run if fmt == "hf" else run / "model.safetensors"
+    with pytest.raises(SystemExit, match="is the checkpoint itself"):
+        main([str(run), "--format", fmt, "--out", str(out), "--overwrite"])
+    assert (run / "model.safetensors").read_bytes() == before

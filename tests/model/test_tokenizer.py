@@ -1,6 +1,8 @@
 """Tokenizers: characters of the training text, UTF-8 bytes, or a byte-level BPE; each round-trips through
 its dict form (what a checkpoint stores)."""
 
+import random
+
 import pytest
 
 from model import BPETokenizer, ByteTokenizer, CharTokenizer
@@ -141,3 +143,22 @@ def test_bpe_encodes_a_long_text_in_pieces_with_the_ids_of_encoding_it_whole(bpe
     pieces = list(tokenizer_module.bpe_pieces(text, 50))
     assert len(pieces) > 40 and "".join(pieces) == text
     assert bpe.encode(text) == whole
+
+
+def random_text(rng, n):
+    """n code points from all over Unicode: ASCII, controls, combining marks, CJK, astral (emoji and beyond);
+    no surrogates, which are not text."""
+    ranges = [(0x0, 0x7F), (0x80, 0x2FF), (0x300, 0x36F), (0x4E00, 0x9FFF), (0xE000, 0xFFFD), (0x10000, 0x10FFFF)]
+    out = []
+    for _ in range(n):
+        lo, hi = rng.choice(ranges)
+        out.append(chr(rng.randint(lo, hi)))
+    return "".join(out)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_bpe_round_trips_random_unicode(bpe, seed):
+    rng = random.Random(seed)
+    text = random_text(rng, rng.randint(1, 400))
+    ids = bpe.encode(text)
+    assert bpe.decode(ids) == text and bpe.decode_bytes(ids) == text.encode("utf-8")

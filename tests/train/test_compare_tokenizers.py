@@ -72,3 +72,28 @@ def test_measure_prints_the_table_for_runs_trained_elsewhere_without_training(co
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| char | 34 |"))
     assert row.endswith(f"| {loss:.4f} | **{bpb:.3f}** |")
     assert not (tmp_path / "x.md").exists()
+
+
+@pytest.mark.parametrize("spec", ["bpe:100", "bpe:abc", "gpt2", "char:300"])
+def test_a_bad_tokenizer_spec_is_refused_before_anything_trains(spec, corpus, tmp_path, monkeypatch, capsys):
+    def no_training(cfg):
+        raise AssertionError("trained")
+
+    monkeypatch.setattr(compare_tokenizers, "train", no_training)
+    with pytest.raises(SystemExit):
+        compare_tokenizers.main(["--corpus", f"tiny={corpus}", "--tokenizers", "char", spec, "--runs", str(tmp_path)])
+    assert spec in capsys.readouterr().err
+
+
+def test_measure_names_a_run_it_cannot_measure(corpus, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="cannot measure"):
+        compare_tokenizers.main(["--corpus", f"tiny={corpus}", "--measure", str(tmp_path / "nothing")])
+
+
+def test_a_finished_run_of_other_settings_is_trained_again(corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(compare_tokenizers, "CALIBRATION_ITERS", 6)
+    runs = tmp_path / "runs"
+    first = compare_tokenizers.run_one(corpus, "char", 0.5, TINY.split(), runs)
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    compare_tokenizers.run_one(corpus, "char", 0.7, TINY.split(), runs)  # another budget
+    assert (first / "model.safetensors").stat().st_mtime_ns != stamp

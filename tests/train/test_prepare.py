@@ -3,8 +3,11 @@ hold exactly the ids of the corpus tokenized whole in memory, and that the train
 
 import hashlib
 import json
+import random
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -230,7 +233,7 @@ def test_a_checkpoints_tokenizer_prepares_a_corpus_to_fine_tune_it_on(corpus, tm
     )
     _, tokenizer, meta = load_checkpoint(tuned)
     assert tokenizer.to_dict() == base_tokenizer
-    assert meta["init_from"]["path"] == str(base / "model.safetensors")
+    assert meta["init_from"]["path"] == str((base / "model.safetensors").resolve())
     assert meta["corpus_sha256"] == hashlib.sha256(new.read_bytes()).hexdigest()
 
 
@@ -248,3 +251,35 @@ def test_a_tokenizer_that_is_neither_a_kind_nor_a_checkpoint_is_refused(corpus, 
     with pytest.raises(SystemExit, match="--tokenizer .*nothing: not char, byte, bpe or a usable checkpoint"):
         run_prepare("--data", corpus, "--out", tmp_path / "data", "--tokenizer", tmp_path / "nothing")
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("pattern", ["", "/abs/*.py"])
+def test_a_glob_that_is_not_a_file_name_pattern_is_a_usage_error(pattern, corpus, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_prepare("--data", corpus.parent, "--glob", pattern, "--out", tmp_path / "data")
+    assert "--glob" in capsys.readouterr().err and not (tmp_path / "data").exists()
+
+
+def test_an_out_that_cannot_be_made_is_one_line_naming_it(corpus, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit, match="python -m train.prepare: .*file/data"):
+        run_prepare("--data", corpus, "--out", blocker / "data")
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_prepare_is_one_line_and_leaves_no_folder(tmp_path):
+    rng, letters = random.Random(0), "abcdefghijklmnopqrstuvwxyz"
+    words = ["".join(rng.choices(letters, k=rng.randint(2, 9))) for _ in range(50_000)]
+    big = tmp_path / "big.txt"  # 16 MB of varied words (a repeated line would hit the tokenizer's cache)
+    big.write_text("\n".join(" ".join(rng.choices(words, k=12)) for _ in range(200_000)))
+    out = tmp_path / "data"
+    cmd = [sys.executable, "-m", "train.prepare", "--data", str(big), "--tokenizer", "bpe", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not out.exists() and proc.poll() is None:  # the folder appears when tokenizing starts
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not out.exists()

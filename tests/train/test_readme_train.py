@@ -46,7 +46,7 @@ def workdir(tmp_path_factory):
     return root
 
 
-def run_until_first_checkpoint(words, cwd, env, timeout=180):
+def run_until_first_checkpoint(words, cwd, env, timeout=900):  # a safety net; a first step takes seconds
     out = cwd / words[words.index("--out") + 1]
     proc = subprocess.Popen(words, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + timeout

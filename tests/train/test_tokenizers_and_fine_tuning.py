@@ -83,7 +83,10 @@ def test_init_from_starts_from_the_checkpoints_weights_and_records_where_they_ca
     for name, tensor in base.state_dict().items():
         assert torch.equal(tuned.state_dict()[name], tensor), name
     weights = base_run / "model.safetensors"
-    assert meta["init_from"] == {"path": str(weights), "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    assert meta["init_from"] == {
+        "path": str(weights.resolve()),
+        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+    }
 
 
 def test_init_from_trains_with_a_fresh_optimizer_and_schedule(base_run, corpus, tmp_path):
@@ -153,8 +156,16 @@ def test_init_from_keeps_the_checkpoints_gelu_form(base_run, corpus, tmp_path):
     assert meta["config"]["gelu"] == "tanh" and model.blocks[0].mlp.gelu.approximate == "tanh"
 
 
-def test_resuming_a_fine_tuned_run_without_its_init_from_is_refused(base_run, corpus, tmp_path):
+def test_a_fine_tuned_run_resumes_with_its_own_model_even_after_its_base_is_gone(base_run, corpus, tmp_path):
+    tensors, meta = read_safetensors(base_run / "model.safetensors")
+    base = tmp_path / "tanh"  # a base with GPT-2's GELU form, which the resumed run must keep
+    write_safetensors(base / "model.safetensors", tensors, {**meta, "config": {**meta["config"], "gelu": "tanh"}})
     out = tmp_path / "tuned"
-    train(config(corpus, out, "--init-from", base_run, "--max-iters", 2, tiny=False))
-    with pytest.raises(SystemExit, match="--init-from"):
-        train(config(corpus, out, "--resume", "--max-iters", 4))
+    train(config(corpus, out, "--init-from", base, "--max-iters", 2, tiny=False))
+    origin = load_checkpoint(out)[2]["init_from"]
+    (base / "model.safetensors").unlink()
+    train(config(corpus, out, "--resume", "--max-iters", 4, tiny=False))  # no --init-from, default shape options
+    model, _, meta = load_checkpoint(out)
+    assert meta["config"]["gelu"] == "tanh" and meta["config"]["n_layer"] == 1
+    assert meta["init_from"] == origin
+    assert read_safetensors(out / "resume.safetensors")[1]["iter"] == 4
