@@ -66,6 +66,7 @@ def read_corpus_for(cfg, resume_state=None, init_meta=None):
     tokenizer = tokenizer_from_dict(fixed["tokenizer"]) if fixed else None
     if is_prepared(cfg.data):
         corpus = load_prepared(cfg.data)
+        check_resumed_corpus(resume_state, corpus.sha256)
         prepared = corpus.tokenizer
         if (cfg.tokenizer and cfg.tokenizer != prepared.kind) or cfg.vocab_size not in (None, prepared.vocab_size):
             raise SystemExit(
@@ -87,7 +88,6 @@ def read_corpus_for(cfg, resume_state=None, init_meta=None):
             corpus = encode_text(tokenizer, text, sha)
         else:
             corpus = encode_for_fine_tuning(tokenizer, text, sha, cfg.init_from)
-    check_resumed_corpus(resume_state, corpus.sha256)
     corpus.check_context(cfg.context_size)
     return corpus
 
