@@ -3,11 +3,8 @@ hold exactly the ids of the corpus tokenized whole in memory, and that the train
 
 import hashlib
 import json
-import random
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -265,21 +262,3 @@ def test_an_out_that_cannot_be_made_is_one_line_naming_it(corpus, tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(SystemExit, match="python -m train.prepare: .*file/data"):
         run_prepare("--data", corpus, "--out", blocker / "data")
-
-
-@pytest.mark.slow
-def test_ctrl_c_during_prepare_is_one_line_and_leaves_no_folder(tmp_path):
-    rng, letters = random.Random(0), "abcdefghijklmnopqrstuvwxyz"
-    words = ["".join(rng.choices(letters, k=rng.randint(2, 9))) for _ in range(50_000)]
-    big = tmp_path / "big.txt"  # 16 MB of varied words (a repeated line would hit the tokenizer's cache)
-    big.write_text("\n".join(" ".join(rng.choices(words, k=12)) for _ in range(200_000)))
-    out = tmp_path / "data"
-    cmd = [sys.executable, "-m", "train.prepare", "--data", str(big), "--tokenizer", "bpe", "--out", str(out)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not out.exists() and proc.poll() is None:  # the folder appears when tokenizing starts
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "interrupted" in err and "Traceback" not in err
-    assert not out.exists()
