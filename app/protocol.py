@@ -16,6 +16,8 @@ MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 10.0  # far below 1, logi
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 64
 MAX_SEED = 2**53 - 1  # the largest integer every JSON client reads exactly (JavaScript's too)
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's chat API allows (its legacy completions allowed 5)
+MAX_CHOICES = 8  # n: completions of one prompt, each a request in the engine
 
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 
@@ -35,14 +37,23 @@ def choose_seed(seed):
     return seed if seed is not None else secrets.randbelow(MAX_SEED + 1)
 
 
-SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)} - {"seed", "stop"}
+# the fields a body names as SamplingParams does; the rest each API maps itself (the logprobs differ in meaning)
+SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)} - {"seed", "stop", "logprobs", "prompt_logprobs"}
 
 
-def sampling_params(body, **renamed):
+def sampling_params(body, seed=None, **renamed):
     """A body's SamplingParams: its fields named as SamplingParams names them, then `renamed` ones
-    (an API's own name for a field), a random seed when it gave none, and its stop strings."""
+    (an API's own name for a field), its seed (or `seed`, or a random one), and its stop strings."""
     named = body.model_dump(include=SAMPLING_FIELDS)
-    return SamplingParams(**named, **renamed, seed=choose_seed(body.seed), stop=tuple(body.stop))
+    seed = seed if seed is not None else choose_seed(body.seed)
+    return SamplingParams(**named, **renamed, seed=seed, stop=tuple(body.stop))
+
+
+def choice_seeds(body):
+    """One seed per choice of an n-choice request: the request's (or a random) seed, then the next ones, so
+    that choice 0 is the text the same request with n = 1 gives."""
+    first = choose_seed(body.seed)
+    return [(first + i) % (MAX_SEED + 1) for i in range(body.n)]
 
 
 def check_prompt(prompt):
@@ -65,6 +76,19 @@ RepetitionPenalty = Field(
 )
 
 
+Logprobs = Field(
+    None,
+    ge=0,
+    le=MAX_LOGPROBS,
+    description="report each token's log-probability and this many likeliest alternatives, from the model's "
+    "own distribution (before temperature, penalties and truncation); null: none",
+)
+N = Field(1, ge=1, le=MAX_CHOICES, description="completions of the prompt, seeded seed, seed + 1, ...")
+# OpenAI's: subtracted from a generated token's logit, once (presence) or per time it was generated (frequency)
+PresencePenalty = Field(0.0, ge=-2.0, le=2.0, description="lowers the logit of each token already generated")
+FrequencyPenalty = Field(0.0, ge=-2.0, le=2.0, description="lowers a token's logit per time it was generated")
+
+
 class GenerateRequest(Strict):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
@@ -77,12 +101,13 @@ class GenerateRequest(Strict):
     stop: list[StopString] = Field([], max_length=MAX_STOP_STRINGS)
     stream: bool = True
     model: str | None = None
+    logprobs: int | None = Logprobs
 
     _prompt = field_validator("prompt")(check_prompt)
-    _whole = field_validator("max_new_tokens", "top_k", "seed", mode="before")(whole_number)
+    _whole = field_validator("max_new_tokens", "top_k", "seed", "logprobs", mode="before")(whole_number)
 
     def to_sampling_params(self):
-        return sampling_params(self)
+        return sampling_params(self, logprobs=self.logprobs)
 
 
 class StreamOptions(Strict):
@@ -97,35 +122,115 @@ def document_stop_limit(schema):
             option["maxItems"] = MAX_STOP_STRINGS
 
 
+def stop_list(v):
+    v = [v] if isinstance(v, str) else (v or [])
+    if len(v) > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+    return v
+
+
+Stop = Field(None, validate_default=True, json_schema_extra=document_stop_limit)
+
+
 class CompletionRequest(Strict):
-    """The subset of OpenAI's /v1/completions that a sampling-only model can honour."""
+    """The subset of OpenAI's legacy /v1/completions that a sampling-only model can honour, with logprobs
+    and echo as evaluation harnesses use them: echo with max_tokens 0 and logprobs scores a text."""
 
     model: str | None = None
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    max_tokens: int = Field(16, ge=1, le=MAX_NEW_TOKENS)
+    echo: bool = Field(False, description="the prompt comes back before the completion (with logprobs: scored)")
+    max_tokens: int = Field(16, ge=0, le=MAX_NEW_TOKENS, description="0 only with echo: the prompt alone")
     temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     min_p: float = MinP
     repetition_penalty: float = RepetitionPenalty
-    stop: StopString | list[StopString] | None = Field(
-        None, validate_default=True, json_schema_extra=document_stop_limit
-    )
+    presence_penalty: float = PresencePenalty
+    frequency_penalty: float = FrequencyPenalty
+    stop: StopString | list[StopString] | None = Stop
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
+    n: int = N
+    logprobs: int | None = Logprobs
     user: str | None = None
 
     _prompt = field_validator("prompt")(check_prompt)
-    _whole = field_validator("max_tokens", "seed", mode="before")(whole_number)
+    _whole = field_validator("max_tokens", "seed", "n", "logprobs", mode="before")(whole_number)
+    _stop = field_validator("stop")(stop_list)
 
-    def to_sampling_params(self):
-        return sampling_params(self, max_new_tokens=self.max_tokens)
-
-    @field_validator("stop")
+    @field_validator("max_tokens")
     @classmethod
-    def _stop_list(cls, v):
-        v = [v] if isinstance(v, str) else (v or [])
-        if len(v) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+    def _nothing_to_return(cls, v, info):  # echo is validated first: it comes first
+        if v == 0 and not info.data.get("echo"):
+            raise ValueError("max_tokens is 0 without echo: there would be nothing to return")
         return v
+
+    def to_sampling_params(self, seed=None):
+        prompt_logprobs = self.logprobs if self.echo else None
+        return sampling_params(
+            self, seed, max_new_tokens=self.max_tokens, logprobs=self.logprobs, prompt_logprobs=prompt_logprobs
+        )
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    # "developer" is OpenAI's newer name for "system"; tool messages have no meaning to a model without tools
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    @property
+    def text(self):
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+CHAT_MAX_TOKENS = 256  # when a chat request sets neither max_tokens nor max_completion_tokens
+
+
+class ChatRequest(Strict):
+    """OpenAI's /v1/chat/completions, as far as a text model without tools or images can honour it."""
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS, description="OpenAI's older name")
+    temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    min_p: float = MinP
+    repetition_penalty: float = RepetitionPenalty
+    presence_penalty: float = PresencePenalty
+    frequency_penalty: float = FrequencyPenalty
+    stop: StopString | list[StopString] | None = Stop
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = N
+    logprobs: bool = Field(False, description="each reply token's log-probability (top_logprobs: alternatives)")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    user: str | None = None
+
+    _whole = field_validator("max_completion_tokens", "max_tokens", "seed", "n", "top_logprobs", mode="before")(
+        whole_number
+    )
+    _stop = field_validator("stop")(stop_list)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, v, info):
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
+    def to_sampling_params(self, seed=None, stop=()):
+        """`stop`: the chat format's end-of-turn strings, after the request's own."""
+        params = sampling_params(
+            self,
+            seed,
+            max_new_tokens=self.max_completion_tokens or self.max_tokens or CHAT_MAX_TOKENS,
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+        )
+        return dataclasses.replace(params, stop=params.stop + tuple(s for s in stop if s not in params.stop))

@@ -1,27 +1,41 @@
-"""OpenAI-compatible POST /v1/completions, GET /v1/models and GET /v1/models/{name}."""
+"""OpenAI-compatible POST /v1/completions and /v1/chat/completions, GET /v1/models and GET /v1/models/{name}."""
 
 import math
 
 from fastapi import APIRouter, Request
 
-from app import streaming
+from app import completions, streaming
+from app.chat import chat_prompt
 from app.errors import error_responses
-from app.protocol import CompletionRequest
+from app.protocol import ChatRequest, CompletionRequest
 
 router = APIRouter(prefix="/v1")
 
 
 @router.post(
     "/completions",
-    summary="OpenAI-compatible text completion",
+    summary="OpenAI-compatible text completion (echo and logprobs score a text)",
     responses={**streaming.STREAMED, **error_responses(400, 401, 403, 404, 422, 429, 503)},
 )
-async def completions(body: CompletionRequest, request: Request):
-    served, events = request.app.state.service.generate(body)
+async def text_completions(body: CompletionRequest, request: Request):
+    served, streams = request.app.state.service.generate_choices(body)
     if not body.stream:
-        return await streaming.completion(events, served)
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return streaming.completion_chunks(events, request, served, include_usage)
+        return await completions.completion(body, served, streams)
+    return completions.completion_chunks(body, served, streams, request)
+
+
+@router.post(
+    "/chat/completions",
+    summary="OpenAI-compatible chat completion",
+    responses={**streaming.STREAMED, **error_responses(400, 401, 403, 404, 422, 429, 503)},
+)
+async def chat_completions(body: ChatRequest, request: Request):
+    service = request.app.state.service
+    prompt, stop = chat_prompt(service.get(body.model), body.messages)
+    served, streams = service.generate_choices(body, prompt, stop)
+    if not body.stream:
+        return await completions.chat_completion(body, served, streams)
+    return completions.chat_chunks(body, served, streams, request)
 
 
 # from the checkpoint's metadata; null where a checkpoint does not record one (bits per byte: before they were)

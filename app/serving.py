@@ -7,14 +7,17 @@ import os
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 from app.errors import APIError
+from app.logprobs import TokenLogprob, prompt_logprobs, scored
+from app.protocol import choice_seeds
 from app.textstream import TextStream
 from model import CheckpointError, load_checkpoint
 from model.checkpoint import BUNDLED, default_checkpoints, file_sha256, model_name, resolve_checkpoint_path
 from model.device import pick_device
-from model.engine import Engine, Finished, Request
+from model.engine import Engine, Finished, PromptLogprobs, Request
 
 log = logging.getLogger("quill")
 TRAIN_HINT = (
@@ -28,6 +31,14 @@ class TokenEvent:
     index: int
     id: int
     text: str  # safe to show: held-back text (a possible stop string, an unfinished character) comes later
+    logprob: TokenLogprob | None = None  # when the request asked for logprobs
+
+
+@dataclass
+class PromptEvent:
+    """The prompt's tokens with their logprobs (echo with logprobs), before any TokenEvent."""
+
+    tokens: list  # TokenLogprobs
 
 
 @dataclass
@@ -194,8 +205,9 @@ class Service:
             )
         return self.models[name]
 
-    def admit(self, served, prompt, params):
-        """Everything that can refuse a request; then queue it, and return its Job."""
+    def admit(self, served, prompt, choices):
+        """Everything that can refuse a request; then queue one engine request per SamplingParams in
+        `choices` (n > 1: several completions of one prompt), and return their Jobs."""
         if self.draining or not self.ready:
             raise APIError(
                 503,
@@ -208,7 +220,7 @@ class Service:
         except ValueError as e:
             raise APIError(422, f"prompt: {e}", param="prompt") from None
         running, queued = served.engine.counts()
-        if running + queued >= self.settings.max_running + self.settings.max_queued:
+        if running + queued + len(choices) > self.settings.max_running + self.settings.max_queued:
             raise APIError(
                 429,
                 f"model {served.name!r} is at capacity ({running} running, {queued} queued); retry shortly",
@@ -220,16 +232,30 @@ class Service:
         loop = asyncio.get_running_loop()
         if self.relay is None or self.relay.loop is not loop:
             self.relay = EventRelay(loop)
-        events = asyncio.Queue()
-        req = Request(ids, params, emit=lambda ev: self.relay.send(events, ev))
-        served.engine.submit(req)
-        return Job(req, events)
+        jobs = []
+        for params in choices:
+            events = asyncio.Queue()
+            req = Request(ids, params, emit=partial(self.relay.send, events))
+            served.engine.submit(req)
+            jobs.append(Job(req, events))
+        return jobs
 
     def generate(self, body):
-        """Admit a request body (a GenerateRequest or CompletionRequest) now, raising what refuses it
-        before any response starts; return its model and the async iterator of its TokenEvents and Done."""
+        """Admit a request body (a GenerateRequest) now, raising what refuses it before any response starts;
+        return its model and the async iterator of its TokenEvents and Done."""
         served = self.get(body.model)
-        return served, self._events(served, self.admit(served, body.prompt, body.to_sampling_params()))
+        (job,) = self.admit(served, body.prompt, [body.to_sampling_params()])
+        return served, self._events(served, job)
+
+    def generate_choices(self, body, prompt=None, stop=()):
+        """Admit the n choices of an OpenAI request body (its `prompt`, or the one given: a chat's rendered
+        messages; `stop`: strings the chat format adds), one engine request each, seeded seed, seed + 1, ...;
+        return the model and one event iterator per choice."""
+        served = self.get(body.model)
+        extra = {"stop": stop} if stop else {}
+        choices = [body.to_sampling_params(seed, **extra) for seed in choice_seeds(body)]
+        jobs = self.admit(served, body.prompt if prompt is None else prompt, choices)
+        return served, [self._events(served, job) for job in jobs]
 
     async def _events(self, served, job):
         """Yield TokenEvents, then a Done; raise GenerationFailed if the engine fails."""
@@ -242,6 +268,9 @@ class Service:
                 event, at = await events.get()
                 if isinstance(event, Finished):
                     break
+                if isinstance(event, PromptLogprobs):
+                    yield PromptEvent(prompt_logprobs(served.tokenizer, req.prompt, event))
+                    continue
                 if first is None:
                     first = at
                     self.metrics.ttft.observe(at - req.submitted_at)
@@ -249,10 +278,14 @@ class Service:
                     self.metrics.token_latency.observe(at - last)
                 last = at
                 self.metrics.tokens.labels(served.name).inc()
+                logprob = None
+                if params.logprobs is not None:  # the token's place: the characters decoded before it
+                    offset = len(text.text) + len(text.held)
+                    logprob = scored(served.tokenizer, event.id, event.logprob, event.top, offset)
                 delta = text.push(event.id)
                 if event.last:  # nothing follows: release what is held back
                     delta += text.flush()
-                yield TokenEvent(index, event.id, delta)
+                yield TokenEvent(index, event.id, delta, logprob)
                 index += 1
                 if text.stopped:
                     req.cancel()

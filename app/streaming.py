@@ -1,9 +1,9 @@
-"""A generation's events (TokenEvents, then a Done) in each shape a client asks for: server-sent
-events, bare text, one JSON object, OpenAI completion chunks. The routes only pick one."""
+"""A generation's events (TokenEvents, then a Done) in each shape /generate offers: server-sent events,
+bare text, one JSON object; and the merging of an n-choice request's streams (app.completions shapes
+OpenAI's). The routes only pick one."""
 
+import asyncio
 import json
-import time
-import uuid
 
 from sse_starlette import EventSourceResponse
 from starlette.responses import StreamingResponse
@@ -37,11 +37,19 @@ def failure_json(e):
     return json.dumps(error_body(e.message, e.type, code=e.code))
 
 
+def token_json(ev):
+    out = {"index": ev.index, "id": ev.id, "text": ev.text}
+    if ev.logprob is not None:
+        out["logprob"] = ev.logprob.logprob
+        out["top_logprobs"] = [{"id": a.id, "text": a.text, "logprob": a.logprob} for a in ev.logprob.top]
+    return out
+
+
 def sse(events, request):
     async def frames():
         async for ev in until_failure(events, request):
             if isinstance(ev, TokenEvent):
-                yield {"event": "token", "data": json.dumps({"index": ev.index, "id": ev.id, "text": ev.text})}
+                yield {"event": "token", "data": json.dumps(token_json(ev))}
             elif isinstance(ev, GenerationFailed):
                 yield {"event": "error", "data": failure_json(ev)}
             else:
@@ -65,44 +73,46 @@ def plain_text(events, request):
 
 
 async def collect(events):
-    """The Done; a GenerationFailed propagates to the app's error handler (nothing was sent yet)."""
+    """The Done, with the tokens' logprobs when asked for; a GenerationFailed propagates to the app's error
+    handler (nothing was sent yet)."""
+    logprobs = []
     async for ev in events:
-        if not isinstance(ev, TokenEvent):
-            return ev
+        if isinstance(ev, TokenEvent):
+            if ev.logprob is not None:
+                logprobs.append(token_json(ev))
+        else:
+            return {**ev.to_dict(), "logprobs": logprobs} if logprobs else ev.to_dict()
 
 
-def completion_head(served):
-    return {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": served.name,
-    }
+async def merged(streams):
+    """(choice index, event) from the event streams of an n-choice request, as they come. A GenerationFailed
+    in any ends it; closing it closes every stream, so their requests leave the engine."""
+    if len(streams) == 1:  # no tasks and no queue on the common path
+        async for ev in streams[0]:
+            yield 0, ev
+        return
+    queue = asyncio.Queue()
 
+    async def pump(i, events):
+        try:
+            async for ev in events:
+                queue.put_nowait((i, ev))
+        except Exception as e:
+            queue.put_nowait((i, e))
+        finally:
+            queue.put_nowait((i, None))
 
-def choice(text, finish_reason):
-    return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
-
-
-async def completion(events, served):
-    done = await collect(events)
-    return {**completion_head(served), "choices": [choice(done.text, done.finish_reason)], "usage": done.usage}
-
-
-def completion_chunks(events, request, served, include_usage):
-    head = completion_head(served)
-
-    async def chunks():
-        async for ev in until_failure(events, request):
-            if isinstance(ev, TokenEvent):
-                if ev.text:
-                    yield json.dumps({**head, "choices": [choice(ev.text, None)]})
-            elif isinstance(ev, GenerationFailed):
-                yield failure_json(ev)
+    tasks = [asyncio.create_task(pump(i, events)) for i, events in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            i, ev = await queue.get()
+            if ev is None:
+                left -= 1
+            elif isinstance(ev, Exception):
+                raise ev
             else:
-                yield json.dumps({**head, "choices": [choice("", ev.finish_reason)]})
-                if include_usage:
-                    yield json.dumps({**head, "choices": [], "usage": ev.usage})
-        yield "[DONE]"
-
-    return EventSourceResponse(chunks())
+                yield i, ev
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -173,6 +173,46 @@ class LSTMState:
 class Token:
     id: int
     last: bool = False  # the request's max_new_tokens-th token: a Finished("length") follows
+    logprob: float | None = None  # with params.logprobs: the model's log-probability of this token
+    top: tuple = ()  # and its params.logprobs likeliest tokens there, ((id, logprob), ...)
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """With params.prompt_logprobs, sent before any Token: each prompt token's log-probability given the
+    ones before it (None for the first) and the likeliest tokens there, as Token has them."""
+
+    logprobs: list
+    top: list
+
+
+def top_logprobs(logprobs, k):
+    """The k likeliest tokens of each row of (T, V) log-probabilities: one ((id, logprob), ...) per row."""
+    if not k:
+        return [()] * logprobs.size(0)
+    top = logprobs.topk(min(k, logprobs.size(-1)))
+    return [tuple(zip(ids, values)) for ids, values in zip(top.indices.tolist(), top.values.tolist())]
+
+
+@torch.no_grad()
+def score_prompt(model, context, ids, k):
+    """PromptLogprobs for `ids`, from the model's plain forward, read as the trainer reads text: a window of
+    `context` tokens scores the `context` tokens after its first, so up to context + 1 tokens the sum is the
+    trainer's loss on them. Past that, windows start every context // 2 and score only tokens not yet scored,
+    each seeing at least half a context before it. The LSTM (context None) reads it whole."""
+    device = next(model.parameters()).device
+    logprobs, tops = [None], [()]
+    start = 0
+    while len(logprobs) < len(ids):
+        end = len(ids) - 1 if context is None else min(start + context, len(ids) - 1)  # the inputs: ids[start:end]
+        logits, _ = model(torch.tensor([ids[start:end]], device=device))
+        # row j predicts ids[start + j + 1]; rows of tokens an earlier window scored are skipped
+        rows = torch.log_softmax(logits[0, len(logprobs) - 1 - start :].float(), dim=-1)
+        targets = torch.tensor(ids[len(logprobs) : end + 1], device=device)
+        tops += top_logprobs(rows, k)
+        logprobs += rows.gather(1, targets[:, None])[:, 0].tolist()
+        start += max(1, context // 2) if context else 0
+    return PromptLogprobs(logprobs, tops)
 
 
 @dataclass(frozen=True)
@@ -274,7 +314,7 @@ class Engine:
         finish = out.pop()
         if finish.reason == "error":
             raise RuntimeError(finish.error)
-        return [token.id for token in out]
+        return [event.id for event in out if isinstance(event, Token)]
 
     # -- the engine thread --
 
@@ -314,6 +354,9 @@ class Engine:
                 self._emit(req, Finished("cancelled"))
                 continue
             req.started_at = self.clock()
+            scoring = req.params.prompt_logprobs is not None or req.max_new_tokens == 0
+            if scoring and not self._score(req):  # the request is over: nothing to generate, or the scoring failed
+                continue
             req.sampler = Sampler(req.params, req.prompt)
             req.tokens = list(req.prompt)
             slot = len(self.active)
@@ -339,11 +382,30 @@ class Engine:
             self.on_step(len(self.active))
         self._leave()
 
+    def _score(self, req):
+        """Send the prompt's PromptLogprobs when asked. A request for no new tokens (echo, scoring a text)
+        leaves the queue here; return whether the request goes on to generate."""
+        try:
+            if req.params.prompt_logprobs is not None:
+                self._emit(req, score_prompt(self.model, self.cache.context, req.prompt, req.params.prompt_logprobs))
+            end = Finished("length") if req.max_new_tokens == 0 else None
+        except Exception as e:  # this request's failure, not the batch's
+            end = Finished("error", f"{type(e).__name__}: {e}")
+        if end:
+            with self.cond:
+                self.waiting.popleft()
+            self._emit(req, end)
+        return end is None
+
     def _sample(self, req, logits):
         token = req.sampler(logits)
         req.tokens.append(token)
         req.generated += 1
-        self._emit(req, Token(token, last=req.generated == req.max_new_tokens))
+        logprob, top = None, ()
+        if req.params.logprobs is not None:  # the model's own distribution: before temperature and penalties
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            logprob, top = float(logprobs[token]), top_logprobs(logprobs[None], req.params.logprobs)[0]
+        self._emit(req, Token(token, req.generated == req.max_new_tokens, logprob, top))
 
     def _leave(self):
         """Finished and cancelled requests leave; the last active row moves into each freed slot."""

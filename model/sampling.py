@@ -23,8 +23,13 @@ class SamplingParams:
     top_p: float = 1.0  # keep the smallest set whose probability reaches top_p
     min_p: float = 0.0  # keep tokens at least min_p times as likely as the likeliest
     repetition_penalty: float = 1.0  # CTRL's: divide a seen token's positive logit by it, multiply a negative one
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of each token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was already generated
     seed: int = 0
     stop: tuple[str, ...] = ()  # text-level: the app's text stream ends on these, the engine never sees them
+    # What the engine reports besides the tokens, from the model's own distribution (before any of the above):
+    logprobs: int | None = None  # each generated token's log-probability and this many likeliest alternatives
+    prompt_logprobs: int | None = None  # the same for each prompt token (the first has none)
 
     @property
     def greedy(self):
@@ -36,11 +41,15 @@ def penalize(logits, seen, penalty):
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
-def sample_next_token(logits, generator, params=SamplingParams(), seen=None):
+def sample_next_token(logits, generator, params=SamplingParams(), seen=None, counts=None):
     """One token from (V,) logits. `seen`: a (V,) bool mask of the ids the request has seen, needed
-    only when params.repetition_penalty != 1."""
+    only when params.repetition_penalty != 1; `counts`: (V,) how often each id was generated, needed
+    only when a presence or frequency penalty is set."""
     if params.repetition_penalty != 1.0:
         logits = penalize(logits, seen, params.repetition_penalty)
+    if counts is not None:  # OpenAI's formula: generated tokens only, not the prompt
+        penalty = params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+        logits = logits - penalty.to(logits.dtype)
     if params.greedy:
         return int(logits.argmax())
     logits = (
@@ -65,12 +74,13 @@ def sample_next_token(logits, generator, params=SamplingParams(), seen=None):
 
 
 class Sampler:
-    """One request's sampling state: its generator, seeded from params.seed, and when the repetition
-    penalty is on, a (V,) mask of the ids it has seen, updated per token (O(V) a step, not O(length))."""
+    """One request's sampling state: its generator, seeded from params.seed; when the repetition
+    penalty is on, a (V,) mask of the ids it has seen, and when a presence or frequency penalty is, a (V,)
+    count of the ids it generated, each updated per token (O(V) a step, not O(length))."""
 
     def __init__(self, params, prompt):
         self.params, self.prompt = params, prompt
-        self.generator = self.seen = None
+        self.generator = self.seen = self.counts = None
 
     def __call__(self, logits):
         """The next token id from this request's (V,) logits."""
@@ -79,7 +89,11 @@ class Sampler:
             if self.params.repetition_penalty != 1.0:  # the prompt counts as seen, as in CTRL and transformers
                 self.seen = torch.zeros(logits.size(-1), dtype=torch.bool, device=logits.device)
                 self.seen[torch.tensor(self.prompt, dtype=torch.long, device=logits.device)] = True
-        token = sample_next_token(logits, self.generator, self.params, self.seen)
+            if self.params.presence_penalty or self.params.frequency_penalty:
+                self.counts = torch.zeros(logits.size(-1), device=logits.device)  # float32: exact past 256
+        token = sample_next_token(logits, self.generator, self.params, self.seen, self.counts)
         if self.seen is not None:
             self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
         return token

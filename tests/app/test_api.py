@@ -275,16 +275,24 @@ BAD_GENERATE = [
     ('{"prompt": "Hi", "repetition_penalty": 0}', "repetition_penalty"),
     ('{"prompt": "Hi", "repetition_penalty": 5e-324}', "repetition_penalty"),
     ('{"prompt": "Hi", "repetition_penalty": 10.5}', "repetition_penalty"),
+    ('{"prompt": "Hi", "logprobs": -1}', "logprobs"),
+    ('{"prompt": "Hi", "logprobs": 2.5}', "logprobs"),
 ]
 
 BAD_COMPLETIONS = [
     ('{"prompt": "Hi", "temperature": NaN}', "temperature"),
     ('{"prompt": "Hi", "max_tokens": 0}', "max_tokens"),
     ('{"prompt": "Hi", "max_tokens": "16"}', "max_tokens"),
-    ('{"prompt": "Hi", "n": 2}', "n"),
+    ('{"prompt": "Hi", "n": 9}', "n"),
+    ('{"prompt": "Hi", "n": 0}', "n"),
     ('{"prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}', "stop"),
     ('{"prompt": "Hi", "stream_options": {"include_usage": 1}}', "stream_options.include_usage"),
-    ('{"prompt": "Hi", "logprobs": 5}', "logprobs"),
+    ('{"prompt": "Hi", "logprobs": 21}', "logprobs"),
+    ('{"prompt": "Hi", "logprobs": true}', "logprobs"),
+    ('{"prompt": "Hi", "echo": 1}', "echo"),
+    ('{"prompt": "Hi", "presence_penalty": 2.5}', "presence_penalty"),
+    ('{"prompt": "Hi", "frequency_penalty": -3}', "frequency_penalty"),
+    ('{"prompt": "Hi", "best_of": 2}', "best_of"),
     ('{"prompt": "   "}', "prompt"),
     ('{"prompt": "Hi", "min_p": 2}', "min_p"),
     ('{"prompt": "Hi", "repetition_penalty": -1}', "repetition_penalty"),
@@ -307,8 +315,8 @@ def test_every_sampling_field_of_the_body_reaches_the_sampler_whole(client, monk
 
     seen = []
 
-    def recording(logits, generator, params, seen_mask=None):
-        seen.append((params, None if seen_mask is None else seen_mask.nonzero().flatten().tolist()))
+    def recording(logits, generator, params, seen_mask=None, counts=None):
+        seen.append((params, None if seen_mask is None else seen_mask.nonzero().flatten().tolist(), None if counts is None else counts.clone()))
         return 0
 
     monkeypatch.setattr(sampling, "sample_next_token", recording)
@@ -323,8 +331,10 @@ def test_every_sampling_field_of_the_body_reaches_the_sampler_whole(client, monk
         "stop": ["zz"],
         "stream": False,
     }
+    if route == "/v1/completions":  # OpenAI's penalties
+        body |= {"presence_penalty": 0.5, "frequency_penalty": -0.25}
     assert client.post(route, json=body).status_code == 200
-    params = {p for p, _ in seen}
+    params = {p for p, _, _ in seen}
     assert len(seen) == 3 and len(params) == 1
     p = params.pop()
     assert (p.max_new_tokens, p.temperature, p.top_p, p.min_p, p.repetition_penalty, p.seed, p.stop) == (
@@ -338,6 +348,11 @@ def test_every_sampling_field_of_the_body_reaches_the_sampler_whole(client, monk
     )
     prompt_ids = sorted(set(client.app.state.service.get(None).tokenizer.encode("Hi")))
     assert seen[0][1] == prompt_ids  # the prompt counts as seen by the repetition penalty
+    if route == "/v1/completions":
+        assert (p.presence_penalty, p.frequency_penalty) == (0.5, -0.25)
+        # the counts are of generated tokens only (the recording sampler always picks id 0)
+        assert [c.nonzero().flatten().tolist() for _, _, c in seen] == [[], [0], [0]]
+        assert float(seen[2][2][0]) == 2
 
 
 # -- bodies: JSON whatever the Content-Type, but not from a page on another site --
@@ -570,7 +585,11 @@ def test_v1_completions_stop_accepts_one_string_and_is_never_sent(client):
 
 def route_requests(app):
     """One well-formed request per route of the app, so that a new route cannot escape these tests."""
-    bodies = {"/generate": {"prompt": "Hi", "max_new_tokens": 2}, "/v1/completions": {"prompt": "Hi", "max_tokens": 2}}
+    bodies = {
+        "/generate": {"prompt": "Hi", "max_new_tokens": 2},
+        "/v1/completions": {"prompt": "Hi", "max_tokens": 2},
+        "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+    }
     routes = {path: {m.upper() for m in ops} for path, ops in app.openapi()["paths"].items()}
     for route in app.routes:  # the documentation pages, which the schema leaves out
         if hasattr(route, "path"):
