@@ -102,6 +102,30 @@ def read_tokenizer(path):
         refuse(f"{path} does not load as a tokenizer: {e}")
 
 
+def token_content(token):
+    """tokenizer_config.json writes a special token as its text or as an AddedToken dict holding it."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def read_chat(hf_dir):
+    """The chat template (chat_template.jinja, or tokenizer_config.json's chat_template) and the bos and eos
+    token texts it may use, for the checkpoint's metadata; {} when the directory has no template."""
+    config_path = hf_dir / "tokenizer_config.json"
+    try:
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    except json.JSONDecodeError as e:
+        refuse(f"{config_path} is not valid JSON: {e}")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: the one called "default"
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if (hf_dir / "chat_template.jinja").is_file():  # where newer transformers saves it
+        template = (hf_dir / "chat_template.jinja").read_text()
+    if not template:
+        return {}
+    special = {name: token_content(config.get(name)) for name in ("bos_token", "eos_token")}
+    return {"chat_template": template, "special_tokens": {k: v for k, v in special.items() if isinstance(v, str)}}
+
+
 def quill_tensors(hf, n_layer):
     """Our state dict (without the tied lm_head) from GPT-2's tensors, named with or without "transformer."."""
     hf = {k.removeprefix("transformer."): v for k, v in hf.items()}
@@ -160,7 +184,8 @@ def import_gpt2(hf_dir, out_dir):
             "path": str(hf_dir.resolve()),
             "sha256": file_sha256(weights),
             "name_or_path": config.get("_name_or_path") or None,
-        }
+        },
+        **read_chat(hf_dir),
     }
     save_checkpoint(out_dir / WEIGHTS_NAME, model, tokenizer, meta)
     return model.eval(), tokenizer

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model import GPT, LSTM
 
@@ -85,3 +86,38 @@ BPE_TEXT = (
     "JULIET:\nO happy dagger, this is thy sheath; there rust, and let me die.\n\n"
     "NURSE:\nHer café, her crème, her naïve old friar? Peace, peace!\n\n"
 )
+
+END = "<|endoftext|>"
+
+
+def gpt2_tokenizer():
+    """A byte-level BPE made as GPT-2's is: its byte alphabet, merges, and <|endoftext|> as an added token."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=[END], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator([BPE_TEXT * 10], trainer)
+    return tokenizer
+
+
+def save_gpt2(path, activation="gelu_new", **config):
+    """A random GPT2LMHeadModel and its tokenizer.json saved in `path` as save_pretrained writes them."""
+    import transformers  # a test extra: only the tests that build a GPT-2 need it
+
+    tokenizer = gpt2_tokenizer()
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        vocab_size=tokenizer.get_vocab_size(), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+        activation_function=activation, initializer_range=0.2, bos_token_id=tokenizer.token_to_id(END),
+        eos_token_id=tokenizer.token_to_id(END), **config,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # GPT-2's init leaves biases and norms at 0 and 1: make them count
+        for name, p in model.named_parameters():
+            if "ln" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save(str(path / "tokenizer.json"))
+    return model, tokenizer

@@ -316,7 +316,8 @@ def test_every_sampling_field_of_the_body_reaches_the_sampler_whole(client, monk
     seen = []
 
     def recording(logits, generator, params, seen_mask=None, counts=None):
-        seen.append((params, None if seen_mask is None else seen_mask.nonzero().flatten().tolist(), None if counts is None else counts.clone()))
+        mask = None if seen_mask is None else seen_mask.nonzero().flatten().tolist()
+        seen.append((params, mask, None if counts is None else counts.clone()))
         return 0
 
     monkeypatch.setattr(sampling, "sample_next_token", recording)

@@ -49,3 +49,26 @@ def test_openai_client_raises_its_own_errors_for_ours(client):
         client.completions.create(model="nope", prompt="Hello")
     with pytest.raises(openai.UnprocessableEntityError, match="temperature"):
         client.completions.create(model="tiny-gpt", prompt="Hello", temperature=-1)
+
+
+def test_openai_client_chats_streaming_and_not_alike(client):
+    ask = {"model": "tiny-gpt", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 12, "seed": 3}
+    whole = client.chat.completions.create(**ask)
+    chunks = list(client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert whole.usage.prompt_tokens == len("User: Hello\nAssistant:")
+
+
+def test_openai_client_reads_echo_logprobs_n_and_chat_logprobs(client):
+    scored = client.completions.create(model="tiny-gpt", prompt="Hello", max_tokens=0, echo=True, logprobs=2)
+    lp = scored.choices[0].logprobs
+    assert lp.tokens == list("Hello") and lp.token_logprobs[0] is None and len(lp.top_logprobs[1]) == 2
+    many = client.completions.create(model="tiny-gpt", prompt="Hello", max_tokens=5, n=3, seed=1)
+    assert [c.index for c in many.choices] == [0, 1, 2] and many.usage.completion_tokens == 15
+    ask = {"model": "tiny-lstm", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
+    chat = client.chat.completions.create(**ask, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)

@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from helpers import BPE_TEXT
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from helpers import END, gpt2_tokenizer, save_gpt2
 
 from app.main import create_app
 from app.settings import Settings
@@ -20,40 +19,8 @@ from model.import_hf import main
 
 transformers = pytest.importorskip("transformers")
 
-END = "<|endoftext|>"
 PROMPTS = ["ROMEO:\nWhat, ho!", "Her café, her crème"]  # characters of two bytes too
 NEW_TOKENS = 20
-
-
-def gpt2_tokenizer():
-    """A byte-level BPE made as GPT-2's is: its byte alphabet, merges, and <|endoftext|> as an added token."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=[END], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tokenizer.train_from_iterator([BPE_TEXT * 10], trainer)
-    return tokenizer
-
-
-def save_gpt2(path, activation="gelu_new", **config):
-    """A random GPT2LMHeadModel and its tokenizer.json saved in `path` as save_pretrained writes them."""
-    tokenizer = gpt2_tokenizer()
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(
-        vocab_size=tokenizer.get_vocab_size(), n_positions=64, n_embd=32, n_layer=2, n_head=2,
-        activation_function=activation, initializer_range=0.2, bos_token_id=tokenizer.token_to_id(END),
-        eos_token_id=tokenizer.token_to_id(END), **config,
-    )  # fmt: skip
-    model = transformers.GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():  # GPT-2's init leaves biases and norms at 0 and 1: make them count
-        for name, p in model.named_parameters():
-            if "ln" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save(str(path / "tokenizer.json"))
-    return model, tokenizer
 
 
 @pytest.fixture(scope="module")
