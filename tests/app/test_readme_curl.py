@@ -91,6 +91,13 @@ def test_readme_curl_command_works_as_printed(bundled_server, words, tmp_path):
         assert content_type.startswith("application/json")
         result = json.loads(reply)
         assert isinstance(result, dict)
-        if data:  # a generation
-            text = result["choices"][0]["text"] if "choices" in result else result["text"]
+        choice = result["choices"][0] if "choices" in result else {}
+        if data and body.get("max_tokens") == 0:  # a text scored: echoed, one log-probability per character
+            assert choice["text"] == body["prompt"] and result["usage"]["completion_tokens"] == 0
+            assert len(choice["logprobs"]["token_logprobs"]) == len(body["prompt"])
+        elif data and "messages" in body:  # a chat's reply (it may end at once, at the next turn)
+            assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+            assert result["usage"]["completion_tokens"] > 0
+        elif data:  # a generation
+            text = choice["text"] if choice else result["text"]
             assert text and result["usage"]["completion_tokens"] > 0
