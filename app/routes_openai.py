@@ -64,6 +64,7 @@ def describe(m):
         "tokenizer": {"kind": m.tokenizer.kind, "vocab_size": m.tokenizer.vocab_size},
         "training": {key: json_safe(m.meta.get(key)) for key in TRAINING_FACTS},
         "fine_tuned_from": m.meta.get("init_from"),
+        "chat_format": "template" if m.meta.get("chat_template") else "transcript",  # see /v1/chat/completions
         "imported_from": m.meta.get("imported_from"),
     }
 

@@ -43,6 +43,7 @@ def test_the_plain_transcript_is_the_documented_format():
 
 
 def test_a_chat_is_the_completion_of_its_transcript_stopping_at_the_next_turn(client):
+    assert client.get("/v1/models/tiny-gpt").json()["chat_format"] == "transcript"
     body = chat(client, max_tokens=20, seed=5, temperature=0.9)
     choice = body["choices"][0]
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
@@ -162,6 +163,7 @@ def test_a_checkpoints_chat_template_renders_as_transformers_renders_it(template
         assert r.json()["usage"]["prompt_tokens"] == len(ours.encode(rendered))
         assert r.json()["choices"][0]["message"]["content"] == completion["choices"][0]["text"].lstrip()
         refused = client.post("/v1/chat/completions", json={"messages": [*messages, messages[0]]})
+        assert client.get(f"/v1/models/{run.name}").json()["chat_format"] == "template"
     assert refused.status_code == 400, refused.text
     assert refused.json()["error"]["param"] == "messages"
     assert "the system message must come first" in refused.json()["error"]["message"]

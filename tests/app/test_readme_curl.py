@@ -6,6 +6,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
 from service_helpers import REPO, parse_sse, running_server
@@ -101,3 +102,14 @@ def test_readme_curl_command_works_as_printed(bundled_server, words, tmp_path):
         elif data:  # a generation
             text = choice["text"] if choice else result["text"]
             assert text and result["usage"]["completion_tokens"] > 0
+
+
+def test_readme_python_client_example_runs_as_printed(bundled_server, tmp_path):
+    """The README's `openai` example, run as a script with only its address changed: it prints text."""
+    blocks = re.findall(r"^```python\n(.*?)^```", (REPO / "README.md").read_text(), re.S | re.M)
+    example = next(b for b in blocks if "from openai import OpenAI" in b)
+    script = tmp_path / "example.py"
+    script.write_text(example.replace("http://127.0.0.1:8000", bundled_server.url))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip(), "the example printed nothing"
