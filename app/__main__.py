@@ -1,4 +1,4 @@
-"""python -m app [--checkpoint PATH [PATH ...]] [--host H] [--port P] [--device D] [--compile]
+"""python -m app [--checkpoint PATH [PATH ...]] [--host H] [--port P] [--device D] [--dtype T] [--compile]
 
 Start-up checks what it can before loading any model (the settings, that each checkpoint exists, that
 the port is free), and a failure to start is one line on stderr and exit 1, never a traceback.
@@ -98,6 +98,9 @@ def parse_args(argv):
     p.add_argument("--port", type=int, help="default 8000 (QUILL_PORT)")
     p.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps (QUILL_DEVICE)")
     p.add_argument(
+        "--dtype", help="weights' precision: auto (bfloat16 on a CUDA GPU, else float32), float32, bfloat16, float16"
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         default=None,
@@ -146,6 +149,7 @@ def main(argv=None):
                 "port": args.port,
                 "device": args.device,
                 "compile": args.compile,
+                "dtype": args.dtype,
             }.items()
             if v is not None
         }

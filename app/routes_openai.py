@@ -60,6 +60,7 @@ def describe(m):
         "model_type": m.meta["model_type"],
         "checkpoint_sha256": m.sha256,
         "parameters": sum(p.numel() for p in m.model.parameters()),
+        "dtype": str(next(m.model.parameters()).dtype).removeprefix("torch."),  # as served (QUILL_DTYPE)
         "context_size": context,
         "tokenizer": {"kind": m.tokenizer.kind, "vocab_size": m.tokenizer.vocab_size},
         "training": {key: json_safe(m.meta.get(key)) for key in TRAINING_FACTS},

@@ -10,13 +10,15 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
+import torch
+
 from app.errors import APIError
 from app.logprobs import TokenLogprob, prompt_logprobs, scored
 from app.protocol import choice_seeds
 from app.textstream import TextStream
 from model import CheckpointError, load_checkpoint
 from model.checkpoint import BUNDLED, default_checkpoints, file_sha256, model_name, resolve_checkpoint_path
-from model.device import pick_device
+from model.device import pick_device, pick_dtype
 from model.engine import Engine, Finished, PromptLogprobs, Request
 
 log = logging.getLogger("quill")
@@ -115,9 +117,10 @@ def checkpoint_files(configured):
     return files
 
 
-def load_served_model(weights, device, max_batch, on_step, threads=None, compiled=False):
+def load_served_model(weights, device, max_batch, on_step, threads=None, compiled=False, dtype=torch.float32):
     weights = Path(weights)
     model, tokenizer, meta = load_checkpoint(weights, device=device)
+    model.to(dtype)  # once, here: the engine's caches and steps take the weights' dtype
     name = model_name(weights)
     sha = file_sha256(weights)
     engine = Engine(model, max_batch, on_step=on_step, threads=threads, compiled=compiled)
@@ -166,7 +169,13 @@ class Service:
         """Load every checkpoint; a CheckpointError says which one cannot be served, and why."""
         files = checkpoint_files(self.settings.checkpoints)
         device = pick_device(self.settings.device)
-        log.info("loading %s", ", ".join(f"{name} ({path})" for name, path in files.items()))
+        dtype = pick_dtype(self.settings.dtype, device)
+        log.info(
+            "loading %s on %s in %s",
+            ", ".join(f"{name} ({path})" for name, path in files.items()),
+            device,
+            str(dtype).removeprefix("torch."),
+        )
         for name, path in files.items():
             self.models[name] = load_served_model(
                 path,
@@ -175,6 +184,7 @@ class Service:
                 self.metrics.batch_size.observe,
                 self.settings.torch_threads or max(1, (os.cpu_count() or 2) - 1),
                 self.settings.compile,
+                dtype,
             )
         self.metrics.track_engines([m.engine for m in self.models.values()])
 

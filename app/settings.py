@@ -1,6 +1,6 @@
 """Every setting of the service, read from QUILL_* environment variables (or `python -m app` flags)."""
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -20,6 +20,9 @@ class Settings(BaseSettings):
     # compile each model's decode step at start-up (torch.compile; needs a C++ compiler on a CPU): about
     # 4x the tokens/s at batch 1 on the bundled GPT, for start-up minutes longer; a failed compile serves eagerly
     compile: bool = False
+    # the weights' precision for serving, cast once at load; auto: bfloat16 on a CUDA GPU that has it, else
+    # float32 (on this 2-core CPU bfloat16 changed decode speed little: docs/benchmarks-peers.md)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_running: int = Field(32, ge=1)  # requests decoded together, per model (the batch size)
     max_queued: int = Field(64, ge=0)  # requests waiting for a slot, per model; beyond: 429
     max_body_bytes: int = Field(256 * 1024, ge=1024)  # larger request bodies get 413

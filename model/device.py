@@ -24,3 +24,17 @@ def pick_device(name):
     if device.type == "mps" and not mps_available():
         raise ValueError(f"device {name!r}: MPS is not available on this machine (auto picks one)")
     return name
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(name, device):
+    """The torch dtype `name` stands for on `device`; auto: bfloat16 on a CUDA GPU that supports it, else
+    float32 (a CPU's bfloat16 matrix products are emulated on most CPUs, and MPS's bfloat16 is partial)."""
+    if name == "auto":
+        cuda = torch.device(device).type == "cuda"
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]

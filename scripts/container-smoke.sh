@@ -5,6 +5,8 @@
 # image is made locally with debootstrap, and torch is the CPU wheel found on local disk.
 # Slow (minutes, the first time); not part of CI. Needs root and apt-get for the tools.
 #   scripts/container-smoke.sh            # TORCH_WHEEL=path/to/torch-*.whl to choose the wheel
+#   TORCH_WHEEL=default scripts/container-smoke.sh   # the default image: the CUDA torch from the index
+#                                                    # (GBs to download); CUDA torch runs on a CPU too
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +22,7 @@ step() { printf '\n== %s\n' "$*"; }
 for tool in podman buildah runc debootstrap; do
   command -v "$tool" >/dev/null || { apt-get update -q && apt-get install -y -q podman buildah runc debootstrap; break; }
 done
-[ -f "$TORCH_WHEEL" ] || { echo "no CPU torch wheel found; set TORCH_WHEEL" >&2; exit 1; }
+[ "$TORCH_WHEEL" = default ] || [ -f "$TORCH_WHEEL" ] || { echo "no CPU torch wheel found; set TORCH_WHEEL" >&2; exit 1; }
 
 # crun fails in this sandbox (cgroups, rlimits): runc, and limits the sandbox allows.
 mkdir -p "$WORK"
@@ -39,19 +41,26 @@ fi
 
 # The wheel goes into the build context's wheels/ (pip's --find-links there), so the build
 # installs this CPU torch instead of downloading the multi-GB CUDA one; removed again on exit.
-wheel_copy=wheels/$(basename "$TORCH_WHEEL")
+wheel_copy=
 cleanup() {
   podman rm -f "$NAME" >/dev/null 2>&1 || true
-  rm -f "$wheel_copy"
+  if [ -n "$wheel_copy" ]; then rm -f "$wheel_copy"; fi
 }
 trap cleanup EXIT
-cp "$TORCH_WHEEL" "$wheel_copy"
-torch_version=$(basename "$TORCH_WHEEL" | cut -d- -f2)  # torch-2.13.0+cpu-cp311-... -> 2.13.0+cpu
-
-step "building $IMAGE (torch==$torch_version)"
+torch_args=()  # none: the Dockerfile's own torch requirement, as a user's build gets it
+if [ "$TORCH_WHEEL" = default ]; then
+  IMAGE=localhost/quill:default
+  step "building $IMAGE (the Dockerfile's default torch, from the package index)"
+else
+  wheel_copy=wheels/$(basename "$TORCH_WHEEL")
+  cp "$TORCH_WHEEL" "$wheel_copy"
+  torch_version=$(basename "$TORCH_WHEEL" | cut -d- -f2)  # torch-2.13.0+cpu-cp311-... -> 2.13.0+cpu
+  torch_args=(--build-arg TORCH_REQUIREMENT="torch==$torch_version")
+  step "building $IMAGE (torch==$torch_version)"
+fi
 started=$SECONDS
 # --format docker: the OCI format has no HEALTHCHECK (nor SHELL), and Docker builds this format.
-podman build --format docker --network=host --build-arg BASE_IMAGE="$BASE" --build-arg TORCH_REQUIREMENT="torch==$torch_version" \
+podman build --format docker --network=host --build-arg BASE_IMAGE="$BASE" "${torch_args[@]}" \
   --secret id=pipcert,src=/etc/ssl/certs/ca-certificates.crt -t "$IMAGE" . > "$WORK/build.log" 2>&1 \
   || { tail -n 40 "$WORK/build.log"; exit 1; }
 echo "built in $((SECONDS - started)) s; image size: $(podman image inspect "$IMAGE" --format '{{.Size}}') bytes"
