@@ -34,6 +34,7 @@ class TokenEvent:
     id: int
     text: str  # safe to show: held-back text (a possible stop string, an unfinished character) comes later
     logprob: TokenLogprob | None = None  # when the request asked for logprobs
+    more: bool = False  # another event is already waiting: a stream may write both at once (the client is behind)
 
 
 @dataclass
@@ -295,7 +296,7 @@ class Service:
                 delta = text.push(event.id)
                 if event.last:  # nothing follows: release what is held back
                     delta += text.flush()
-                yield TokenEvent(index, event.id, delta, logprob)
+                yield TokenEvent(index, event.id, delta, logprob, more=not events.empty())
                 index += 1
                 if text.stopped:
                     req.cancel()
