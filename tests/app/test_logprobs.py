@@ -162,3 +162,14 @@ def test_scoring_the_validation_text_gives_the_trainers_loss_on_the_bundled_gpt(
             assert r.status_code == 200, r.text
             total -= sum(r.json()["choices"][0]["logprobs"]["token_logprobs"][1:])
     assert total / (6 * context) == pytest.approx(full_loss(model, val, context), abs=1e-3)
+
+
+def test_an_lstm_scores_a_prompt_with_its_whole_past(checkpoints):
+    model, tokenizer, _ = load_checkpoint(checkpoints["tiny-lstm"])
+    prompt = "the quick brown fox jumps over the lazy dog. " * 2
+    with serve(checkpoints["tiny-lstm"]) as client:
+        body = {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 0}
+        lp = client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    ids = tokenizer.encode(prompt)
+    expected = model_logprobs(model, ids[:-1]).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert lp["token_logprobs"][1:] == pytest.approx(expected.tolist(), abs=1e-5)
