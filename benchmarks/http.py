@@ -34,14 +34,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(checkpoint, port, max_running, compiled=False, ready_within=120):
-    env = {**os.environ, "QUILL_MAX_RUNNING": str(max_running), "QUILL_MAX_QUEUED": "256", "PYTHONPATH": str(ROOT)}
-    env["QUILL_COMPILE"] = "1" if compiled else "0"
+def start_server(checkpoint, port, max_running, compiled=False, ready_within=120, env=None, log=subprocess.DEVNULL):
+    """`env`: more variables for the server (QUILL_DEVICE, ...); `log`: a file for its output."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # keep the caller's packages
+    env = {**os.environ, "QUILL_MAX_RUNNING": str(max_running), "QUILL_MAX_QUEUED": "256", **(env or {})}
+    env.update(PYTHONPATH=path, QUILL_COMPILE="1" if compiled else "0")
     proc = subprocess.Popen(
         [sys.executable, "-m", "app", "--checkpoint", str(checkpoint), "--port", str(port)],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
     )
     return wait_ready(proc, f"http://127.0.0.1:{port}/ready", ready_within, "the server")
 
