@@ -275,6 +275,14 @@ def agreement(a, b):
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+def rerun(args):
+    """The command that makes this page again: make bench-peers for the defaults, else the options given."""
+    if args.models == DEFAULT_MODELS.split(",") and not args.quick and args.tokens is None:
+        return "make bench-peers"
+    options = f"--models {','.join(args.models)} --rounds {args.rounds} --dtypes {','.join(args.dtypes)}"
+    return "python -m benchmarks.peers " + options + (f" --tokens {args.tokens}" if args.tokens else "")
+
+
 def report(args, record, tokens, loads, minutes):
     """The markdown page: how it was measured, the table, the greedy texts' agreement, the machine's load."""
     m, first = machine(), f"llama.cpp {args.dtypes[0]}"
@@ -289,7 +297,7 @@ def report(args, record, tokens, loads, minutes):
             "# Quill against llama.cpp on the same weights",
             "",
             f"Measured on {m['cpu']}, {m['cores']} cores, torch {m['torch']}, llama.cpp build {record.version} "
-            f"from `{SDIST}`, {m['date']}, in {minutes:.1f} minutes. Regenerate with `make bench-peers`. "
+            f"from `{SDIST}`, {m['date']}, in {minutes:.1f} minutes. Regenerate with `{rerun(args)}`. "
             f"Medians of {args.rounds} interleaved round(s); greedy, a {len(PROMPT)}-character prompt (as many "
             "tokens in a character vocabulary, fewer in a BPE); new tokens per request and HTTP runs a round: "
             + "; ".join(f"{n} and {runs} for {label}" for label, (n, runs) in tokens.items())
