@@ -34,7 +34,6 @@ class TokenEvent:
     id: int
     text: str  # safe to show: held-back text (a possible stop string, an unfinished character) comes later
     logprob: TokenLogprob | None = None  # when the request asked for logprobs
-    more: bool = False  # another event is already waiting: a stream may write both at once (the client is behind)
 
 
 @dataclass
@@ -296,7 +295,7 @@ class Service:
                 delta = text.push(event.id)
                 if event.last:  # nothing follows: release what is held back
                     delta += text.flush()
-                yield TokenEvent(index, event.id, delta, logprob, more=not events.empty())
+                yield TokenEvent(index, event.id, delta, logprob)
                 index += 1
                 if text.stopped:
                     req.cancel()

@@ -5,7 +5,7 @@ OpenAI's). The routes only pick one."""
 import asyncio
 import json
 
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 from starlette.responses import StreamingResponse
 
 from app.errors import error_body
@@ -46,38 +46,28 @@ def token_json(ev):
 
 
 def sse(events, request):
-    """One `token` event per token, then `done` (or `error`). Tokens already waiting when one is written go out
-    in the same write: a stream that fell behind catches up in one send, not one per token."""
-
     async def frames():
-        waiting = []
         async for ev in until_failure(events, request):
             if isinstance(ev, TokenEvent):
-                waiting.append(ServerSentEvent(json.dumps(token_json(ev)), event="token").encode())
-                if not ev.more:
-                    yield b"".join(waiting)
-                    waiting = []
+                yield {"event": "token", "data": json.dumps(token_json(ev))}
             elif isinstance(ev, GenerationFailed):
-                yield b"".join(waiting) + ServerSentEvent(failure_json(ev), event="error").encode()
+                yield {"event": "error", "data": failure_json(ev)}
             else:
-                yield b"".join(waiting) + ServerSentEvent(json.dumps(ev.to_dict()), event="done").encode()
+                yield {"event": "done", "data": json.dumps(ev.to_dict())}
 
     return EventSourceResponse(frames())
 
 
 def plain_text(events, request):
     async def chunks():
-        waiting = ""
         async for ev in until_failure(events, request):
             if isinstance(ev, TokenEvent):
-                waiting += ev.text  # written with the tokens already waiting behind it, as sse() does
-                if waiting and not ev.more:
-                    yield waiting
-                    waiting = ""
+                if ev.text:
+                    yield ev.text
             elif isinstance(ev, GenerationFailed):
-                yield f"{waiting}\n[error: {ev.message}]\n"
+                yield f"\n[error: {ev.message}]\n"
             else:
-                yield f"{waiting}\n"
+                yield "\n"
 
     return StreamingResponse(chunks(), media_type="text/plain; charset=utf-8")
 
