@@ -56,14 +56,18 @@ def choice_seeds(body):
     return [(first + i) % (MAX_SEED + 1) for i in range(body.n)]
 
 
+def check_unicode(text, what="prompt"):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid Unicode (it holds a lone surrogate)") from None
+    return text
+
+
 def check_prompt(prompt):
     if not prompt.strip():
         raise ValueError("prompt is empty or only whitespace")
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("prompt is not valid Unicode (it holds a lone surrogate)") from None
-    return prompt
+    return check_unicode(prompt)
 
 
 # Shared by /generate and /v1/completions (vLLM accepts the same two beside OpenAI's fields).
@@ -186,6 +190,13 @@ class ChatMessage(Strict):
     @property
     def text(self):
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+    @field_validator("content")
+    @classmethod
+    def _unicode(cls, v):
+        for text in [v] if isinstance(v, str) else [part.text for part in v]:
+            check_unicode(text, "content")
+        return v
 
 
 CHAT_MAX_TOKENS = 256  # when a chat request sets neither max_tokens nor max_completion_tokens

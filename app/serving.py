@@ -215,7 +215,7 @@ class Service:
             )
         return self.models[name]
 
-    def admit(self, served, prompt, choices):
+    def admit(self, served, prompt, choices, param="prompt"):
         """Everything that can refuse a request; then queue one engine request per SamplingParams in
         `choices` (n > 1: several completions of one prompt), and return their Jobs."""
         if self.draining or not self.ready:
@@ -228,9 +228,12 @@ class Service:
         try:
             ids = served.tokenizer.encode(prompt)
         except ValueError as e:
-            raise APIError(422, f"prompt: {e}", param="prompt") from None
+            raise APIError(422, f"{param}: {e}", param=param) from None
+        capacity = self.settings.max_running + self.settings.max_queued
+        if len(choices) > capacity:
+            raise APIError(400, f"n: {len(choices)} choices, more than this server holds ({capacity})", param="n")
         running, queued = served.engine.counts()
-        if running + queued + len(choices) > self.settings.max_running + self.settings.max_queued:
+        if running + queued + len(choices) > capacity:
             raise APIError(
                 429,
                 f"model {served.name!r} is at capacity ({running} running, {queued} queued); retry shortly",
@@ -264,7 +267,10 @@ class Service:
         served = self.get(body.model)
         extra = {"stop": stop} if stop else {}
         choices = [body.to_sampling_params(seed, **extra) for seed in choice_seeds(body)]
-        jobs = self.admit(served, body.prompt if prompt is None else prompt, choices)
+        if prompt is None:
+            jobs = self.admit(served, body.prompt, choices)
+        else:  # a chat's: its faults are the messages'
+            jobs = self.admit(served, prompt, choices, param="messages")
         return served, [self._events(served, job) for job in jobs]
 
     async def _events(self, served, job):

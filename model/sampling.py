@@ -47,9 +47,9 @@ def sample_next_token(logits, generator, params=SamplingParams(), seen=None, cou
     only when a presence or frequency penalty is set."""
     if params.repetition_penalty != 1.0:
         logits = penalize(logits, seen, params.repetition_penalty)
-    if counts is not None:  # OpenAI's formula: generated tokens only, not the prompt
-        penalty = params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
-        logits = logits - penalty.to(logits.dtype)
+    if counts is not None:  # OpenAI's formula: generated tokens only, not the prompt; in float32, where a small
+        # penalty still moves a large logit (bfloat16 would round 20.0 - 0.06 back to 20.0)
+        logits = logits.float() - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
     if params.greedy:
         return int(logits.argmax())
     logits = (

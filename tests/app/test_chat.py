@@ -1,12 +1,15 @@
 """POST /v1/chat/completions: messages become a prompt through the checkpoint's chat template (compared with
 transformers' own rendering) or Quill's plain transcript; a reply ends at the next turn's marker."""
 
+from types import SimpleNamespace
+
 import pytest
 from fastapi.testclient import TestClient
 from helpers import END, save_gpt2
 from service_helpers import parse_sse
 
-from app.chat import TURN_MARKERS, transcript
+from app.chat import TURN_MARKERS, chat_prompt, transcript
+from app.errors import APIError
 from app.main import create_app
 from app.protocol import MAX_PROMPT_CHARS, ChatMessage
 from app.settings import Settings
@@ -180,3 +183,32 @@ def test_the_end_token_of_a_template_ends_the_reply(templated, monkeypatch):
         body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5}
         choice = client.post("/v1/chat/completions", json=body).json()["choices"][0]
     assert (choice["message"]["content"], choice["finish_reason"]) == ("Hi", "stop")
+
+
+def test_a_lone_surrogate_in_a_message_is_a_422_on_every_tokenizer(checkpoints):
+    with serve(checkpoints["tiny-gpt"], checkpoints["bpe-gpt"]) as client:
+        for model in ("tiny-gpt", "bpe-gpt"):
+            body = '{"model": "MODEL", "messages": [{"role": "user", "content": "hi \\ud800"}]}'.replace("MODEL", model)
+            r = client.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 422, r.text
+            assert "lone surrogate" in r.json()["error"]["message"]
+
+
+def render(template, messages=MESSAGES[:2]):
+    served = SimpleNamespace(meta={"chat_template": template, "special_tokens": {"eos_token": END}})
+    return chat_prompt(served, [ChatMessage(**m) for m in messages])
+
+
+def test_templates_render_with_transformers_extras_and_their_failures_are_named():
+    assert render("{% for m in messages %}{{ m['role'] }}{% break %}{% endfor %}")[0] == "system"
+    assert render("{{ messages[1]['content'] | tojson }}")[0] == '"Hello there"'
+    assert render("{{ '<b> & é' | tojson }}")[0] == '"<b> & é"'  # not HTML-escaped, as transformers writes it
+    assert render("{{ strftime_now('%Y') }}")[0].isdigit()
+    for template, status, words in [
+        ("{% if messages[0]['role'] == 'user' %}x{% endif %}", 400, "empty prompt"),
+        ("{{ messages[0]['content'] / 2 }}", 400, "failed on them: TypeError"),
+        ("{% for m in messages %}", 500, "does not parse"),
+    ]:
+        with pytest.raises(APIError) as refused:
+            render(template)
+        assert refused.value.status == status and words in refused.value.message

@@ -173,3 +173,20 @@ def test_an_lstm_scores_a_prompt_with_its_whole_past(checkpoints):
     ids = tokenizer.encode(prompt)
     expected = model_logprobs(model, ids[:-1]).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
     assert lp["token_logprobs"][1:] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_more_choices_than_the_server_holds_is_a_400_naming_n(checkpoints):
+    settings = Settings(_env_file=None, checkpoints=[str(checkpoints["tiny-gpt"])], max_running=2, max_queued=1)
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/v1/completions", json={"prompt": "Hello", "n": 4})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        assert "(3)" in r.json()["error"]["message"]
+        assert client.post("/v1/completions", json={"prompt": "Hello", "n": 3, "max_tokens": 2}).status_code == 200
+
+
+def test_a_small_penalty_still_moves_a_large_bfloat16_logit():
+    from model.sampling import SamplingParams, sample_next_token
+
+    logits = torch.tensor([20.0, 20.0], dtype=torch.bfloat16)  # a step of bfloat16 at 20 is 0.125
+    params = SamplingParams(temperature=0.0, presence_penalty=0.06)
+    assert sample_next_token(logits, None, params, counts=torch.tensor([1.0, 0.0])) == 1
