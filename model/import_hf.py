@@ -115,9 +115,14 @@ def read_chat(hf_dir):
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     except json.JSONDecodeError as e:
         refuse(f"{config_path} is not valid JSON: {e}")
+    if not isinstance(config, dict):
+        refuse(f"{config_path} holds {type(config).__name__}, not a JSON object")
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: the one called "default"
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        named = [t for t in template if isinstance(t, dict)]
+        template = next((t.get("template") for t in named if t.get("name") == "default"), None)
+    if template is not None and not isinstance(template, str):
+        refuse(f"{config_path}: chat_template is {type(template).__name__}, not a Jinja template string")
     if (hf_dir / "chat_template.jinja").is_file():  # where newer transformers saves it
         template = (hf_dir / "chat_template.jinja").read_text()
     if not template:

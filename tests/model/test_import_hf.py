@@ -171,3 +171,16 @@ def test_a_checkpoint_written_before_the_gelu_field_loads_as_exact_and_a_bad_for
     write_safetensors(tmp_path / "bad.safetensors", tensors, {**meta, "config": {**meta["config"], "gelu": "relu"}})
     with pytest.raises(CheckpointError, match="gelu must be one of exact, tanh, not 'relu'"):
         load_checkpoint(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("config", ["[]", '{"chat_template": 3}', '{"chat_template": [1, {"name": "default"}]}'])
+def test_a_malformed_tokenizer_config_is_refused_naming_it_or_has_no_template(tmp_path, config):
+    save_gpt2(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(config)
+    if config.startswith('{"chat_template": ['):  # a list with no usable default: no template, imported
+        main([str(tmp_path / "hf"), "--out", str(tmp_path / "run")])
+        assert "chat_template" not in load_checkpoint(tmp_path / "run")[2]
+        return
+    with pytest.raises(SystemExit, match="tokenizer_config.json"):
+        main([str(tmp_path / "hf"), "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
