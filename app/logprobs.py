@@ -30,7 +30,7 @@ def scored(tokenizer, token_id, logprob, top=(), offset=0):
 
 
 def prompt_logprobs(tokenizer, ids, event):
-    """A PromptLogprobs event of the engine as TokenLogprobs, with each token's offset in the prompt."""
+    """A PromptLogprobs event (model.scoring) of the engine as TokenLogprobs, with each token's offset in the prompt."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     out, offset = [], 0
     for token_id, logprob, top in zip(ids, event.logprobs, event.top):

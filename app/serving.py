@@ -19,7 +19,8 @@ from app.textstream import TextStream
 from model import CheckpointError, load_checkpoint
 from model.checkpoint import BUNDLED, default_checkpoints, file_sha256, model_name, resolve_checkpoint_path
 from model.device import pick_device, pick_dtype
-from model.engine import Engine, Finished, PromptLogprobs, Request
+from model.engine import Engine, Finished, Request
+from model.scoring import PromptLogprobs
 
 log = logging.getLogger("quill")
 TRAIN_HINT = (
