@@ -15,9 +15,16 @@ from app.settings import Settings
 schema = schemathesis.openapi.from_dict(create_app(Settings(_env_file=None)).openapi())
 schema.config.generation.update(modes=list(GenerationMode), max_examples=50, database="none")
 
-# A JSON Schema cannot say which characters a model knows, nor that a prompt needs more than whitespace:
-# a request valid by the schema may be refused with 422 for these reasons, and for no other.
-REFUSALS_BY_MEANING = ("not in the vocabulary", "empty or only whitespace", "lone surrogate")
+# A JSON Schema cannot say which characters a model knows, that a prompt needs more than whitespace, nor
+# rules between two fields (max_tokens 0 only with echo, top_logprobs only with logprobs): a request valid by
+# the schema may be refused with 422 for these reasons, and for no other.
+REFUSALS_BY_MEANING = (
+    "not in the vocabulary",
+    "empty or only whitespace",
+    "lone surrogate",
+    "max_tokens is 0 without echo",
+    "top_logprobs needs logprobs: true",
+)
 LONG_RUN_REQUESTS = 5000
 
 
