@@ -20,5 +20,5 @@ async def generate(body: GenerateRequest, request: Request):
     if "text/plain" in accept and "text/event-stream" not in accept:
         return streaming.plain_text(events, request)
     if not body.stream:
-        return await streaming.collect(events)
+        return await streaming.unless_disconnected(request, streaming.collect(events))
     return streaming.sse(events, request)

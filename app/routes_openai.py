@@ -20,7 +20,7 @@ router = APIRouter(prefix="/v1")
 async def text_completions(body: CompletionRequest, request: Request):
     served, streams = request.app.state.service.generate_choices(body)
     if not body.stream:
-        return await completions.completion(body, served, streams)
+        return await streaming.unless_disconnected(request, completions.completion(body, served, streams))
     return completions.completion_chunks(body, served, streams, request)
 
 
@@ -34,7 +34,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     prompt, stop = chat_prompt(service.get(body.model), body.messages)
     served, streams = service.generate_choices(body, prompt, stop)
     if not body.stream:
-        return await completions.chat_completion(body, served, streams)
+        return await streaming.unless_disconnected(request, completions.chat_completion(body, served, streams))
     return completions.chat_chunks(body, served, streams, request)
 
 

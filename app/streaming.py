@@ -72,6 +72,22 @@ def plain_text(events, request):
     return StreamingResponse(chunks(), media_type="text/plain; charset=utf-8")
 
 
+async def unless_disconnected(request, awaitable, every=0.25):
+    """The result of `awaitable`, a whole (non-streamed) response in the making; if the client leaves first, it is
+    cancelled, so that its requests leave the engine (each event stream's `finally`), and None is returned:
+    nobody is left to read it."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=every)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        task.cancel()
+
+
 async def collect(events):
     """The Done, with the tokens' logprobs when asked for; a GenerationFailed propagates to the app's error
     handler (nothing was sent yet)."""

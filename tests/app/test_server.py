@@ -84,6 +84,29 @@ def test_client_that_disconnects_mid_stream_leaves_the_batch(server, kind):
     assert generated < LONG
 
 
+WHOLE = {  # non-streamed: the client gives up waiting for the whole response
+    "generate": ("/generate", {"prompt": "Hello", "max_new_tokens": LONG, "stream": False}, 1),
+    "completions-n3": ("/v1/completions", {"prompt": "Hello", "max_tokens": LONG, "n": 3}, 3),
+    "chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": LONG}, 1),
+}
+
+
+@pytest.mark.parametrize("kind", WHOLE)
+def test_client_that_stops_waiting_for_a_whole_response_frees_every_choice(server, kind):
+    path, body, choices = WHOLE[kind]
+    tokens_before = metric(server.metrics(), "quill_tokens_generated_total", model="tiny-gpt") or 0
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + path, json={**body, "temperature": 0}, timeout=httpx.Timeout(60, read=0.3))
+
+    def idle():
+        text = server.metrics()
+        return metric(text, "quill_requests_running") == 0 and metric(text, "quill_requests_queued") == 0
+
+    assert wait_until(idle, timeout=5), "the abandoned request is still in the batch"
+    generated = metric(server.metrics(), "quill_tokens_generated_total", model="tiny-gpt") - tokens_before
+    assert generated < choices * LONG  # cut short: not every choice ran to its end
+
+
 def test_overload_gets_429_at_once_and_admitted_streams_complete(server):
     # the server admits 4 running + 2 queued per model
     with httpx.Client(timeout=120) as client:
