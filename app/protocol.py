@@ -136,14 +136,9 @@ def stop_list(v):
 Stop = Field(None, validate_default=True, json_schema_extra=document_stop_limit)
 
 
-class CompletionRequest(Strict):
-    """The subset of OpenAI's legacy /v1/completions that a sampling-only model can honour, with logprobs
-    and echo as evaluation harnesses use them: echo with max_tokens 0 and logprobs scores a text."""
+class OpenAIRequest(Strict):
+    """The fields OpenAI's completions and chat completions share, as Quill honours them."""
 
-    model: str | None = None
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    echo: bool = Field(False, description="the prompt comes back before the completion (with logprobs: scored)")
-    max_tokens: int = Field(16, ge=0, le=MAX_NEW_TOKENS, description="0 only with echo: the prompt alone")
     temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     min_p: float = MinP
@@ -155,12 +150,24 @@ class CompletionRequest(Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = N
-    logprobs: int | None = Logprobs
     user: str | None = None
 
-    _prompt = field_validator("prompt")(check_prompt)
-    _whole = field_validator("max_tokens", "seed", "n", "logprobs", mode="before")(whole_number)
+    _whole_shared = field_validator("seed", "n", mode="before")(whole_number)
     _stop = field_validator("stop")(stop_list)
+
+
+class CompletionRequest(OpenAIRequest):
+    """The subset of OpenAI's legacy /v1/completions that a sampling-only model can honour, with logprobs
+    and echo as evaluation harnesses use them: echo with max_tokens 0 and logprobs scores a text."""
+
+    model: str | None = None
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    echo: bool = Field(False, description="the prompt comes back before the completion (with logprobs: scored)")
+    max_tokens: int = Field(16, ge=0, le=MAX_NEW_TOKENS, description="0 only with echo: the prompt alone")
+    logprobs: int | None = Logprobs
+
+    _prompt = field_validator("prompt")(check_prompt)
+    _whole = field_validator("max_tokens", "logprobs", mode="before")(whole_number)
 
     @field_validator("max_tokens")
     @classmethod
@@ -202,32 +209,17 @@ class ChatMessage(Strict):
 CHAT_MAX_TOKENS = 256  # when a chat request sets neither max_tokens nor max_completion_tokens
 
 
-class ChatRequest(Strict):
+class ChatRequest(OpenAIRequest):
     """OpenAI's /v1/chat/completions, as far as a text model without tools or images can honour it."""
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS, description="OpenAI's older name")
-    temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    min_p: float = MinP
-    repetition_penalty: float = RepetitionPenalty
-    presence_penalty: float = PresencePenalty
-    frequency_penalty: float = FrequencyPenalty
-    stop: StopString | list[StopString] | None = Stop
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = N
     logprobs: bool = Field(False, description="each reply token's log-probability (top_logprobs: alternatives)")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    user: str | None = None
 
-    _whole = field_validator("max_completion_tokens", "max_tokens", "seed", "n", "top_logprobs", mode="before")(
-        whole_number
-    )
-    _stop = field_validator("stop")(stop_list)
+    _whole = field_validator("max_completion_tokens", "max_tokens", "top_logprobs", mode="before")(whole_number)
 
     @field_validator("top_logprobs")
     @classmethod
