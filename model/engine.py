@@ -1,8 +1,9 @@
 """The generation engine: token ids in, token ids out; no HTTP, no text.
 
-One thread runs a loop of steps. Each step admits waiting requests (a prefill each), then
-advances every active request by one token with a single batched forward that reads the
-KV cache (GPT) or the carried hidden state (LSTM). Both are the model's own forward (its
+One thread runs a loop of steps. Each step admits waiting requests (prefilled together: one
+forward for prompts of similar length, the shorter padded), then advances every active request
+by one token with a single batched forward that reads the KV cache (GPT) or the carried hidden
+state (LSTM). Both are the model's own forward (its
 kv_cache or state argument): this module holds only the storage, the slots and the schedule,
 so serving runs the arithmetic that training ran. Finished or cancelled requests leave
 between steps, and their slot goes to the next request.
@@ -30,6 +31,8 @@ from model.sampling import Sampler, SamplingParams
 from model.scoring import score_prompt, top_logprobs
 
 log = logging.getLogger("quill")
+
+PREFILL_LOGITS = 2**24  # 64 MB of float32 logits
 
 
 def batch_buckets(max_batch):
@@ -82,10 +85,17 @@ class GPTCache:
     def room(self, slot):
         return self.context - self.length[slot]
 
-    def prefill(self, slot, ids):
-        """Fill row `slot` from scratch with `ids` (at most context_size); return last logits (V,)."""
-        self.length[slot] = 0
-        return self._forward(slot, [ids])[0, -1]
+    def prefill(self, first, seqs):
+        """Fill rows first.. from scratch, one with each of `seqs` (token id lists of at most context_size,
+        any lengths), in one forward: a shorter one is padded at its end, and what the padding writes lies
+        past the row's length, where no later token looks and the next ones overwrite it. The last
+        logits of each, (N, V)."""
+        lengths = [len(ids) for ids in seqs]
+        longest = max(lengths)
+        self.length[first : first + len(seqs)] = [0] * len(seqs)
+        logits = self._forward(first, [ids + [0] * (longest - len(ids)) for ids in seqs])
+        self.length[first : first + len(seqs)] = lengths
+        return logits[torch.arange(len(seqs)), torch.tensor(lengths) - 1]
 
     def decode(self, ids):
         """Append one token to each of rows 0..B-1 and return their next-token logits (B, V)."""
@@ -153,9 +163,13 @@ class LSTMState:
     def warm_up(self):
         pass  # nothing to compile
 
-    def prefill(self, slot, ids):
-        self.h[:, slot], self.c[:, slot] = 0, 0
-        return self._forward(slot, [ids])[0, -1]
+    def prefill(self, first, seqs):
+        """As GPTCache.prefill, one row at a time: the state after padding would not be the prompt's."""
+        out = []
+        for slot, ids in enumerate(seqs, first):
+            self.h[:, slot], self.c[:, slot] = 0, 0
+            out.append(self._forward(slot, [ids])[0, -1])
+        return torch.stack(out)
 
     def decode(self, ids):
         return self._forward(0, [[t] for t in ids])[:, -1]
@@ -215,6 +229,8 @@ class Engine:
         self.max_batch = max_batch
         is_gpt = isinstance(model, GPT)
         self.cache = GPTCache(model, max_batch, compiled) if is_gpt else LSTMState(model, max_batch)
+        # tokens in one batched prefill: at least a whole context, and logits of at most PREFILL_LOGITS
+        self.prefill_tokens = max(self.cache.context or 1, PREFILL_LOGITS // model.config.vocab_size)
         self.on_step = on_step  # called after each decode step with the batch size (metrics)
         self.threads = threads  # torch threads for the engine thread (OpenMP's setting is per thread)
         self.clock = clock
@@ -309,6 +325,7 @@ class Engine:
     @torch.no_grad()
     def _admit(self):
         self._leave()
+        admitted = 0
         while self.waiting and len(self.active) < self.max_batch:
             req = self.waiting[0]
             if req.cancelled:
@@ -322,14 +339,31 @@ class Engine:
                 continue
             req.sampler = Sampler(req.params, req.prompt)
             req.tokens = list(req.prompt)
-            slot = len(self.active)
             # active before it leaves the queue: counts() may see it twice, never zero times
             self.active.append(req)
             with self.cond:
                 self.waiting.popleft()
-            context = self.cache.context or len(req.tokens)
-            self._sample(req, self.cache.prefill(slot, req.tokens[-context:]))
+            admitted += 1
+        if admitted:
+            self._prefill(len(self.active) - admitted)
         self._leave()
+
+    def _prefill(self, first):
+        """Prefill the requests just admitted into slots first.., batched: sorted by prompt length, so that
+        little is padding, in groups of at most prefill_tokens padded tokens (a group's logits are that
+        many rows of vocabulary); then sample each one's first token."""
+        window = self.cache.context
+        new = sorted(self.active[first:], key=lambda req: min(len(req.tokens), window or math.inf))
+        self.active[first:] = new  # their slots hold nothing yet: any order will do
+        seqs = [req.tokens[-window:] if window else req.tokens for req in new]
+        start = 0
+        while start < len(new):
+            end = start + 1
+            while end < len(new) and (end + 1 - start) * len(seqs[end]) <= self.prefill_tokens:
+                end += 1
+            for req, logits in zip(new[start:end], self.cache.prefill(first + start, seqs[start:end])):
+                self._sample(req, logits)
+            start = end
 
     @torch.no_grad()
     def _decode(self):
@@ -337,7 +371,7 @@ class Engine:
             return
         for slot, req in enumerate(self.active):
             if self.cache.room(slot) == 0:  # full: slide the window (see the module docstring)
-                self.cache.prefill(slot, req.tokens[-(self.cache.context // 2) - 1 : -1])
+                self.cache.prefill(slot, [req.tokens[-(self.cache.context // 2) - 1 : -1]])
         logits = self.cache.decode([req.tokens[-1] for req in self.active])  # (B, V)
         for req, row in zip(self.active, logits):
             self._sample(req, row)

@@ -136,6 +136,50 @@ def test_engine_prompt_longer_than_the_context_uses_its_last_context_tokens():
     assert Engine(model).generate(prompt, 1, seed=5) == expected
 
 
+def record_prefills(monkeypatch, engine):
+    """The lengths of the prompts each prefill forward took, one list per call."""
+    calls, prefill = [], engine.cache.prefill
+
+    def spy(first, seqs):
+        calls.append([len(ids) for ids in seqs])
+        return prefill(first, seqs)
+
+    monkeypatch.setattr(engine.cache, "prefill", spy)
+    return calls
+
+
+@MODELS
+def test_engine_prefills_requests_admitted_together_at_once_and_each_equals_it_alone(monkeypatch, make):
+    model = make()
+    # lengths that differ, so the shorter ones are padded; the last is longer than the context
+    prompts = [[5] * 9, [1, 2, 3], [7], [i % VOCAB for i in range(17)], [i % VOCAB for i in range(CONTEXT + 5)]]
+    alone = [Engine(model, max_batch=1).generate(p, 12, seed=i) for i, p in enumerate(prompts)]
+    engine = Engine(model, max_batch=8)
+    prefills = record_prefills(monkeypatch, engine)
+    reqs = [request(p, 12, seed=i) for i, p in enumerate(prompts)]
+    for req in reqs:
+        engine.submit(req)
+    run_until_done(engine, *reqs)
+    assert [req.emit.tokens for req in reqs] == alone
+    # shortest first, in one call; a GPT's long prompt cut to its last context tokens (then it slides),
+    # an LSTM's whole (it runs its rows one by one: its state after padding would not be the prompt's)
+    assert prefills[0] == [1, 3, 9, 17, CONTEXT + 5 if isinstance(model, LSTM) else CONTEXT]
+
+
+def test_engine_prefill_groups_stay_within_their_token_budget_and_equal_greedy(monkeypatch):
+    model = gpt64()
+    engine = Engine(model, max_batch=8)
+    engine.prefill_tokens = 8  # padded tokens a forward: 4 prompts of 2, then the 5 alone
+    prefills = record_prefills(monkeypatch, engine)
+    prompts = [[3, 4, 5, 6, 7], [1, 2], [2, 1], [4, 4], [9, 8]]
+    reqs = [request(p, 10, temperature=0.0) for p in prompts]
+    for req in reqs:
+        engine.submit(req)
+    run_until_done(engine, *reqs)
+    assert prefills == [[2, 2, 2, 2], [5]]
+    assert [req.emit.tokens for req in reqs] == [sliding_greedy(model, p, 10) for p in prompts]
+
+
 @MODELS
 def test_engine_temperature_zero_is_argmax_whatever_the_seed(make):
     model = make()
