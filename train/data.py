@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,23 +119,41 @@ def encode_splits(tokenizer, text, context_size):
 
 
 class TokenFile:
-    """One split of a prepared corpus: token ids in a flat file, read through a fresh memory map for each
-    batch. Pages a batch touched leave the process with its map, so resident memory stays small however
-    large the file is (nanoGPT re-maps per batch for the same reason)."""
+    """One split of a prepared corpus: token ids in a flat file, read with a positioned read per window, so
+    resident memory stays small however large the file is. While a training step computes, the next
+    batch's windows are read in a background thread (get_batch says which): a file larger than the page
+    cache is a disk read a window."""
 
     def __init__(self, path, dtype, n_tokens):
         self.path, self.dtype, self.n_tokens = Path(path), np.dtype(dtype), n_tokens
+        self._ahead = None  # (starts, length, future) of the batch being read ahead
 
     def __len__(self):
         return self.n_tokens
 
     def windows(self, starts, length):
-        ids = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
-        return torch.from_numpy(np.stack([ids[i : i + length] for i in starts]).astype(np.int64))
+        """(len(starts), length) int64: `length` tokens from each start; the batch read ahead if it is this one."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[:2] == (starts, length):
+            return ahead[2].result()
+        return self._read(starts, length)
+
+    def read_ahead(self, starts, length):
+        """Begin reading these windows in the background, for the next windows() call to take."""
+        self._ahead = (starts, length, READER.submit(self._read, starts, length))
+
+    def _read(self, starts, length):
+        size = self.dtype.itemsize
+        with open(self.path, "rb", buffering=0) as f:  # os.pread lets other threads run while it waits
+            rows = [os.pread(f.fileno(), length * size, i * size) for i in starts]
+        return torch.from_numpy(np.frombuffer(b"".join(rows), dtype=self.dtype).astype(np.int64)).view(-1, length)
 
     def __getitem__(self, part):
         ids = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
         return torch.from_numpy(ids[part].astype(np.int64))
+
+
+READER = ThreadPoolExecutor(1, thread_name_prefix="quill-read-ahead")
 
 
 def is_prepared(data):
@@ -168,9 +187,16 @@ def load_prepared(directory):
 
 def get_batch(data, batch_size, context_size, generator, device="cpu"):
     """`batch_size` random windows of `data` (a tensor, or a TokenFile) as inputs and next-token targets."""
-    ix = torch.randint(len(data) - context_size, (batch_size,), generator=generator).tolist()
+
+    def starts(g):
+        return torch.randint(len(data) - context_size, (batch_size,), generator=g).tolist()
+
+    ix = starts(generator)
     if isinstance(data, TokenFile):
         rows = data.windows(ix, context_size + 1)
+        # the next call's windows, drawn from a copy of the generator (its own state stays as it was), are
+        # read while this batch computes
+        data.read_ahead(starts(torch.Generator().set_state(generator.get_state())), context_size + 1)
     else:
         rows = torch.stack([data[i : i + context_size + 1] for i in ix])
     x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # (B, T) each

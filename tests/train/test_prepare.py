@@ -14,7 +14,7 @@ import train.prepare as prepare_module
 from model import load_checkpoint
 from model.checkpoint import read_safetensors
 from train.config import parse_config
-from train.data import encode_text, load_prepared, make_tokenizer
+from train.data import TokenFile, encode_text, get_batch, load_prepared, make_tokenizer
 from train.loop import train
 from train.prepare import token_dtype
 
@@ -262,3 +262,24 @@ def test_an_out_that_cannot_be_made_is_one_line_naming_it(corpus, tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(SystemExit, match="python -m train.prepare: .*file/data"):
         run_prepare("--data", corpus, "--out", blocker / "data")
+
+
+def test_batches_from_a_token_file_read_ahead_yet_equal_batches_from_memory(tmp_path, monkeypatch):
+    ids = torch.randint(0, 60000, (5000,))
+    ids.numpy().astype("uint16").tofile(tmp_path / "train.bin")
+    file = TokenFile(tmp_path / "train.bin", "uint16", len(ids))
+    reads = []
+    read = file._read
+    monkeypatch.setattr(file, "_read", lambda starts, length: reads.append(starts) or read(starts, length))
+    in_memory, on_disk = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for _ in range(5):
+        x, y = get_batch(ids, 4, 16, in_memory)
+        x_file, y_file = get_batch(file, 4, 16, on_disk)
+        assert torch.equal(x_file, x) and torch.equal(y_file, y)
+        # reading ahead draws from a copy: the generator moves as far as from memory, so a resume is unchanged
+        assert torch.equal(on_disk.get_state(), in_memory.get_state())
+    assert len(reads) == 6  # each batch read once, in the step before it, and the sixth is ahead already
+    # a batch that was not the one read ahead (another generator: evaluation's) is read there and then
+    other = torch.Generator().manual_seed(9)
+    x_file, _ = get_batch(file, 4, 16, other)
+    assert torch.equal(x_file, get_batch(ids, 4, 16, torch.Generator().manual_seed(9))[0])
