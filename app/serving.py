@@ -20,6 +20,7 @@ from model import CheckpointError, load_checkpoint
 from model.checkpoint import BUNDLED, default_checkpoints, file_sha256, model_name, resolve_checkpoint_path
 from model.device import pick_device, pick_dtype
 from model.engine import Engine, Finished, Request
+from model.engine_process import EngineProcess
 from model.scoring import PromptLogprobs
 
 log = logging.getLogger("quill")
@@ -92,7 +93,7 @@ class ServedModel:
     tokenizer: object
     meta: dict
     sha256: str
-    engine: Engine
+    engine: Engine | EngineProcess
 
 
 def checkpoint_files(configured):
@@ -118,13 +119,19 @@ def checkpoint_files(configured):
     return files
 
 
-def load_served_model(weights, device, max_batch, on_step, threads=None, compiled=False, dtype=torch.float32):
+def load_served_model(
+    weights, device, max_batch, on_step, threads=None, compiled=False, dtype=torch.float32, process=False
+):
+    """`process`: run the engine in a child process of its own (EngineProcess), which loads the weights again."""
     weights = Path(weights)
     model, tokenizer, meta = load_checkpoint(weights, device=device)
     model.to(dtype)  # once, here: the engine's caches and steps take the weights' dtype
     name = model_name(weights)
     sha = file_sha256(weights)
-    engine = Engine(model, max_batch, on_step=on_step, threads=threads, compiled=compiled)
+    if process:
+        engine = EngineProcess(weights, device, dtype, max_batch, on_step=on_step, threads=threads, compiled=compiled)
+    else:
+        engine = Engine(model, max_batch, on_step=on_step, threads=threads, compiled=compiled)
     return ServedModel(name, weights, model, tokenizer, meta, sha, engine)
 
 
@@ -186,6 +193,7 @@ class Service:
                 self.settings.torch_threads or max(1, (os.cpu_count() or 2) - 1),
                 self.settings.compile,
                 dtype,
+                self.settings.engine_process,
             )
         self.metrics.track_engines([m.engine for m in self.models.values()])
 

@@ -1,7 +1,7 @@
 """Training from a prepared corpus larger than memory: resident memory, and tokens/s against training
 from memory.
 
-    python -m benchmarks.prepared [--size-mb 1024] [--quick]
+    python -m benchmarks.prepared [--size-mb 1024] [--rounds 3] [--work DIR] [--quick]
 
 Builds a corpus from this Python's standard library source, repeated to --size-mb and split into
 files of about 100 MB (in a temporary folder, never committed), prepares it with a byte-level BPE
@@ -115,22 +115,33 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--iters", type=int, default=400, help="training steps per run")
     ap.add_argument("--quick", action="store_true", help="a 12 MB corpus, one short round: a smoke test")
+    ap.add_argument(
+        "--work", help="a folder to build the corpus in and keep (reused when it holds one), not a temporary one"
+    )
     args = ap.parse_args()
     if args.quick:
         args.size_mb, args.rounds, args.iters = 12, 1, 20
     with tempfile.TemporaryDirectory(prefix="quill-bench-prepared-") as tmp:
-        tmp = Path(tmp)
-        small = write_corpus(tmp / "corpus", args.size_mb)
-        prep = [sys.executable, "-m", "train.prepare", "--data", tmp / "corpus", "--tokenizer", "bpe"]
-        prep_s, prep_peak, prep_out = run_measured([*prep, "--vocab-size", VOCAB, "--out", tmp / "prepared"])
+        tmp = Path(args.work or tmp)
+        if args.work and (tmp / "prepared" / "meta.json").is_file():  # kept from an earlier run
+            small, (prep_s, prep_peak, prep_out) = tmp / "small.txt", json.loads((tmp / "prepare.json").read_text())
+        else:
+            small = write_corpus(tmp / "corpus", args.size_mb)
+            prep = [sys.executable, "-m", "train.prepare", "--data", tmp / "corpus", "--tokenizer", "bpe"]
+            prep_s, prep_peak, prep_out = run_measured([*prep, "--vocab-size", VOCAB, "--out", tmp / "prepared"])
+            (tmp / "prepare.json").write_text(json.dumps([prep_s, prep_peak, prep_out]))
         meta = json.loads((tmp / "prepared" / "meta.json").read_text())
         tokens = sum(s["tokens"] for s in meta["splits"].values())
         runs = {"memory": [], "prepared": []}
-        for _ in range(args.rounds):  # interleaved, so that the machine's drift falls on both alike
-            runs["memory"].append(
-                train_rate(small, tmp / "run-memory", args.iters, ["--tokenizer", "bpe", "--vocab-size", VOCAB])
-            )
-            runs["prepared"].append(train_rate(tmp / "prepared", tmp / "run-prepared", args.iters))
+        train = {
+            "memory": lambda: train_rate(
+                small, tmp / "run-memory", args.iters, ["--tokenizer", "bpe", "--vocab-size", VOCAB]
+            ),
+            "prepared": lambda: train_rate(tmp / "prepared", tmp / "run-prepared", args.iters),
+        }
+        for i in range(args.rounds):  # interleaved, each first in every other round: the drift falls on both alike
+            for name in sorted(train, reverse=i % 2 == 1):
+                runs[name].append(train[name]())
     results = {
         "corpus_mb": args.size_mb,
         "corpus_tokens": tokens,

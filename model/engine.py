@@ -212,6 +212,7 @@ class Request:
     submitted_at: float = field(default_factory=time.perf_counter)
     started_at: float = None
     sampler: Sampler = None  # made when admitted: the seeded generator and the ids seen
+    on_cancel: callable = None  # called by cancel(): an engine in another process is told there
 
     @property
     def max_new_tokens(self):
@@ -219,6 +220,8 @@ class Request:
 
     def cancel(self):
         self.cancelled = True  # read by the engine thread between steps
+        if self.on_cancel:
+            self.on_cancel()
 
 
 class Engine:
@@ -373,8 +376,10 @@ class Engine:
             if self.cache.room(slot) == 0:  # full: slide the window (see the module docstring)
                 self.cache.prefill(slot, [req.tokens[-(self.cache.context // 2) - 1 : -1]])
         logits = self.cache.decode([req.tokens[-1] for req in self.active])  # (B, V)
-        for req, row in zip(self.active, logits):
-            self._sample(req, row)
+        # the rows that only want the likeliest token take it from one argmax over the batch
+        greedy = logits.argmax(-1).tolist() if any(req.sampler.only_argmax for req in self.active) else None
+        for i, (req, row) in enumerate(zip(self.active, logits)):
+            self._sample(req, row, greedy[i] if greedy and req.sampler.only_argmax else None)
         if self.on_step:
             self.on_step(len(self.active))
         self._leave()
@@ -394,8 +399,9 @@ class Engine:
             self._emit(req, end)
         return end is None
 
-    def _sample(self, req, logits):
-        token = req.sampler(logits)
+    def _sample(self, req, logits, token=None):
+        """Take `token` (when the batch's argmax gave it), else the request's sampler's choice from `logits`."""
+        token = req.sampler(logits) if token is None else token
         req.tokens.append(token)
         req.generated += 1
         logprob, top = None, ()

@@ -82,6 +82,12 @@ class Sampler:
         self.params, self.prompt = params, prompt
         self.generator = self.seen = self.counts = None
 
+    @property
+    def only_argmax(self):
+        """Whether the next token is the argmax of the logits alone, with nothing to update: greedy, no penalty."""
+        p = self.params
+        return p.greedy and p.repetition_penalty == 1.0 and not (p.presence_penalty or p.frequency_penalty)
+
     def __call__(self, logits):
         """The next token id from this request's (V,) logits."""
         if self.generator is None:  # made on the logits' device, which is known only now

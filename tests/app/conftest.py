@@ -11,3 +11,18 @@ def server(checkpoints, tmp_path_factory):
     env = {"QUILL_MAX_RUNNING": "4", "QUILL_MAX_QUEUED": "2"}
     with running_server(app_command([checkpoints["tiny-gpt"], checkpoints["tiny-lstm"]]), env, log) as s:
         yield s
+
+
+@pytest.fixture(scope="session")
+def process_server(checkpoints, tmp_path_factory):
+    """The same server with each engine in a child process of its own (QUILL_ENGINE_PROCESS)."""
+    log = tmp_path_factory.mktemp("process-server") / "server.log"
+    env = {"QUILL_MAX_RUNNING": "4", "QUILL_MAX_QUEUED": "2", "QUILL_ENGINE_PROCESS": "1"}
+    with running_server(app_command([checkpoints["tiny-gpt"], checkpoints["tiny-lstm"]]), env, log) as s:
+        yield s
+
+
+@pytest.fixture(params=["engine-thread", "engine-process"])
+def any_server(request):
+    """Each test that takes this runs against both servers: the engine in a thread, and in a process."""
+    return request.getfixturevalue("server" if request.param == "engine-thread" else "process_server")

@@ -1,7 +1,9 @@
 """A real `python -m app` over the network: streaming, disconnects, overload, SIGTERM."""
 
+import os
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -46,9 +48,9 @@ def open_stream(client, url, **body):
     return response
 
 
-def test_stream_arrives_over_the_network_as_events(server):
+def test_stream_arrives_over_the_network_as_events(any_server):
     with httpx.stream(
-        "POST", server.url + "/generate", json={"prompt": "Hello", "max_new_tokens": 40, "seed": 1}, timeout=60
+        "POST", any_server.url + "/generate", json={"prompt": "Hello", "max_new_tokens": 40, "seed": 1}, timeout=60
     ) as r:
         assert r.status_code == 200
         events = Events(r).rest()
@@ -67,20 +69,20 @@ DISCONNECTING = {
 
 
 @pytest.mark.parametrize("kind", DISCONNECTING)
-def test_client_that_disconnects_mid_stream_leaves_the_batch(server, kind):
+def test_client_that_disconnects_mid_stream_leaves_the_batch(any_server, kind):
     path, body, headers = DISCONNECTING[kind]
-    tokens_before = metric(server.metrics(), "quill_tokens_generated_total", model="tiny-gpt") or 0
-    with httpx.stream("POST", server.url + path, json=body, headers=headers, timeout=60) as r:
+    tokens_before = metric(any_server.metrics(), "quill_tokens_generated_total", model="tiny-gpt") or 0
+    with httpx.stream("POST", any_server.url + path, json=body, headers=headers, timeout=60) as r:
         assert r.status_code == 200
         assert next(r.iter_bytes())
     # leaving the block closed the connection, mid-stream
 
     def idle():
-        text = server.metrics()
+        text = any_server.metrics()
         return metric(text, "quill_requests_running") == 0 and metric(text, "quill_requests_queued") == 0
 
     assert wait_until(idle, timeout=5), "the abandoned request is still in the batch"
-    generated = metric(server.metrics(), "quill_tokens_generated_total", model="tiny-gpt") - tokens_before
+    generated = metric(any_server.metrics(), "quill_tokens_generated_total", model="tiny-gpt") - tokens_before
     assert generated < LONG
 
 
@@ -92,35 +94,35 @@ WHOLE = {  # non-streamed: the client gives up waiting for the whole response
 
 
 @pytest.mark.parametrize("kind", WHOLE)
-def test_client_that_stops_waiting_for_a_whole_response_frees_every_choice(server, kind):
+def test_client_that_stops_waiting_for_a_whole_response_frees_every_choice(any_server, kind):
     path, body, choices = WHOLE[kind]
-    tokens_before = metric(server.metrics(), "quill_tokens_generated_total", model="tiny-gpt") or 0
+    tokens_before = metric(any_server.metrics(), "quill_tokens_generated_total", model="tiny-gpt") or 0
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + path, json={**body, "temperature": 0}, timeout=httpx.Timeout(60, read=0.3))
+        httpx.post(any_server.url + path, json={**body, "temperature": 0}, timeout=httpx.Timeout(60, read=0.3))
 
     def idle():
-        text = server.metrics()
+        text = any_server.metrics()
         return metric(text, "quill_requests_running") == 0 and metric(text, "quill_requests_queued") == 0
 
     assert wait_until(idle, timeout=5), "the abandoned request is still in the batch"
-    generated = metric(server.metrics(), "quill_tokens_generated_total", model="tiny-gpt") - tokens_before
+    generated = metric(any_server.metrics(), "quill_tokens_generated_total", model="tiny-gpt") - tokens_before
     assert generated < choices * LONG  # cut short: not every choice ran to its end
 
 
-def test_overload_gets_429_at_once_and_admitted_streams_complete(server):
-    # the server admits 4 running + 2 queued per model
+def test_overload_gets_429_at_once_and_admitted_streams_complete(any_server):
+    # the any_server admits 4 running + 2 queued per model
     with httpx.Client(timeout=120) as client:
-        admitted = [open_stream(client, server.url, prompt="Hi", max_new_tokens=LONG) for _ in range(6)]
+        admitted = [open_stream(client, any_server.url, prompt="Hi", max_new_tokens=LONG) for _ in range(6)]
         try:
             for _ in range(3):
                 started = time.monotonic()
-                r = client.post(server.url + "/generate", json={"prompt": "Hi", "max_new_tokens": 5})
+                r = client.post(any_server.url + "/generate", json={"prompt": "Hi", "max_new_tokens": 5})
                 assert r.status_code == 429, r.text
                 assert r.headers["Retry-After"]
                 assert time.monotonic() - started < 2
             # the other model has its own limits
             other = client.post(
-                server.url + "/generate",
+                any_server.url + "/generate",
                 json={"prompt": "Hi", "max_new_tokens": 5, "model": "tiny-lstm", "stream": False},
             )
             assert other.status_code == 200
@@ -133,9 +135,15 @@ def test_overload_gets_429_at_once_and_admitted_streams_complete(server):
                 response.close()
 
 
-def test_sigterm_drains_streams_in_flight_then_exits_zero(checkpoints, tmp_path):
+ENGINES = pytest.mark.parametrize(
+    "engine_env", [{}, {"QUILL_ENGINE_PROCESS": "1"}], ids=["engine-thread", "engine-process"]
+)
+
+
+@ENGINES
+def test_sigterm_drains_streams_in_flight_then_exits_zero(checkpoints, tmp_path, engine_env):
     drain_timeout = 2.0
-    env = {"QUILL_DRAIN_TIMEOUT": str(drain_timeout)}
+    env = {"QUILL_DRAIN_TIMEOUT": str(drain_timeout), **engine_env}
     with (
         running_server(app_command([checkpoints["tiny-gpt"]]), env, tmp_path / "server.log") as server,
         httpx.Client(timeout=60) as client,
@@ -163,8 +171,9 @@ def test_sigterm_drains_streams_in_flight_then_exits_zero(checkpoints, tmp_path)
         assert server.proc.wait(timeout=drain_timeout + 20) == 0
 
 
-def test_ctrl_c_during_the_drain_stops_at_once(checkpoints, tmp_path):
-    env = {"QUILL_DRAIN_TIMEOUT": "60"}
+@ENGINES
+def test_ctrl_c_during_the_drain_stops_at_once(checkpoints, tmp_path, engine_env):
+    env = {"QUILL_DRAIN_TIMEOUT": "60", **engine_env}
     with (
         running_server(app_command([checkpoints["tiny-gpt"]]), env, tmp_path / "server.log") as server,
         httpx.Client(timeout=60) as client,
@@ -193,3 +202,24 @@ def test_compiled_server_is_ready_only_once_compiled_and_writes_the_eager_server
     with running_server([*app_command([checkpoints["tiny-gpt"]]), "--compile"], env, log) as compiled:
         assert "compiling the GPT's decode step for batch sizes 1, 2" in log.read_text()
         assert httpx.post(compiled.url + "/generate", json=body, timeout=60).json()["text"] == eager
+
+
+def test_the_engine_in_a_process_streams_what_the_engine_in_a_thread_does(server, process_server):
+    body = {"prompt": "Hello there", "max_new_tokens": 40, "seed": 3, "top_k": 10, "stream": False}
+    for model in ("tiny-gpt", "tiny-lstm"):
+        thread, process = (
+            httpx.post(s.url + "/generate", json={**body, "model": model}, timeout=60) for s in (server, process_server)
+        )
+        assert process.status_code == thread.status_code == 200
+        assert process.json()["text"] == thread.json()["text"]
+
+
+def test_ctrl_c_at_the_engine_process_leaves_it_serving(process_server):
+    """A terminal's Ctrl-C goes to the whole process group; the server drains, and the child ignores it."""
+    tasks = Path(f"/proc/{process_server.proc.pid}/task").iterdir()  # a child belongs to the thread that started it
+    children = [pid for task in tasks for pid in (task / "children").read_text().split()]
+    assert children, "the server started no engine process"
+    for pid in children:
+        os.kill(int(pid), signal.SIGINT)
+    r = httpx.post(process_server.url + "/generate", json={"prompt": "Hi", "max_new_tokens": 5, "stream": False})
+    assert r.status_code == 200 and r.json()["finish_reason"] == "length"
