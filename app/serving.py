@@ -124,7 +124,8 @@ def load_served_model(
 ):
     """`process`: run the engine in a child process of its own (EngineProcess), which loads the weights again."""
     weights = Path(weights)
-    model, tokenizer, meta = load_checkpoint(weights, device=device)
+    # with the engine in a child process, the copy here only describes the model: it stays off the GPU
+    model, tokenizer, meta = load_checkpoint(weights, device="cpu" if process else device)
     model.to(dtype)  # once, here: the engine's caches and steps take the weights' dtype
     name = model_name(weights)
     sha = file_sha256(weights)

@@ -21,8 +21,9 @@ class Settings(BaseSettings):
     # 4x the tokens/s at batch 1 on the bundled GPT, for start-up minutes longer; a failed compile serves eagerly
     compile: bool = False
     # run each model's engine in a child process of its own, so that its Python and the event loop's never
-    # wait on one GIL (vLLM's split); it loads the weights a second time
-    engine_process: bool = False
+    # wait on one GIL (vLLM's split): 1.4x the tokens/s with 32 streams here; the child loads the weights
+    # again (this process keeps a copy in CPU memory for the model card); 0: in a thread of this process
+    engine_process: bool = True
     # the weights' precision for serving, cast once at load; auto: bfloat16 on a CUDA GPU that has it, else
     # float32 (on this 2-core CPU bfloat16 changed decode speed little: docs/benchmarks-peers.md)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -26,12 +26,19 @@ log = logging.getLogger("quill")
 STEP = -1  # the request id under which a message carries the decode step's batch size (for on_step)
 
 
-def serve(conn, weights, device, dtype, max_batch, threads, compiled):
-    """The child process: load, warm up, say ("ready", None) (or ("failed", why)), then step until told to stop."""
+def serve(conn, weights, device, dtype, max_batch, threads, compiled, logs):
+    """The child process: load, warm up, say ("ready", None) (or ("failed", why)), then step until told to stop.
+    `logs`: (level, formatter) of the server's log, so that the engine's lines read as the server's own."""
     from model import load_checkpoint
     from model.engine import Engine
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server handles it
+    level, formatter = logs
+    if formatter:
+        handler = logging.StreamHandler()
+        handler.setFormatter(formatter)
+        logging.getLogger().addHandler(handler)
+    log.setLevel(level)
     out, requests = [], {}
     try:
         if threads:
@@ -53,7 +60,10 @@ def serve(conn, weights, device, dtype, max_batch, threads, compiled):
         """Submit and cancel what the pipe holds (waiting for the first if `block`); False once told to stop."""
         while conn.poll(None if block else 0):
             block = False
-            command, rid, *args = conn.recv()
+            try:
+                command, rid, *args = conn.recv()
+            except EOFError:  # the server is gone (killed): nothing to serve
+                return False
             if command == "submit":
                 requests[rid] = req = Request(args[0], args[1], partial(emit, rid))
                 engine.submit(req)
@@ -63,14 +73,25 @@ def serve(conn, weights, device, dtype, max_batch, threads, compiled):
                 return False
         return True
 
-    while take_commands(block=not (engine.active or engine.waiting)):
-        engine.step()
-        if out:
-            conn.send(("events", out))
-            out = []
-    for req in engine.active + list(engine.waiting):
-        req.emit(Finished("error", "engine stopped"))
-    conn.send(("events", out))
+    try:
+        while take_commands(block=not (engine.active or engine.waiting)):
+            engine.step()
+            if out:
+                conn.send(("events", out))
+                out = []
+        for req in engine.active + list(engine.waiting):
+            req.emit(Finished("error", "engine stopped"))
+        conn.send(("events", out))
+    except (BrokenPipeError, ConnectionResetError):  # the server is gone (killed) while we stepped
+        pass
+
+
+def server_logs():
+    """The level of the server's log, and the formatter of its first handler: when it is logging's own (as
+    `python -m app` sets it up), which pickles; else None, and the child keeps logging's defaults."""
+    handlers = logging.getLogger().handlers
+    formatter = handlers[0].formatter if handlers else None
+    return log.getEffectiveLevel(), formatter if type(formatter) is logging.Formatter else None
 
 
 class EngineProcess:
@@ -82,7 +103,7 @@ class EngineProcess:
         self.conn, child = context.Pipe()
         self.proc = context.Process(
             target=serve,
-            args=(child, str(weights), str(device), dtype, max_batch, threads, compiled),
+            args=(child, str(weights), str(device), dtype, max_batch, threads, compiled, server_logs()),
             name="quill-engine",
             daemon=True,
         )

@@ -1,12 +1,17 @@
 """Fixtures shared by every test file. Pytest puts this folder on sys.path, so the tests import
 the shared helpers (helpers, service_helpers, load_helpers) by name."""
 
+import os
+
 import pytest
 import torch
 from service_helpers import write_checkpoints
 
 # Two busy cores: one intra-op thread per process keeps tests and subprocesses from fighting.
 torch.set_num_threads(1)
+# The apps that tests build in this process run their engines in a thread of it (quick to start, and their
+# internals can be patched); the servers tests start as a user would keep the default, a child process.
+os.environ["QUILL_ENGINE_PROCESS"] = "0"
 
 LINES = [
     "The quick brown fox jumps over the lazy dog.",

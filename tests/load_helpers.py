@@ -12,8 +12,9 @@ LONG = 2048  # the most tokens a request may ask for: far longer than any check 
 # `python -m app` whose engines take no step while the file named by the first argument exists: requests
 # admitted meanwhile stay admitted, with nothing generated, for as long as a test needs on any machine.
 HELD_ENGINE = """
-import pathlib, runpy, sys, time
+import os, pathlib, runpy, sys, time
 from model.engine import Engine
+os.environ["QUILL_ENGINE_PROCESS"] = "0"  # the patched Engine must be the one that runs: in this process
 hold, step = pathlib.Path(sys.argv.pop(1)), Engine.step
 def held_step(self):
     while hold.exists():

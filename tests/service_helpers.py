@@ -91,7 +91,10 @@ class Server:
     def __init__(self, command, env=None, log_path=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+        # the server's engine where a user's would be (a child process), unless this test says otherwise:
+        # tests/conftest.py sets QUILL_ENGINE_PROCESS=0 for the apps that tests build in their own process
+        inherited = {k: v for k, v in os.environ.items() if k != "QUILL_ENGINE_PROCESS"}
+        env = {**inherited, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
         self.log = open(log_path or os.devnull, "wb")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
             [sys.executable, *command, "--port", str(self.port)],

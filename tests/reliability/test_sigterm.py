@@ -24,8 +24,9 @@ SHUTDOWN = {"message": "the server is shutting down", "type": "unavailable", "pa
 # `python -m app` whose engine sleeps before each step: a LONG stream takes over a minute on any machine,
 # so it is still running whenever a test stops the server.
 SLOW_ENGINE = """
-import runpy, time
+import os, runpy, time
 from model.engine import Engine
+os.environ["QUILL_ENGINE_PROCESS"] = "0"  # the patched Engine must be the one that runs: in this process
 step = Engine.step
 def slow_step(self):
     time.sleep(0.03)
