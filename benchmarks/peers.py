@@ -302,8 +302,9 @@ def report(args, record, tokens, loads, minutes):
             "tokens in a character vocabulary, fewer in a BPE); new tokens per request and HTTP runs a round: "
             + "; ".join(f"{n} and {runs} for {label}" for label, (n, runs) in tokens.items())
             + f". llama.cpp runs `-t {args.threads}`, the in-process engine {args.threads} torch threads, "
-            "Quill's server its defaults (one engine thread per core but one). 1 stream: `llama-server -np 1 "
-            "-c CTX`; 32 streams: `-np 32 -c 32*CTX`. Quill computes in f32 throughout; llama.cpp keeps its KV "
+            "Quill's server its defaults (each engine in a child process, one torch thread per core but one). "
+            "1 stream: `llama-server -np 1 -c CTX`; 32 streams: `-np 32 -c 32*CTX`. Quill computes in f32 "
+            "throughout; llama.cpp keeps its KV "
             "cache in f16 at every weight precision (its default). Batch 1: llama-bench's `-p 0 -n N` against "
             "`Engine.generate` with the prefill's time taken off; HTTP: a round's figure is the median of its "
             "runs, tokens counted from the stream. TTFT: time to first token, lower is better.",
