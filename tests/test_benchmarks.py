@@ -101,6 +101,7 @@ def test_prepared_benchmark_quick_mode_trains_from_memory_and_from_a_prepared_fo
     for name in ("memory", "prepared"):
         assert len(result[f"{name}_tokens_per_s"]) == 1 and result[f"{name}_tokens_per_s"][0] > 0
         assert result[f"{name}_peak_mb"][0] > 0
+        assert result["in_process_tokens_per_s"][name] > 0  # the data path alone, both sources in one process
 
 
 def test_gpt2_small_shape_is_gpt2_configs_default():
