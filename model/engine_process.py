@@ -128,12 +128,17 @@ class EngineProcess:
         self.reader = threading.Thread(target=self._read, name="quill-engine-reader", daemon=True)
         self.reader.start()
 
-    def stop(self):
+    def stop(self, timeout=30):
+        """Tell the child to end its requests and exit; one that has not within `timeout` s is killed."""
         if self.exited is None:
             self._send("stop", None)
+        self.proc.join(timeout)
+        if self.proc.is_alive():
+            log.warning("the engine process did not stop within %s s; killing it", timeout)
+            self.proc.kill()
+            self.proc.join()
         if self.reader:
             self.reader.join()
-        self.proc.join()
 
     def submit(self, req):
         if not req.prompt:
@@ -143,7 +148,7 @@ class EngineProcess:
         self.requests[rid] = req
         if self.exited is not None or not self._send("submit", rid, list(req.prompt), req.params):
             self.requests.pop(rid, None)
-            req.emit(Finished("error", self.exited))
+            req.emit(Finished("error", self.exited or "the engine process has stopped"))
 
     def counts(self):
         """(active, waiting): all requests not yet finished, the first max_batch of them counted as active."""

@@ -105,3 +105,16 @@ def test_a_child_that_dies_ends_its_requests_with_an_error_and_refuses_new_ones(
     engine.submit(late)
     assert late.emit.events == [Finished("error", f"the engine process exited (code {-signal.SIGKILL})")]
     engine.stop()  # and stopping it then returns
+
+
+def test_a_stopped_engine_ends_what_it_was_running_and_refuses_what_comes_after(weights):
+    engine = EngineProcess(weights, "cpu", torch.float32, max_batch=2, threads=1)
+    engine.start()
+    running = Request([1], SamplingParams(max_new_tokens=100_000), Recorder())
+    engine.submit(running)
+    assert wait_until(lambda: running.emit.tokens, timeout=30)
+    engine.stop()
+    assert running.emit.events[-1] == Finished("error", "engine stopped")
+    late = Request([1], SamplingParams(max_new_tokens=3), Recorder())
+    engine.submit(late)
+    assert late.emit.events == [Finished("error", "the engine process exited (code 0)")]
