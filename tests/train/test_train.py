@@ -458,3 +458,24 @@ def test_trainer_interrupted_by_ctrl_c_says_where_its_last_checkpoint_is(corpus,
     assert last.startswith("python -m train: interrupted at iteration ")
     assert f"the last checkpoint is in {out} (iteration {saved})" in last and "--resume" in last
     assert [line for line in stderr.splitlines() if "interrupted" in line] == [last]  # one line
+
+
+def test_ctrl_c_while_the_trainer_starts_up_is_one_line_and_leaves_no_run(corpus, tmp_path):
+    out = tmp_path / "run"
+    cmd = trainer_command("--data", corpus, "--out", out, *TINY_TRAIN_ARGS)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=trainer_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # in case a background job ignores it
+    )
+    time.sleep(0.3)  # torch takes longer than this to import
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == "python -m train: interrupted before training started; --out is as it was"
+    assert not (out / "model.safetensors").exists()
