@@ -224,6 +224,25 @@ class Request:
             self.on_cancel()
 
 
+class Outcome:
+    """The `emit` of a caller that waits for a whole request (the generate helpers): its events, and `done`
+    once it has finished."""
+
+    def __init__(self):
+        self.events, self.done = [], threading.Event()
+
+    def __call__(self, event):
+        self.events.append(event)
+        if isinstance(event, Finished):
+            self.done.set()
+
+    def ids(self):
+        """The generated ids of a finished request; RuntimeError if it ended in an error."""
+        if self.events[-1].reason == "error":
+            raise RuntimeError(self.events[-1].error)
+        return [event.id for event in self.events if isinstance(event, Token)]
+
+
 class Engine:
     """Continuous batching over one model in a dedicated thread."""
 
@@ -278,25 +297,16 @@ class Engine:
     def generate(self, prompt, max_new_tokens, **sampling):
         """Blocking helper (tests, benchmarks, warm-up): run one request to the end, return its ids.
         `sampling`: SamplingParams' fields."""
-        out, done = [], threading.Event()
-
-        def emit(event):
-            out.append(event)
-            if isinstance(event, Finished):
-                done.set()
-
-        req = Request(list(prompt), SamplingParams(max_new_tokens=max_new_tokens, **sampling), emit)
+        outcome = Outcome()
+        req = Request(list(prompt), SamplingParams(max_new_tokens=max_new_tokens, **sampling), outcome)
         if self.running:
             self.submit(req)
-            done.wait()
+            outcome.done.wait()
         else:
             self.waiting.append(req)
-            while not done.is_set():
+            while not outcome.done.is_set():
                 self.step()
-        finish = out.pop()
-        if finish.reason == "error":
-            raise RuntimeError(finish.error)
-        return [event.id for event in out if isinstance(event, Token)]
+        return outcome.ids()
 
     # -- the engine thread --
 
@@ -356,9 +366,12 @@ class Engine:
         little is padding, in groups of at most prefill_tokens padded tokens (a group's logits are that
         many rows of vocabulary); then sample each one's first token."""
         window = self.cache.context
-        new = sorted(self.active[first:], key=lambda req: min(len(req.tokens), window or math.inf))
+        pairs = sorted(
+            ((req.tokens[-window:] if window else req.tokens, req) for req in self.active[first:]),
+            key=lambda pair: len(pair[0]),
+        )
+        seqs, new = [ids for ids, _ in pairs], [req for _, req in pairs]
         self.active[first:] = new  # their slots hold nothing yet: any order will do
-        seqs = [req.tokens[-window:] if window else req.tokens for req in new]
         start = 0
         while start < len(new):
             end = start + 1
@@ -377,9 +390,10 @@ class Engine:
                 self.cache.prefill(slot, [req.tokens[-(self.cache.context // 2) - 1 : -1]])
         logits = self.cache.decode([req.tokens[-1] for req in self.active])  # (B, V)
         # the rows that only want the likeliest token take it from one argmax over the batch
-        greedy = logits.argmax(-1).tolist() if any(req.sampler.only_argmax for req in self.active) else None
+        plain = [req.sampler.only_argmax for req in self.active]
+        greedy = logits.argmax(-1).tolist() if any(plain) else None
         for i, (req, row) in enumerate(zip(self.active, logits)):
-            self._sample(req, row, greedy[i] if greedy and req.sampler.only_argmax else None)
+            self._sample(req, row, greedy[i] if plain[i] else None)
         if self.on_step:
             self.on_step(len(self.active))
         self._leave()

@@ -18,7 +18,7 @@ from functools import partial
 
 import torch
 
-from model.engine import Finished, Request, Token
+from model.engine import Finished, Outcome, Request
 from model.sampling import SamplingParams
 
 log = logging.getLogger("quill")
@@ -157,18 +157,10 @@ class EngineProcess:
 
     def generate(self, prompt, max_new_tokens, **sampling):
         """Blocking helper, as Engine.generate: run one request to the end, return its ids."""
-        out, done = [], threading.Event()
-
-        def emit(event):
-            out.append(event)
-            if isinstance(event, Finished):
-                done.set()
-
-        self.submit(Request(list(prompt), SamplingParams(max_new_tokens=max_new_tokens, **sampling), emit))
-        done.wait()
-        if out[-1].reason == "error":
-            raise RuntimeError(out[-1].error)
-        return [event.id for event in out if isinstance(event, Token)]
+        outcome = Outcome()
+        self.submit(Request(list(prompt), SamplingParams(max_new_tokens=max_new_tokens, **sampling), outcome))
+        outcome.done.wait()
+        return outcome.ids()
 
     def _cancel(self, rid):
         if rid in self.requests:  # not yet finished

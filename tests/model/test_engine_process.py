@@ -92,29 +92,35 @@ def test_a_child_that_cannot_load_its_weights_fails_start_naming_why(tmp_path):
         EngineProcess(bad, "cpu", torch.float32).start()
 
 
-def test_a_child_that_dies_ends_its_requests_with_an_error_and_refuses_new_ones(weights):
-    engine = EngineProcess(weights, "cpu", torch.float32, max_batch=2, threads=1)
-    engine.start()
-    req = Request([1], SamplingParams(max_new_tokens=100_000), Recorder())
-    engine.submit(req)
-    assert wait_until(lambda: req.emit.tokens, timeout=30)
-    os.kill(engine.proc.pid, signal.SIGKILL)
-    assert req.emit.done.wait(30)
-    assert req.emit.events[-1] == Finished("error", f"the engine process exited (code {-signal.SIGKILL})")
-    late = Request([1], SamplingParams(max_new_tokens=3), Recorder())
-    engine.submit(late)
-    assert late.emit.events == [Finished("error", f"the engine process exited (code {-signal.SIGKILL})")]
-    engine.stop()  # and stopping it then returns
-
-
-def test_a_stopped_engine_ends_what_it_was_running_and_refuses_what_comes_after(weights):
+def engine_generating(weights):
+    """A started EngineProcess of its own, and a request it has begun generating (and would not finish soon)."""
     engine = EngineProcess(weights, "cpu", torch.float32, max_batch=2, threads=1)
     engine.start()
     running = Request([1], SamplingParams(max_new_tokens=100_000), Recorder())
     engine.submit(running)
     assert wait_until(lambda: running.emit.tokens, timeout=30)
-    engine.stop()
-    assert running.emit.events[-1] == Finished("error", "engine stopped")
+    return engine, running
+
+
+def events_of_a_late_request(engine):
     late = Request([1], SamplingParams(max_new_tokens=3), Recorder())
     engine.submit(late)
-    assert late.emit.events == [Finished("error", "the engine process exited (code 0)")]
+    return late.emit.events
+
+
+def test_a_child_that_dies_ends_its_requests_with_an_error_and_refuses_new_ones(weights):
+    engine, running = engine_generating(weights)
+    os.kill(engine.proc.pid, signal.SIGKILL)
+    assert running.emit.done.wait(30)
+    assert running.emit.events[-1] == Finished("error", f"the engine process exited (code {-signal.SIGKILL})")
+    assert events_of_a_late_request(engine) == [
+        Finished("error", f"the engine process exited (code {-signal.SIGKILL})")
+    ]
+    engine.stop()  # and stopping it then returns
+
+
+def test_a_stopped_engine_ends_what_it_was_running_and_refuses_what_comes_after(weights):
+    engine, running = engine_generating(weights)
+    engine.stop()
+    assert running.emit.events[-1] == Finished("error", "engine stopped")
+    assert events_of_a_late_request(engine) == [Finished("error", "the engine process exited (code 0)")]
