@@ -1,4 +1,4 @@
-"""Quill against llama.cpp on the same weights: batch 1 in process, and HTTP with 1 and 32 streams.
+"""Quill against llama.cpp on the same weights: the engine at batch 1, and HTTP with 1 and 32 streams.
 
     python -m benchmarks.peers [--quick] [--rounds N] [--models bundled,6L,gpt2-small] [--dtypes f32,f16]
     (make bench-peers)
@@ -36,7 +36,7 @@ from benchmarks.common import DOCS, machine, markdown_table, median_time, percen
 from benchmarks.http import free_port, start_server, wait_ready
 from benchmarks.peer_models import MODELS, checkpoint_for
 from model import load_checkpoint
-from model.engine import Engine
+from model.engine_process import EngineProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = Path(os.environ.get("QUILL_LLAMA_DIR", ROOT / ".tools" / "llama.cpp"))
@@ -90,7 +90,7 @@ def parse_args(argv=None):
     ap.add_argument(
         "--tokens", type=int, help="new tokens per request (default: the context minus the prompt; gpt2-small: 128)"
     )
-    ap.add_argument("--threads", type=int, default=2, help="llama.cpp's -t and the in-process engine's torch threads")
+    ap.add_argument("--threads", type=int, default=2, help="llama.cpp's -t and the batch-1 engine's torch threads")
     args = ap.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -114,12 +114,12 @@ def export(checkpoint, dtype, work):
     return out
 
 
-def quill_engine(checkpoint, compiled):
-    """A batch-1 engine on the checkpoint, warmed up (and so compiled, when asked), and the prompt's ids."""
-    model, tokenizer, _ = load_checkpoint(checkpoint)
-    engine = Engine(model, max_batch=1, compiled=compiled)
-    engine.warm_up()
-    return engine, tokenizer.encode(PROMPT)
+def quill_engine(checkpoint, compiled, threads):
+    """A batch-1 engine on the checkpoint in a process of its own, as the server runs it, warmed up (and so
+    compiled, when asked); and the prompt's ids."""
+    engine = EngineProcess(checkpoint, "cpu", torch.float32, max_batch=1, threads=threads, compiled=compiled)
+    engine.start()
+    return engine, load_checkpoint(checkpoint)[1].encode(PROMPT)
 
 
 def quill_batch1(engine, ids, n, repeats=3):
@@ -212,10 +212,10 @@ def one_round(bin_dir, model, checkpoint, engines, ggufs, ctx, n, runs, threads,
     """Every test once, Quill (eager, then with its compiled decode step) first and llama.cpp right after
     it, for one model."""
     for system, (engine, ids) in engines.items():
-        record(model, "batch 1 in process, tok/s", system, quill_batch1(engine, ids, n))
+        record(model, "batch 1 engine, tok/s", system, quill_batch1(engine, ids, n))
     for dtype, gguf in ggufs.items():
         tok_s, record.version = llama_batch1(bin_dir, gguf, n, threads)
-        record(model, "batch 1 in process, tok/s", f"llama.cpp {dtype}", tok_s)
+        record(model, "batch 1 engine, tok/s", f"llama.cpp {dtype}", tok_s)
     for system in QUILLS:
         compiled = system != "Quill"
         start = partial(start_server, checkpoint, max_running=max(STREAMS), compiled=compiled, ready_within=900)
@@ -301,12 +301,13 @@ def report(args, record, tokens, loads, minutes):
             f"Medians of {args.rounds} interleaved round(s); greedy, a {len(PROMPT)}-character prompt (as many "
             "tokens in a character vocabulary, fewer in a BPE); new tokens per request and HTTP runs a round: "
             + "; ".join(f"{n} and {runs} for {label}" for label, (n, runs) in tokens.items())
-            + f". llama.cpp runs `-t {args.threads}`, the in-process engine {args.threads} torch threads, "
+            + f". llama.cpp runs `-t {args.threads}`, the batch-1 engine {args.threads} torch threads, "
             "Quill's server its defaults (each engine in a child process, one torch thread per core but one). "
             "1 stream: `llama-server -np 1 -c CTX`; 32 streams: `-np 32 -c 32*CTX`. Quill computes in f32 "
             "throughout; llama.cpp keeps its KV "
             "cache in f16 at every weight precision (its default). Batch 1: llama-bench's `-p 0 -n N` against "
-            "`Engine.generate` with the prefill's time taken off; HTTP: a round's figure is the median of its "
+            "the engine's `generate`, in a process of its own as the server runs it, with the prefill's time "
+            "taken off; HTTP: a round's figure is the median of its "
             "runs, tokens counted from the stream. TTFT: time to first token, lower is better.",
             "",
             table(record.values, args.dtypes),
@@ -334,11 +335,15 @@ def main(argv=None):
         ggufs = {d: export(checkpoint, d, work) for d in args.dtypes}
         models.append((f"{label}, ctx {ctx}", checkpoint, ggufs, ctx, n, runs))
     record = Recorder()
-    engines = {ckpt: {q: quill_engine(ckpt, q != "Quill") for q in QUILLS} for _, ckpt, *_ in models}
-    for r in range(args.rounds):
-        print(f"== round {r + 1} of {args.rounds}", flush=True)
-        for label, checkpoint, ggufs, ctx, n, runs in models:
-            one_round(bin_dir, label, checkpoint, engines[checkpoint], ggufs, ctx, n, runs, args.threads, record)
+    engines = {ckpt: {q: quill_engine(ckpt, q != "Quill", args.threads) for q in QUILLS} for _, ckpt, *_ in models}
+    try:
+        for r in range(args.rounds):
+            print(f"== round {r + 1} of {args.rounds}", flush=True)
+            for label, checkpoint, ggufs, ctx, n, runs in models:
+                one_round(bin_dir, label, checkpoint, engines[checkpoint], ggufs, ctx, n, runs, args.threads, record)
+    finally:
+        for engine, _ in (e for per_model in engines.values() for e in per_model.values()):
+            engine.stop()
     tokens = {label: (n, runs) for label, *_, n, runs in models}
     page = report(args, record, tokens, [load_start, os.getloadavg()], (time.monotonic() - t0) / 60)
     # the default models' page is the one docs/benchmarks.md cites; another set of models gets its own files

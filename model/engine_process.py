@@ -30,7 +30,7 @@ def serve(conn, weights, device, dtype, max_batch, threads, compiled, logs):
     """The child process: load, warm up, say ("ready", None) (or ("failed", why)), then step until told to stop.
     `logs`: (level, formatter) of the server's log, so that the engine's lines read as the server's own."""
     from model import load_checkpoint
-    from model.engine import Engine
+    from model.engine import Engine, trust_compiled_steps
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server handles it
     level, formatter = logs
@@ -46,6 +46,8 @@ def serve(conn, weights, device, dtype, max_batch, threads, compiled, logs):
         model = load_checkpoint(weights, device=device)[0].to(dtype)
         engine = Engine(model, max_batch, on_step=lambda n: out.append((STEP, n)), compiled=compiled)
         engine.warm_up()
+        if getattr(engine.cache, "step", None):  # compiled, and nothing else is here: see trust_compiled_steps
+            trust_compiled_steps()
     except Exception as e:
         conn.send(("failed", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
         return

@@ -66,6 +66,26 @@ def test_the_child_generates_what_the_engine_in_this_process_does_alone_and_toge
     assert engine.counts() == (0, 0)
 
 
+@pytest.mark.slow
+def test_a_compiled_child_picks_the_right_bucket_for_each_batch_size(weights):
+    """The child trusts its compiled steps once warm (trust_compiled_steps: only the guards that tell the
+    buckets apart are checked): batches of 3, then 2, then 1 as the jobs finish must each run their own."""
+    model = tiny_gpt(256, context_size=32)
+    here = [Engine(model, max_batch=1).generate(p, n, **s) for p, n, s in JOBS]
+    engine = EngineProcess(weights, "cpu", torch.float32, max_batch=3, threads=1, compiled=True)
+    engine.start()
+    try:
+        reqs = [Request(p, SamplingParams(max_new_tokens=n, **s), Recorder()) for p, n, s in JOBS]
+        for req in reqs:
+            engine.submit(req)
+        for req in reqs:
+            assert req.emit.done.wait(60)
+        assert [req.emit.tokens for req in reqs] == here
+        assert [engine.generate(p, n, **s) for p, n, s in JOBS] == here
+    finally:
+        engine.stop()
+
+
 def test_a_cancel_reaches_the_child_and_the_others_go_on(engine):
     long, short = (
         Request([1], SamplingParams(max_new_tokens=100_000), Recorder()),
