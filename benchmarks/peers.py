@@ -37,6 +37,7 @@ from benchmarks.http import free_port, start_server, wait_ready
 from benchmarks.peer_models import MODELS, checkpoint_for
 from model import load_checkpoint
 from model.engine_process import EngineProcess
+from train.data import encode_text, full_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = Path(os.environ.get("QUILL_LLAMA_DIR", ROOT / ".tools" / "llama.cpp"))
@@ -45,8 +46,14 @@ TARGETS = ["llama-server", "llama-bench", "llama-simple"]
 PROMPT = "ROMEO:\nWhat say "  # 16 characters, so 16 tokens in a character vocabulary
 DEFAULT_MODELS = "bundled,6L"  # make bench-peers: the page docs/benchmarks.md cites
 STREAMS = (1, 32)
-QUILLS = ("Quill", "Quill compiled")  # QUILL_COMPILE off and on
+# Quill's systems: (QUILL_COMPILE, QUILL_DTYPE); the bf16 one is compared with llama.cpp's f16 and q8_0 only
+QUILLS = {
+    "Quill": (False, "float32"),
+    "Quill compiled": (True, "float32"),
+    "Quill compiled bf16": (True, "bfloat16"),
+}
 DTYPES = ("f32", "f16", "q8_0")
+CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def build_llama(tools=TOOLS, jobs=2):
@@ -90,6 +97,12 @@ def parse_args(argv=None):
     ap.add_argument(
         "--tokens", type=int, help="new tokens per request (default: the context minus the prompt; gpt2-small: 128)"
     )
+    ap.add_argument(
+        "--corpus",
+        type=Path,
+        default=CORPUS,
+        help="text whose validation split measures what bf16 weights cost in loss (default: Tiny Shakespeare)",
+    )
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp's -t and the batch-1 engine's torch threads")
     args = ap.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -114,10 +127,11 @@ def export(checkpoint, dtype, work):
     return out
 
 
-def quill_engine(checkpoint, compiled, threads):
+def quill_engine(checkpoint, compiled, dtype, threads):
     """A batch-1 engine on the checkpoint in a process of its own, as the server runs it, warmed up (and so
     compiled, when asked); and the prompt's ids."""
-    engine = EngineProcess(checkpoint, "cpu", torch.float32, max_batch=1, threads=threads, compiled=compiled)
+    dtype = getattr(torch, dtype)
+    engine = EngineProcess(checkpoint, "cpu", dtype, max_batch=1, threads=threads, compiled=compiled)
     engine.start()
     return engine, load_checkpoint(checkpoint)[1].encode(PROMPT)
 
@@ -127,6 +141,21 @@ def quill_batch1(engine, ids, n, repeats=3):
     full = median_time(lambda: engine.generate(ids, n, temperature=0), repeats)
     first = median_time(lambda: engine.generate(ids, 1, temperature=0), repeats)
     return (n - 1) / (full - first)
+
+
+@torch.no_grad()
+def bf16_loss_change(checkpoint, corpus):
+    """The validation split's mean loss per token with the weights (and so the logits) in bf16, and in f32;
+    None when the corpus is not there or the model's tokenizer cannot encode it."""
+    if not corpus.is_file():
+        return None
+    model, tokenizer, _ = load_checkpoint(checkpoint)
+    try:
+        val = encode_text(tokenizer, corpus.read_text(encoding="utf-8"), None).splits["val"]
+    except ValueError:  # a character the model's vocabulary lacks
+        return None
+    ctx = model.config.context_size
+    return full_loss(model.to(torch.bfloat16), val, ctx), full_loss(model.float(), val, ctx)
 
 
 def llama_batch1(bin_dir, gguf, n, threads, repeats=3):
@@ -209,16 +238,18 @@ def serve_and_measure(start, api, clients, n, repeats):
 
 
 def one_round(bin_dir, model, checkpoint, engines, ggufs, ctx, n, runs, threads, record):
-    """Every test once, Quill (eager, then with its compiled decode step) first and llama.cpp right after
-    it, for one model."""
+    """Every test once, Quill (eager, then with its compiled decode step, in f32 and in bf16) first and
+    llama.cpp right after it, for one model."""
     for system, (engine, ids) in engines.items():
         record(model, "batch 1 engine, tok/s", system, quill_batch1(engine, ids, n))
     for dtype, gguf in ggufs.items():
         tok_s, record.version = llama_batch1(bin_dir, gguf, n, threads)
         record(model, "batch 1 engine, tok/s", f"llama.cpp {dtype}", tok_s)
-    for system in QUILLS:
-        compiled = system != "Quill"
-        start = partial(start_server, checkpoint, max_running=max(STREAMS), compiled=compiled, ready_within=900)
+    for system, (compiled, dtype) in QUILLS.items():
+        env = {"QUILL_DTYPE": dtype}
+        start = partial(
+            start_server, checkpoint, max_running=max(STREAMS), compiled=compiled, env=env, ready_within=900
+        )
         results, started = serve_and_measure(start, QUILL, STREAMS, n, runs)
         record(model, "server start to ready, s", system, started)
         for clients, result in zip(STREAMS, results):
@@ -249,8 +280,9 @@ class Recorder:
 
 
 def table(values, dtypes):
-    """Medians per (model, test): Quill eager and compiled, each llama.cpp precision, and the ratio of
-    Quill's better figure to llama.cpp's (for times, lower is better, so the ratio is of the lower one)."""
+    """Medians per (model, test): each Quill system, each llama.cpp precision, and the ratio of Quill's best
+    figure to llama.cpp's (for times, lower is better, so the ratio is of the lower one): against llama.cpp's
+    f32, the best of Quill's f32 systems; against a lower precision, the best of all."""
     header = ["model", "test", *QUILLS]
     for d in dtypes:
         header += [f"llama.cpp {d}", f"best Quill / llama.cpp {d}"]
@@ -259,11 +291,12 @@ def table(values, dtypes):
         rows.setdefault((model, test), {})[system] = statistics.median(vals)
     body = []
     for (model, test), med in rows.items():
-        ours = [med[q] for q in QUILLS if q in med]
-        best = (min if test.endswith((" ms", " s")) else max)(ours) if ours else None
+        pick = min if test.endswith((" ms", " s")) else max
         fmt = ".1f" if test.endswith(" s") else ".0f"  # start-up seconds: llama.cpp's are under one
         row = [model, test, *(f"{med[q]:{fmt}}" if q in med else "-" for q in QUILLS)]
         for d in dtypes:
+            ours = [med[q] for q, (_, dtype) in QUILLS.items() if q in med and (d != "f32" or dtype == "float32")]
+            best = pick(ours) if ours else None
             peer = med.get(f"llama.cpp {d}")
             row += [f"{peer:{fmt}}" if peer is not None else "-", f"{best / peer:.2f}x" if best and peer else "-"]
         body.append(row)
@@ -283,7 +316,20 @@ def rerun(args):
     return "python -m benchmarks.peers " + options + (f" --tokens {args.tokens}" if args.tokens else "")
 
 
-def report(args, record, tokens, loads, minutes):
+def loss_line(losses, corpus):
+    measured = {label: pair for label, pair in losses.items() if pair}
+    if not measured:
+        return f"What bf16 weights cost in loss was not measured: {corpus} is absent or the models cannot encode it."
+    return (
+        f"Validation loss per token (the last 10% of {corpus.name}), bf16 weights against f32: "
+        + "; ".join(
+            f"{label}: {bf16:.4f} against {f32:.4f} ({bf16 - f32:+.4f})" for label, (bf16, f32) in measured.items()
+        )
+        + "."
+    )
+
+
+def report(args, record, tokens, losses, loads, minutes):
     """The markdown page: how it was measured, the table, the greedy texts' agreement, the machine's load."""
     m, first = machine(), f"llama.cpp {args.dtypes[0]}"
     agree = [
@@ -304,7 +350,8 @@ def report(args, record, tokens, loads, minutes):
             + f". llama.cpp runs `-t {args.threads}`, the batch-1 engine {args.threads} torch threads, "
             "Quill's server its defaults (each engine in a child process, one torch thread per core but one). "
             "1 stream: `llama-server -np 1 -c CTX`; 32 streams: `-np 32 -c 32*CTX`. Quill computes in f32 "
-            "throughout; llama.cpp keeps its KV "
+            "throughout but in its bf16 system (`QUILL_DTYPE=bfloat16`: weights and KV cache in bfloat16), which "
+            "is compared with llama.cpp's lower precisions only; llama.cpp keeps its KV "
             "cache in f16 at every weight precision (its default). Batch 1: llama-bench's `-p 0 -n N` against "
             "the engine's `generate`, in a process of its own as the server runs it, with the prefill's time "
             "taken off; HTTP: a round's figure is the median of its "
@@ -313,6 +360,8 @@ def report(args, record, tokens, loads, minutes):
             table(record.values, args.dtypes),
             "",
             f"Greedy text, Quill's against {first}'s, the same from the start for: " + "; ".join(agree) + ".",
+            "",
+            loss_line(losses, args.corpus),
             "",
             f"Load average (`uptime`: 1, 5, 15 min) at the start: {load[0]}; at the end: {load[1]}.",
         ]
@@ -335,7 +384,9 @@ def main(argv=None):
         ggufs = {d: export(checkpoint, d, work) for d in args.dtypes}
         models.append((f"{label}, ctx {ctx}", checkpoint, ggufs, ctx, n, runs))
     record = Recorder()
-    engines = {ckpt: {q: quill_engine(ckpt, q != "Quill", args.threads) for q in QUILLS} for _, ckpt, *_ in models}
+    engines = {
+        ckpt: {q: quill_engine(ckpt, *opts, args.threads) for q, opts in QUILLS.items()} for _, ckpt, *_ in models
+    }
     try:
         for r in range(args.rounds):
             print(f"== round {r + 1} of {args.rounds}", flush=True)
@@ -345,7 +396,8 @@ def main(argv=None):
         for engine, _ in (e for per_model in engines.values() for e in per_model.values()):
             engine.stop()
     tokens = {label: (n, runs) for label, *_, n, runs in models}
-    page = report(args, record, tokens, [load_start, os.getloadavg()], (time.monotonic() - t0) / 60)
+    losses = {label: bf16_loss_change(checkpoint, args.corpus) for label, checkpoint, *_ in models}
+    page = report(args, record, tokens, losses, [load_start, os.getloadavg()], (time.monotonic() - t0) / 60)
     # the default models' page is the one docs/benchmarks.md cites; another set of models gets its own files
     own = "-".join(re.sub(r"[^A-Za-z0-9]+", "_", m) for m in args.models)
     suffix = "" if args.models == DEFAULT_MODELS.split(",") else f"-{own}"

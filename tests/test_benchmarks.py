@@ -80,16 +80,19 @@ def test_peers_table_shows_medians_over_rounds_and_quill_over_llama_ratios():
     values = {
         ("m", "tok/s", "Quill"): [90, 100, 400],
         ("m", "tok/s", "Quill compiled"): [150, 30, 160],
+        ("m", "tok/s", "Quill compiled bf16"): [200, 200, 200],
         ("m", "tok/s", "llama.cpp f32"): [50, 40, 60],
+        ("m", "tok/s", "llama.cpp f16"): [100, 100, 100],
         ("m", "TTFT p50 ms", "Quill"): [4, 5, 6],
         ("m", "TTFT p50 ms", "Quill compiled"): [9, 9, 9],
         ("m", "TTFT p50 ms", "llama.cpp f32"): [10, 10, 10],
     }
     rows = table(values, ["f32", "f16"]).splitlines()[-2:]
-    # the better Quill over llama.cpp: the faster for tokens/s, the quicker for a time
+    # the better Quill over llama.cpp: the faster for tokens/s, the quicker for a time; against f32, only
+    # Quill's f32 systems count, against f16 its bf16 one too
     assert rows == [
-        "| m | tok/s | 100 | 150 | 50 | 3.00x | - | - |",
-        "| m | TTFT p50 ms | 5 | 9 | 10 | 0.50x | - | - |",
+        "| m | tok/s | 100 | 150 | 200 | 50 | 3.00x | 100 | 2.00x |",
+        "| m | TTFT p50 ms | 5 | 9 | - | 10 | 0.50x | - | - |",
     ]
     assert (agreement("ROMEO: hi", "ROMEO: ho"), agreement("abc", "abcdef")) == (8, 3)
 
