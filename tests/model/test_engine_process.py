@@ -37,6 +37,16 @@ class Recorder:
         return [e.id for e in self.events if isinstance(e, Token)]
 
 
+def all_jobs_together(engine):
+    """Submit every job of JOBS at once and wait for all to finish; their Requests."""
+    reqs = [Request(p, SamplingParams(max_new_tokens=n, **s), Recorder()) for p, n, s in JOBS]
+    for req in reqs:
+        engine.submit(req)
+    for req in reqs:
+        assert req.emit.done.wait(60)
+    return reqs
+
+
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("engine-process") / "model.safetensors"
@@ -56,11 +66,7 @@ def test_the_child_generates_what_the_engine_in_this_process_does_alone_and_toge
     model = tiny_gpt(256, context_size=32)
     here = [Engine(model, max_batch=1).generate(p, n, **s) for p, n, s in JOBS]
     assert [engine.generate(p, n, **s) for p, n, s in JOBS] == here
-    reqs = [Request(p, SamplingParams(max_new_tokens=n, **s), Recorder()) for p, n, s in JOBS]
-    for req in reqs:
-        engine.submit(req)
-    for req in reqs:
-        assert req.emit.done.wait(60)
+    reqs = all_jobs_together(engine)
     assert [req.emit.tokens for req in reqs] == here
     assert [req.emit.events[-1].reason for req in reqs] == ["length"] * 3
     assert engine.counts() == (0, 0)
@@ -75,11 +81,7 @@ def test_a_compiled_child_picks_the_right_bucket_for_each_batch_size(weights):
     engine = EngineProcess(weights, "cpu", torch.float32, max_batch=3, threads=1, compiled=True)
     engine.start()
     try:
-        reqs = [Request(p, SamplingParams(max_new_tokens=n, **s), Recorder()) for p, n, s in JOBS]
-        for req in reqs:
-            engine.submit(req)
-        for req in reqs:
-            assert req.emit.done.wait(60)
+        reqs = all_jobs_together(engine)
         assert [req.emit.tokens for req in reqs] == here
         assert [engine.generate(p, n, **s) for p, n, s in JOBS] == here
     finally:
