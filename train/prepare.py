@@ -197,8 +197,8 @@ def tokenize(tokenizer, segments, total, files_out, workers, block_bytes, on_rea
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     args = (tokenizer.to_dict(), token_dtype(tokenizer.vocab_size))
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="pass 2 (tokenize)")
-    with bar, start_pool(context, workers, args) as pool:
-        in_flight = deque()
+    with bar:
+        pool, in_flight = start_pool(context, workers, args), deque()
 
         def write_until(n):
             while len(in_flight) > n:
@@ -213,10 +213,20 @@ def tokenize(tokenizer, segments, total, files_out, workers, block_bytes, on_rea
                 files_out[split].write(ids.tobytes())
                 counts[split] += len(ids)
 
-        for split, text in chunks(segments, block_bytes, lambda s, raw: (on_read(s, raw), bar.update(len(raw)))):
-            in_flight.append((split, pool.apply_async(encode_chunk, (text,))))
-            write_until(2 * workers)  # a bounded queue: the corpus is read only as fast as it is tokenized
-        write_until(0)
+        try:
+            for split, text in chunks(segments, block_bytes, lambda s, raw: (on_read(s, raw), bar.update(len(raw)))):
+                in_flight.append((split, pool.apply_async(encode_chunk, (text,))))
+                write_until(2 * workers)  # a bounded queue: the corpus is read only as fast as it is tokenized
+            write_until(0)
+        except BaseException:
+            # Pool.terminate() with large chunks still being handed out can hang in CPython's Pool: on any error
+            # (bad bytes, Ctrl-C) the chunks already sent are let finish, and the pool shuts down as normal
+            for _, result in in_flight:
+                result.wait()
+            raise
+        finally:
+            pool.close()
+            pool.join()
     return counts
 
 
