@@ -2,6 +2,8 @@
 BPE learned from the corpus. Each one encodes text to ids, gives the bytes of ids, and saves itself as
 a dict that goes into the checkpoint."""
 
+import json
+
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 PIECE_CHARS = 256 << 10  # a long text is encoded (and learned from) in pieces about this long; see bpe_pieces
@@ -124,6 +126,14 @@ class BPETokenizer:
     @classmethod
     def from_json(cls, text):
         return cls(Tokenizer.from_str(text))
+
+    def with_dropout(self, p):
+        """This tokenizer with BPE-dropout (Provilkov et al., 2020): each merge is skipped with probability
+        `p`, so each encoding of a text segments it a little differently (the same bytes, more tokens).
+        For training only: it is never saved, and serving encodes with the plain tokenizer."""
+        spec = json.loads(self.tokenizer.to_str())
+        spec["model"]["dropout"] = p
+        return BPETokenizer(Tokenizer.from_str(json.dumps(spec)))
 
     def encode(self, text):
         if len(text) <= PIECE_CHARS:

@@ -30,6 +30,12 @@ class TrainConfig:
         choices=["char", "byte", "bpe"],
     )
     vocab_size: int = opt(None, f"tokens in a BPE vocabulary (default {DEFAULT_BPE_VOCAB}; at least 256)")
+    bpe_dropout: float = opt(
+        0.0,
+        "BPE-dropout: each pass over the training text encodes it anew, skipping each merge with this "
+        "probability (0.1 is usual), so a model that sees a small corpus many times sees it segmented many "
+        "ways; needs a BPE tokenizer and --data FILE",
+    )
     init_from: str = opt(
         None,
         "fine-tune: start from this checkpoint's weights, with its architecture and tokenizer, and a fresh "
@@ -153,6 +159,8 @@ def validate(cfg):
         problems.append(f"--hidden-size ({cfg.hidden_size}) must be divisible by --n-head ({cfg.n_head})")
     if not 0.0 <= cfg.dropout < 1.0:
         problems.append("--dropout must be in [0, 1)")
+    if not 0.0 <= cfg.bpe_dropout < 1.0:
+        problems.append("--bpe-dropout must be in [0, 1)")
     if cfg.learning_rate <= 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.learning_rate:
         problems.append("need 0 <= --min-lr <= --learning-rate and --learning-rate > 0")
     return problems

@@ -111,6 +111,41 @@ def encode_text(tokenizer, text, sha256):
     return Corpus(sha256, tokenizer, splits, {name: len(t.encode("utf-8")) for name, t in texts.items()})
 
 
+class ResegmentedSplit:
+    """A BPE corpus's training split under BPE-dropout: encoded with `tokenizer.with_dropout(p)`, and again
+    (in a background thread) each time batches have drawn as many tokens as it holds. Validation keeps
+    the plain encoding, the one the model is served with."""
+
+    def __init__(self, tokenizer, text, p):
+        self.encoder, self.text = tokenizer.with_dropout(p), text
+        self.ids, self.drawn = self._encode(), 0
+        self._next = READER.submit(self._encode)
+
+    def _encode(self):
+        return torch.tensor(self.encoder.encode(self.text), dtype=torch.long)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, part):
+        return self.ids[part]
+
+    def drew(self, n):
+        """`n` more tokens were drawn: after a whole pass's worth, the next encoding takes over."""
+        self.drawn += n
+        if self.drawn >= len(self.ids):
+            self.ids, self.drawn = self._next.result(), 0
+            self._next = READER.submit(self._encode)
+
+
+def with_bpe_dropout(corpus, text, p):
+    """`corpus` (a BPE text in memory) with its training split re-encoded under BPE-dropout `p`."""
+    if corpus.tokenizer.kind != "bpe":
+        raise SystemExit(f"--bpe-dropout needs a BPE tokenizer, and this run's is {corpus.tokenizer.kind}")
+    corpus.splits["train"] = ResegmentedSplit(corpus.tokenizer, split_text(text)[0], p)
+    return corpus
+
+
 def encode_splits(tokenizer, text, context_size):
     """(training ids, validation ids) of a text, checked to hold a whole validation sequence."""
     corpus = encode_text(tokenizer, text, None)
@@ -199,6 +234,8 @@ def get_batch(data, batch_size, context_size, generator, device="cpu"):
         data.read_ahead(starts(torch.Generator().set_state(generator.get_state())), context_size + 1)
     else:
         rows = torch.stack([data[i : i + context_size + 1] for i in ix])
+        if isinstance(data, ResegmentedSplit):
+            data.drew(rows.numel())
     x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # (B, T) each
     return x.to(device), y.to(device)
 

@@ -8,7 +8,7 @@ from model.checkpoint import CheckpointError, file_sha256, read_safetensors, res
 from model.gpt import GPTConfig
 from model.lstm import LSTMConfig
 from model.tokenizer import tokenizer_from_dict
-from train.data import encode_text, is_prepared, load_prepared, make_tokenizer, read_corpus
+from train.data import encode_text, is_prepared, load_prepared, make_tokenizer, read_corpus, with_bpe_dropout
 
 ARCHITECTURE = ("model", "n_layer", "n_head", "hidden_size", "context_size")  # what --init-from decides
 
@@ -65,6 +65,11 @@ def read_corpus_for(cfg, resume_state=None, init_meta=None):
     fixed = resume_state or init_meta
     tokenizer = tokenizer_from_dict(fixed["tokenizer"]) if fixed else None
     if is_prepared(cfg.data):
+        if cfg.bpe_dropout:
+            raise SystemExit(
+                f"--bpe-dropout re-encodes text in memory, and --data {cfg.data} is a prepared (tokenized) folder: "
+                "pass the text file instead"
+            )
         corpus = load_prepared(cfg.data)
         check_resumed_corpus(resume_state, corpus.sha256)
         prepared = corpus.tokenizer
@@ -88,6 +93,8 @@ def read_corpus_for(cfg, resume_state=None, init_meta=None):
             corpus = encode_text(tokenizer, text, sha)
         else:
             corpus = encode_for_fine_tuning(tokenizer, text, sha, cfg.init_from)
+        if cfg.bpe_dropout:
+            corpus = with_bpe_dropout(corpus, text, cfg.bpe_dropout)
     corpus.check_context(cfg.context_size)
     return corpus
 

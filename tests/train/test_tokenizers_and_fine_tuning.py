@@ -1,6 +1,7 @@
 """The trainer with a BPE tokenizer, bits per byte beside every loss, and fine-tuning (--init-from)."""
 
 import hashlib
+import json
 import math
 
 import pytest
@@ -10,7 +11,7 @@ from helpers import read_log
 from model import BPETokenizer, load_checkpoint
 from model.checkpoint import read_safetensors, write_safetensors
 from train.config import parse_config
-from train.data import split_text
+from train.data import ResegmentedSplit, make_tokenizer, split_text
 from train.loop import train
 from train.prepare import prepare
 
@@ -169,3 +170,69 @@ def test_a_fine_tuned_run_resumes_with_its_own_model_even_after_its_base_is_gone
     assert meta["config"]["gelu"] == "tanh" and meta["config"]["n_layer"] == 1
     assert meta["init_from"] == origin
     assert read_safetensors(out / "resume.safetensors")[1]["iter"] == 4
+
+
+# BPE-dropout
+
+
+def test_bpe_dropout_segments_the_same_bytes_differently_each_time(corpus):
+    text = corpus.read_text()
+    tok = make_tokenizer("bpe", text, 300)
+    plain = tok.encode(text)
+    encodings = [tok.with_dropout(0.3).encode(text) for _ in range(3)]
+    assert all(tok.decode_bytes(ids) == text.encode() for ids in encodings)
+    assert len({tuple(ids) for ids in encodings}) == 3  # three draws over ~2,000 merges: never all alike
+    assert all(len(ids) > len(plain) for ids in encodings)  # skipped merges leave more, smaller tokens
+    assert tok.encode(text) == plain  # the tokenizer itself stays plain
+
+
+def test_a_resegmented_split_is_encoded_anew_after_a_whole_pass(corpus):
+    text = split_text(corpus.read_text())[0]
+    split = ResegmentedSplit(make_tokenizer("bpe", corpus.read_text(), 300), text, 0.3)
+    first = split.ids
+    split.drew(len(first) - 1)
+    assert split.ids is first
+    split.drew(1)
+    assert split.ids.tolist() != first.tolist()
+    assert split.encoder.decode_bytes(split.ids.tolist()) == text.encode()
+
+
+def test_training_with_bpe_dropout_encodes_anew_and_saves_the_plain_tokenizer(corpus, tmp_path, monkeypatch):
+    encodings = []
+    encode = ResegmentedSplit._encode
+    monkeypatch.setattr(ResegmentedSplit, "_encode", lambda self: encodings.append(1) or encode(self))
+    flags = ["--tokenizer", "bpe", "--vocab-size", 300, "--bpe-dropout", 0.2, "--max-iters", 100]
+    train(config(corpus, tmp_path / "run", *flags))
+    assert len(encodings) >= 4  # 100 batches of 64 tokens pass over ~2,000 training tokens at least twice
+    _, tok, meta = load_checkpoint(tmp_path / "run")
+    assert json.loads(tok.to_dict()["json"])["model"]["dropout"] is None
+    assert meta["train_config"]["bpe_dropout"] == 0.2
+    val_text = split_text(corpus.read_text())[1]
+    assert meta["bytes_per_token"]["val"] == pytest.approx(len(val_text.encode()) / len(tok.encode(val_text)))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--bpe-dropout", "0.1"], "needs a BPE tokenizer, and this run's is char"),
+        (["--tokenizer", "byte", "--bpe-dropout", "0.1"], "needs a BPE tokenizer, and this run's is byte"),
+    ],
+)
+def test_bpe_dropout_without_bpe_is_refused_naming_the_tokenizer(corpus, tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        train(config(corpus, tmp_path / "run", *flags))
+    assert not (tmp_path / "run").exists()
+
+
+def test_bpe_dropout_on_a_prepared_folder_is_refused(corpus, tmp_path):
+    prepare([corpus], tmp_path / "data", tokenizer="bpe", vocab_size=300, workers=1)
+    with pytest.raises(SystemExit, match="--bpe-dropout re-encodes text in memory"):
+        train(parse_config(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--bpe-dropout", "0.1"]))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value", ["1", "-0.1"])
+def test_bpe_dropout_out_of_range_is_a_usage_error(value, capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--data", "x", "--out", "y", "--tokenizer", "bpe", "--bpe-dropout", value])
+    assert "--bpe-dropout must be in [0, 1)" in capsys.readouterr().err
