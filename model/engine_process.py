@@ -4,7 +4,8 @@ GIL (vLLM splits its API server from its engine core the same way).
 EngineProcess has the Engine's interface as the server uses it (start, stop, submit, counts, generate).
 The child loads the checkpoint itself and runs the same Engine, stepped in its main thread: between steps
 it takes the submits and cancels that arrived on a pipe, and after each step it sends back, in one message,
-every event the step emitted. A reader thread here hands each event to its Request's `emit`.
+every event the step emitted, each with the time its request was admitted (`started_at`; perf_counter is
+one clock for every process of a machine). A reader thread here hands each event to its Request's `emit`.
 """
 
 import contextlib
@@ -44,7 +45,7 @@ def serve(conn, weights, device, dtype, max_batch, threads, compiled, logs):
         if threads:
             torch.set_num_threads(threads)
         model = load_checkpoint(weights, device=device)[0].to(dtype)
-        engine = Engine(model, max_batch, on_step=lambda n: out.append((STEP, n)), compiled=compiled)
+        engine = Engine(model, max_batch, on_step=lambda n: out.append((STEP, n, None)), compiled=compiled)
         engine.warm_up()
         if getattr(engine.cache, "step", None):  # compiled, and nothing else is here: see trust_compiled_steps
             trust_compiled_steps()
@@ -54,7 +55,8 @@ def serve(conn, weights, device, dtype, max_batch, threads, compiled, logs):
     conn.send(("ready", None))
 
     def emit(rid, event):
-        out.append((rid, event))
+        req = requests.get(rid)
+        out.append((rid, event, req and req.started_at))
         if isinstance(event, Finished):
             requests.pop(rid, None)
 
@@ -183,7 +185,7 @@ class EngineProcess:
                 _, events = self.conn.recv()
             except (EOFError, OSError):
                 break
-            for rid, event in events:
+            for rid, event, started_at in events:
                 if rid == STEP:
                     if self.on_step:
                         self.on_step(event)
@@ -193,6 +195,7 @@ class EngineProcess:
                     continue
                 if isinstance(event, Finished):
                     del self.requests[rid]
+                req.started_at = req.started_at or started_at  # for the server's queue time and tokens/s
                 try:
                     req.emit(event)
                 except Exception:  # a broken listener: its request leaves the engine, as in Engine._emit

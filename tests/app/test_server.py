@@ -214,6 +214,16 @@ def test_the_engine_in_a_process_streams_what_the_engine_in_a_thread_does(server
         assert process.json()["text"] == thread.json()["text"]
 
 
+def test_the_done_events_timings_add_up(any_server):
+    """The engine process's admission time reaches the server: queue time and tokens/s count from it."""
+    body = {"prompt": "Hi", "max_new_tokens": 30, "stream": False}
+    timings = httpx.post(any_server.url + "/generate", json=body, timeout=60).json()["timings"]
+    assert 0 <= timings["queue_s"] <= timings["time_to_first_token_s"] <= timings["total_s"]
+    # counted from admission, which came before the first token: no faster than the 29 tokens after it allow
+    after_first = timings["total_s"] - timings["time_to_first_token_s"]
+    assert 0 < timings["tokens_per_s"] <= 30 / after_first * 1.01
+
+
 def test_ctrl_c_at_the_engine_process_leaves_it_serving(server):
     """A terminal's Ctrl-C goes to the whole process group; the server drains, and the child ignores it."""
     tasks = Path(f"/proc/{server.proc.pid}/task").iterdir()  # a child belongs to the thread that started it
