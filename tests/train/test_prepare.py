@@ -278,6 +278,7 @@ def test_batches_from_a_token_file_read_ahead_yet_equal_batches_from_memory(tmp_
         assert torch.equal(x_file, x) and torch.equal(y_file, y)
         # reading ahead draws from a copy: the generator moves as far as from memory, so a resume is unchanged
         assert torch.equal(on_disk.get_state(), in_memory.get_state())
+    file._ahead[2].result()  # the sixth batch, being read ahead in the background: let it land
     assert len(reads) == 6  # each batch read once, in the step before it, and the sixth is ahead already
     # a batch that was not the one read ahead (another generator: evaluation's) is read there and then
     other = torch.Generator().manual_seed(9)
