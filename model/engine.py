@@ -131,8 +131,9 @@ class GPTCache:
                 for n in self.buckets:
                     zeros = torch.zeros(n, dtype=torch.long, device=self.device)
                     self.step(zeros[:, None], self.k, self.v, zeros)
-        except Exception as e:
-            log.warning("compiling the decode step failed, decoding without it: %s: %s", type(e).__name__, e)
+        except Exception as e:  # inductor's messages run to many lines: the first says what failed
+            why = (str(e).strip().splitlines() or [""])[0]
+            log.warning("compiling the decode step failed, decoding without it: %s: %s", type(e).__name__, why)
             self.step = None
 
     def _forward(self, first, ids):

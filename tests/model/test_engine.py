@@ -435,7 +435,7 @@ def test_a_second_compiled_model_compiles_too(compiled_engine):
 def test_a_failed_compile_decodes_eagerly_after_one_warning(monkeypatch, caplog):
     def broken(step):
         def fail(*args):
-            raise RuntimeError("no C++ compiler")
+            raise RuntimeError("no C++ compiler\n  while lowering a node\n  (more context)")
 
         return fail
 
