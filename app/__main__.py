@@ -104,7 +104,8 @@ def parse_args(argv):
         "--compile",
         action="store_true",
         default=None,
-        help="compile the decode step at start-up: faster decoding, a slower start (QUILL_COMPILE=1)",
+        help="compile the decode step at start-up: faster decoding; the first start compiles for minutes, later "
+        "ones load the kept steps in seconds (QUILL_COMPILE=1; kept in QUILL_COMPILE_CACHE)",
     )
     return p.parse_args(argv)
 

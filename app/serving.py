@@ -120,9 +120,18 @@ def checkpoint_files(configured):
 
 
 def load_served_model(
-    weights, device, max_batch, on_step, threads=None, compiled=False, dtype=torch.float32, process=False
+    weights,
+    device,
+    max_batch,
+    on_step,
+    threads=None,
+    compiled=False,
+    dtype=torch.float32,
+    process=False,
+    compile_folder=None,
 ):
-    """`process`: run the engine in a child process of its own (EngineProcess), which loads the weights again."""
+    """`process`: run the engine in a child process of its own (EngineProcess), which loads the weights again.
+    `compile_folder`: where compiled decode steps are kept (model/compiled.py)."""
     weights = Path(weights)
     # with the engine in a child process, the copy here only describes the model: it stays off the GPU
     model, tokenizer, meta = load_checkpoint(weights, device="cpu" if process else device)
@@ -130,9 +139,12 @@ def load_served_model(
     name = model_name(weights)
     sha = file_sha256(weights)
     if process:
-        engine = EngineProcess(weights, device, dtype, max_batch, on_step=on_step, threads=threads, compiled=compiled)
+        kept = {"compiled": compiled, "compile_folder": compile_folder}
+        engine = EngineProcess(weights, device, dtype, max_batch, on_step=on_step, threads=threads, **kept)
     else:
-        engine = Engine(model, max_batch, on_step=on_step, threads=threads, compiled=compiled)
+        engine = Engine(
+            model, max_batch, on_step=on_step, threads=threads, compiled=compiled, compile_folder=compile_folder
+        )
     return ServedModel(name, weights, model, tokenizer, meta, sha, engine)
 
 
@@ -195,6 +207,7 @@ class Service:
                 self.settings.compile,
                 dtype,
                 self.settings.engine_process,
+                self.settings.compile_cache,
             )
         self.metrics.track_engines([m.engine for m in self.models.values()])
 

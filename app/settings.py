@@ -1,5 +1,6 @@
 """Every setting of the service, read from QUILL_* environment variables (or `python -m app` flags)."""
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
@@ -17,9 +18,12 @@ class Settings(BaseSettings):
     # torch's threads for the engines; 0: one per core but one, which is left to the event loop
     # (on 2 cores, 1 thread served more tokens/s than 2 at every concurrency we measured)
     torch_threads: int = Field(0, ge=0)
-    # compile each model's decode step at start-up (torch.compile; needs a C++ compiler on a CPU): about
-    # 4x the tokens/s at batch 1 on the bundled GPT, for start-up minutes longer; a failed compile serves eagerly
+    # compile each model's decode step at start-up (AOTInductor, model/compiled.py; needs a C++ compiler on a
+    # CPU): several times the tokens/s at batch 1; the first start compiles for minutes, later ones load the
+    # kept packages in seconds; a failed compile serves eagerly
     compile: bool = False
+    # where compiled steps are kept; unset: $XDG_CACHE_HOME/quill/compiled, else ~/.cache/quill/compiled
+    compile_cache: Path | None = None
     # run each model's engine in a child process of its own, so that its Python and the event loop's never
     # wait on one GIL (vLLM's split): 1.4x the tokens/s with 32 streams here; the child loads the weights
     # again (this process keeps a copy in CPU memory for the model card); 0: in a thread of this process

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model.compiled import CompiledSteps
 from model.gpt import GPT, KVCache
 from model.sampling import Sampler, SamplingParams
 from model.scoring import score_prompt, top_logprobs
@@ -44,33 +45,14 @@ def batch_buckets(max_batch):
     return sizes + [max_batch] if max_batch > 1 else sizes
 
 
-def compile_step(step):
-    """The decode step through torch.compile (inductor): weights frozen into the graph as constants and
-    matrix products autotuned, which on a CPU picks kernels far faster than the library's matrix-vector
-    product at batch 1 (docs/benchmarks-peers.md); every shape fixed, so each bucket compiles once."""
-    # Every model's every bucket is one compiled entry of the same function: dynamo's default limit of 8
-    # a function would end the compiling partway through a second model (and fullgraph makes that an error).
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 1024)
-    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
-    return torch.compile(step, fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs")
-
-
-def trust_compiled_steps():
-    """For a process whose only compiled code is one engine's warmed-up decode step (the engine process):
-    from now on, a call of a compiled function checks only the guards that tell its compiled versions (the
-    batch buckets) apart, not the ~800 that dynamo keeps on the model's modules (types, ids, hooks); about
-    40 us a token at batch 1. Unsafe where anything else is compiled in the process: a function compiled
-    once would then never be checked at all."""
-    torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
-
-
 class GPTCache:
     """Storage for the GPT's cached forward: preallocated keys and values for max_batch rows, one tensor
     per layer, and a length per row. The model reads and writes them (GPT.forward's kv_cache); this class
-    only slots them. With `compiled`, decode steps run a compiled step over a padded batch (batch_buckets)
-    that reads the whole context, masked, so that its shapes never change; prefills stay eager."""
+    only slots them. With `compiled`, decode steps run a step compiled ahead of time (model/compiled.py)
+    over a padded batch (batch_buckets) that reads the whole context, masked, so that its shapes never
+    change; packages are kept in `compile_folder`. Prefills stay eager."""
 
-    def __init__(self, model: GPT, max_batch, compiled=False):
+    def __init__(self, model: GPT, max_batch, compiled=False, compile_folder=None):
         self.model = model
         cfg = model.config
         self.context = cfg.context_size
@@ -82,7 +64,7 @@ class GPTCache:
         self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(cfg.n_layer)]
         self.length = [0] * max_batch
         self.buckets = batch_buckets(max_batch)
-        self.step = compile_step(self._static_step) if compiled else None
+        self.step = CompiledSteps(model, self.k, self.v, compile_folder) if compiled else None
 
     def room(self, slot):
         return self.context - self.length[slot]
@@ -109,28 +91,18 @@ class GPTCache:
         # rows B..n-1 are free slots: they compute a junk token at position 0, which a prefill overwrites
         tokens = torch.tensor([[t] for t in ids] + [[0]] * (n - B), device=self.device)
         lengths = torch.tensor(held + [0] * (n - B), device=self.device)
-        logits = self.step(tokens, self.k, self.v, lengths)[:B]
+        logits = self.step(tokens, lengths)[:B]
         self.length[:B] = [h + 1 for h in held]
         return logits
 
-    def _static_step(self, tokens, k, v, lengths):
-        """One token for each of rows 0..n-1, reading all context_size positions (masked past each
-        row's length): the same shapes every step. Next-token logits (n, V)."""
-        logits, _ = self.model(tokens, kv_cache=KVCache(k, v, lengths, self.context - 1))
-        return logits[:, -1]
-
     @torch.no_grad()
     def warm_up(self):
-        """Compile the step for every bucket now, not in a user's request. If compiling fails, say so
+        """Compile (or load) the step for every bucket now, not in a user's request. If that fails, say so
         in one line and decode eagerly: a slower server, never a broken one."""
         if self.step is None:
             return
-        log.info("compiling the GPT's decode step for batch sizes %s", ", ".join(map(str, self.buckets)))
-        try:  # freezing is read when compiling, here; not a torch.compile option where a mode is given
-            with torch._inductor.config.patch(freezing=True):
-                for n in self.buckets:
-                    zeros = torch.zeros(n, dtype=torch.long, device=self.device)
-                    self.step(zeros[:, None], self.k, self.v, zeros)
+        try:
+            self.step.build(self.buckets)
         except Exception as e:  # inductor's messages run to many lines: the first says what failed
             why = (str(e).strip().splitlines() or [""])[0]
             log.warning("compiling the decode step failed, decoding without it: %s: %s", type(e).__name__, why)
@@ -250,11 +222,20 @@ class Outcome:
 class Engine:
     """Continuous batching over one model in a dedicated thread."""
 
-    def __init__(self, model, max_batch=32, on_step=None, clock=time.perf_counter, threads=None, compiled=False):
+    def __init__(
+        self,
+        model,
+        max_batch=32,
+        on_step=None,
+        clock=time.perf_counter,
+        threads=None,
+        compiled=False,
+        compile_folder=None,
+    ):
         self.model = model.eval()
         self.max_batch = max_batch
         is_gpt = isinstance(model, GPT)
-        self.cache = GPTCache(model, max_batch, compiled) if is_gpt else LSTMState(model, max_batch)
+        self.cache = GPTCache(model, max_batch, compiled, compile_folder) if is_gpt else LSTMState(model, max_batch)
         # tokens in one batched prefill: at least a whole context, and logits of at most PREFILL_LOGITS
         self.prefill_tokens = max(self.cache.context or 1, PREFILL_LOGITS // model.config.vocab_size)
         self.on_step = on_step  # called after each decode step with the batch size (metrics)

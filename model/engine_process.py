@@ -27,11 +27,11 @@ log = logging.getLogger("quill")
 STEP = -1  # the request id under which a message carries the decode step's batch size (for on_step)
 
 
-def serve(conn, weights, device, dtype, max_batch, threads, compiled, logs):
+def serve(conn, weights, device, dtype, max_batch, threads, compiled, compile_folder, logs):
     """The child process: load, warm up, say ("ready", None) (or ("failed", why)), then step until told to stop.
     `logs`: (level, formatter) of the server's log, so that the engine's lines read as the server's own."""
     from model import load_checkpoint
-    from model.engine import Engine, trust_compiled_steps
+    from model.engine import Engine
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server handles it
     level, formatter = logs
@@ -45,10 +45,9 @@ def serve(conn, weights, device, dtype, max_batch, threads, compiled, logs):
         if threads:
             torch.set_num_threads(threads)
         model = load_checkpoint(weights, device=device)[0].to(dtype)
-        engine = Engine(model, max_batch, on_step=lambda n: out.append((STEP, n, None)), compiled=compiled)
+        on_step = lambda n: out.append((STEP, n, None))  # noqa: E731
+        engine = Engine(model, max_batch, on_step=on_step, compiled=compiled, compile_folder=compile_folder)
         engine.warm_up()
-        if getattr(engine.cache, "step", None):  # compiled, and nothing else is here: see trust_compiled_steps
-            trust_compiled_steps()
     except Exception as e:
         conn.send(("failed", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
         return
@@ -102,12 +101,14 @@ class EngineProcess:
     """An Engine in a child process (see the module docstring): the weights at `weights` loaded there on
     `device` in `dtype`; `threads` torch threads for its steps; `on_step(batch size)` called here."""
 
-    def __init__(self, weights, device, dtype, max_batch=32, on_step=None, threads=None, compiled=False):
+    def __init__(
+        self, weights, device, dtype, max_batch=32, on_step=None, threads=None, compiled=False, compile_folder=None
+    ):
         context = multiprocessing.get_context("spawn")  # not fork: this process has threads (torch's, ours)
         self.conn, child = context.Pipe()
         self.proc = context.Process(
             target=serve,
-            args=(child, str(weights), str(device), dtype, max_batch, threads, compiled, server_logs()),
+            args=(child, str(weights), str(device), dtype, max_batch, threads, compiled, compile_folder, server_logs()),
             name="quill-engine",
             daemon=True,
         )

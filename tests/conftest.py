@@ -1,7 +1,10 @@
 """Fixtures shared by every test file. Pytest puts this folder on sys.path, so the tests import
 the shared helpers (helpers, service_helpers, load_helpers) by name."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -12,6 +15,9 @@ torch.set_num_threads(1)
 # The apps that tests build in this process run their engines in a thread of it (quick to start, and their
 # internals can be patched); the servers tests start as a user would keep the default, a child process.
 os.environ["QUILL_ENGINE_PROCESS"] = "0"
+# Compiled decode steps are kept under $XDG_CACHE_HOME (model/compiled.py): the tests' own, never the user's.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="quill-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 LINES = [
     "The quick brown fox jumps over the lazy dog.",

@@ -129,9 +129,9 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(command, env=None, log_path=None):
+def running_server(command, env=None, log_path=None, ready_within=90):
     server = Server(command, env, log_path)
     try:
-        yield server.wait_ready()
+        yield server.wait_ready(ready_within)
     finally:
         server.close()

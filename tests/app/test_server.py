@@ -195,13 +195,19 @@ def test_uvicorn_serves_app_main_with_settings_from_the_environment(checkpoints,
 
 
 def test_compiled_server_is_ready_only_once_compiled_and_writes_the_eager_servers_text(server, checkpoints, tmp_path):
+    """The first start compiles each bucket before /ready; a second start loads what the first kept."""
     body = {"prompt": "Hello there", "max_new_tokens": 40, "temperature": 0, "stream": False}
     eager = httpx.post(server.url + "/generate", json=body, timeout=60).json()["text"]
-    log = tmp_path / "server.log"
-    env = {"QUILL_MAX_RUNNING": "2"}  # buckets 1 and 2: a short compile
-    with running_server([*app_command([checkpoints["tiny-gpt"]]), "--compile"], env, log) as compiled:
-        assert "compiling the GPT's decode step for batch sizes 1, 2" in log.read_text()
-        assert httpx.post(compiled.url + "/generate", json=body, timeout=60).json()["text"] == eager
+    env = {"QUILL_MAX_RUNNING": "2", "QUILL_COMPILE_CACHE": str(tmp_path / "kept")}  # buckets 1 and 2
+    for start, says in enumerate(["compiling the decode step", "loaded the compiled decode step"]):
+        log = tmp_path / f"server-{start}.log"
+        with running_server([*app_command([checkpoints["tiny-gpt"]]), "--compile"], env, log, ready_within=300) as s:
+            lines = [line for line in log.read_text().splitlines() if "decode step" in line]
+            # the first start compiles both, the second loads both; neither fails nor does the other
+            assert [line[line.index(says) :].split(" (kept")[0] for line in lines] == [
+                f"{says} for batch size {n}" for n in (1, 2)
+            ]
+            assert httpx.post(s.url + "/generate", json=body, timeout=60).json()["text"] == eager
 
 
 def test_the_engine_in_a_process_streams_what_the_engine_in_a_thread_does(server, thread_server):

@@ -1,6 +1,7 @@
 """The engine, specified against the naive GPT.generate / LSTM.generate and against itself."""
 
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from helpers import tiny_gpt, tiny_lstm
 from service_helpers import CONTEXT, wait_until
 
 from model import LSTM, Block, MultiHeadCausalSelfAttention
-from model import engine as engine_module
+from model.compiled import machine_identity, weights_key, writable_folder
 from model.engine import Engine, Finished, Request, Token, batch_buckets
 from model.sampling import SamplingParams
 
@@ -387,19 +388,20 @@ def test_batch_buckets_are_powers_of_two_then_max_batch():
 
 
 @pytest.fixture(scope="module")
-def compiled_engine():
+def compiled_engine(tmp_path_factory):
     """One compiled engine for the tests below (compiling takes seconds a bucket): max_batch 3, so
-    batches of 3 run padded to no bucket and batches of 1 and 2 to their own."""
-    model = gpt64()
-    engine = Engine(model, max_batch=3, compiled=True)
+    batches of 3 run padded to no bucket and batches of 1 and 2 to their own. Its packages are kept in
+    its own folder, returned third."""
+    model, folder = gpt64(), tmp_path_factory.mktemp("compiled")
+    engine = Engine(model, max_batch=3, compiled=True, compile_folder=folder)
     engine.warm_up()
     assert engine.cache.step is not None, "compiling the decode step failed (see the log)"
-    return model, engine
+    return model, engine, folder
 
 
 @pytest.mark.slow
 def test_compiled_engine_equals_greedy_alone_batched_and_past_the_context(compiled_engine):
-    model, engine = compiled_engine
+    model, engine, _ = compiled_engine
     prompts = [PROMPT, [7, 8], [9] * (CONTEXT - 3)]  # the last slides its window within 30 tokens
     reqs = [request(p, 30, temperature=0.0) for p in prompts]
     for req in reqs:
@@ -412,7 +414,7 @@ def test_compiled_engine_equals_greedy_alone_batched_and_past_the_context(compil
 
 @pytest.mark.slow
 def test_compiled_engine_keeps_same_seed_same_tokens_alone_or_batched(compiled_engine):
-    _, engine = compiled_engine
+    _, engine, _ = compiled_engine
     alone = engine.generate(PROMPT, 20, seed=5, temperature=0.8)
     mine, other = request(PROMPT, 20, seed=5, temperature=0.8), request([3, 3, 3], 25, seed=6)
     engine.submit(mine)
@@ -421,31 +423,83 @@ def test_compiled_engine_keeps_same_seed_same_tokens_alone_or_batched(compiled_e
     assert mine.emit.tokens == alone
 
 
+def compile_log(caplog, engine):
+    """warm_up()'s INFO and WARNING lines from the quill logger."""
+    caplog.clear()
+    with caplog.at_level("INFO", logger="quill"):
+        engine.warm_up()
+    return [r.getMessage() for r in caplog.records if r.name == "quill"]
+
+
 @pytest.mark.slow
-def test_a_second_compiled_model_compiles_too(compiled_engine):
-    """Each model's each bucket is one more compiled version of the same step: more than torch's default
-    limit of 8 a function, here 3 + 6, must not leave the second model uncompiled."""
-    model = tiny_gpt(VOCAB, seed=1, context_size=CONTEXT)
-    engine = Engine(model, max_batch=32, compiled=True)
-    engine.warm_up()
-    assert engine.cache.step is not None
+def test_compiled_steps_are_kept_and_loaded_for_the_same_weights_only(compiled_engine, caplog):
+    model, _, folder = compiled_engine
+    again = Engine(model, max_batch=3, compiled=True, compile_folder=folder)
+    lines = compile_log(caplog, again)
+    assert lines == [f"loaded the compiled decode step for batch size {n}" for n in (1, 2, 3)]
+    assert again.generate(PROMPT, 10, temperature=0.0) == greedy(model, PROMPT, 10)
+    other = gpt64()
+    with torch.no_grad():
+        other.lm_head.weight.add_(0.5)  # other weights: other constants in the library
+    lines = compile_log(caplog, Engine(other, max_batch=1, compiled=True, compile_folder=folder))
+    assert lines == [f"compiling the decode step for batch size 1 (kept in {folder})"]
+
+
+@pytest.mark.slow
+def test_a_damaged_compiled_step_is_compiled_anew(compiled_engine, caplog, tmp_path):
+    model, _, folder = compiled_engine
+    packages = list(folder.glob("*.pt2"))
+    for package in packages:
+        (tmp_path / package.name).write_bytes(package.read_bytes()[:1000])  # cut short, as by a full disk
+    engine = Engine(model, max_batch=1, compiled=True, compile_folder=tmp_path)
+    lines = compile_log(caplog, engine)
+    assert len(lines) == 2 and lines[0].endswith("could not be loaded (RuntimeError): compiling it anew")
+    assert lines[1].startswith("compiling the decode step for batch size 1")
     assert engine.generate(PROMPT, 10, temperature=0.0) == greedy(model, PROMPT, 10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in packages)  # no partial file left
 
 
-def test_a_failed_compile_decodes_eagerly_after_one_warning(monkeypatch, caplog):
-    def broken(step):
-        def fail(*args):
-            raise RuntimeError("no C++ compiler\n  while lowering a node\n  (more context)")
+def test_a_failed_compile_decodes_eagerly_after_one_warning_and_leaves_no_file(monkeypatch, caplog, tmp_path):
+    def broken(program, package_path, inductor_configs):
+        Path(package_path).write_bytes(b"half a package")
+        raise RuntimeError("no C++ compiler\n  while lowering a node\n  (more context)")
 
-        return fail
-
-    monkeypatch.setattr(engine_module, "compile_step", broken)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", broken)
     model = gpt64()
-    engine = Engine(model, max_batch=2, compiled=True)
+    engine = Engine(model, max_batch=2, compiled=True, compile_folder=tmp_path)
     with caplog.at_level("WARNING", logger="quill"):
         engine.warm_up()
     assert engine.cache.step is None
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         "compiling the decode step failed, decoding without it: RuntimeError: no C++ compiler"
     ]
+    assert list(tmp_path.iterdir()) == []
     assert engine.generate(PROMPT, 10, temperature=0.0) == greedy(model, PROMPT, 10)
+
+
+def test_the_compiled_steps_key_tells_weights_dtype_and_threads_apart():
+    model = gpt64()
+    key = weights_key(model).hexdigest()
+    assert weights_key(gpt64()).hexdigest() == key  # the same weights, built again
+    assert weights_key(model.float()).hexdigest() != key
+    with torch.no_grad():
+        model.pos_emb.weight[0, 0] += 1e-3
+    assert weights_key(model).hexdigest() != key
+    threads = torch.get_num_threads()
+    one = machine_identity(torch.device("cpu"))
+    try:
+        torch.set_num_threads(threads + 1)
+        assert machine_identity(torch.device("cpu")) != one
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_an_unwritable_compile_folder_falls_back_to_a_temporary_one(tmp_path, caplog):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    with caplog.at_level("WARNING", logger="quill"):
+        folder = writable_folder(blocked / "compiled")
+    assert folder.is_dir() and blocked not in folder.parents
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+        f"cannot keep compiled steps in {blocked}/compiled"
+    ]
