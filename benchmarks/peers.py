@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -36,7 +37,7 @@ from benchmarks.common import DOCS, machine, markdown_table, median_time, percen
 from benchmarks.http import free_port, start_server, wait_ready
 from benchmarks.peer_models import MODELS, checkpoint_for
 from model import load_checkpoint
-from model.engine_process import EngineProcess
+from model.engine import Engine
 from train.data import encode_text, full_loss
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,13 +128,13 @@ def export(checkpoint, dtype, work):
     return out
 
 
-def quill_engine(checkpoint, compiled, dtype, threads):
-    """A batch-1 engine on the checkpoint in a process of its own, as the server runs it, warmed up (and so
-    compiled, when asked); and the prompt's ids."""
-    dtype = getattr(torch, dtype)
-    engine = EngineProcess(checkpoint, "cpu", dtype, max_batch=1, threads=threads, compiled=compiled)
-    engine.start()
-    return engine, load_checkpoint(checkpoint)[1].encode(PROMPT)
+def quill_engine(checkpoint, compiled, dtype, compile_folder):
+    """A batch-1 engine on the checkpoint, stepped in this process (as llama-bench decodes in its own) with
+    this process's torch threads, warmed up (and so compiled, when asked); and the prompt's ids."""
+    model, tokenizer, _ = load_checkpoint(checkpoint)
+    engine = Engine(model.to(getattr(torch, dtype)), max_batch=1, compiled=compiled, compile_folder=compile_folder)
+    engine.warm_up()
+    return engine, tokenizer.encode(PROMPT)
 
 
 def quill_batch1(engine, ids, n, repeats=3):
@@ -237,21 +238,28 @@ def serve_and_measure(start, api, clients, n, repeats):
             proc.wait()
 
 
-def one_round(bin_dir, model, checkpoint, engines, ggufs, ctx, n, runs, threads, record):
+def one_round(bin_dir, model, checkpoint, engines, ggufs, ctx, n, runs, threads, compile_folder, first, record):
     """Every test once, Quill (eager, then with its compiled decode step, in f32 and in bf16) first and
-    llama.cpp right after it, for one model."""
+    llama.cpp right after it, for one model. Compiled servers keep their steps in `compile_folder`: the
+    `first` round's start compiles them and is reported apart."""
     for system, (engine, ids) in engines.items():
         record(model, "batch 1 engine, tok/s", system, quill_batch1(engine, ids, n))
     for dtype, gguf in ggufs.items():
         tok_s, record.version = llama_batch1(bin_dir, gguf, n, threads)
         record(model, "batch 1 engine, tok/s", f"llama.cpp {dtype}", tok_s)
     for system, (compiled, dtype) in QUILLS.items():
-        env = {"QUILL_DTYPE": dtype}
+        env = {"QUILL_DTYPE": dtype, "QUILL_COMPILE_CACHE": str(compile_folder)}
         start = partial(
             start_server, checkpoint, max_running=max(STREAMS), compiled=compiled, env=env, ready_within=900
         )
         results, started = serve_and_measure(start, QUILL, STREAMS, n, runs)
-        record(model, "server start to ready, s", system, started)
+        compiling = first and compiled
+        record(
+            model,
+            "server first start (compiling) to ready, s" if compiling else "server start to ready, s",
+            system,
+            started,
+        )
         for clients, result in zip(STREAMS, results):
             record.http(model, clients, system, *result)
     for dtype, gguf in ggufs.items():
@@ -353,8 +361,9 @@ def report(args, record, tokens, losses, loads, minutes):
             "throughout but in its bf16 system (`QUILL_DTYPE=bfloat16`: weights and KV cache in bfloat16), which "
             "is compared with llama.cpp's lower precisions only; llama.cpp keeps its KV "
             "cache in f16 at every weight precision (its default). Batch 1: llama-bench's `-p 0 -n N` against "
-            "the engine's `generate`, in a process of its own as the server runs it, with the prefill's time "
-            "taken off; HTTP: a round's figure is the median of its "
+            "the engine's `generate`, stepped in the benchmark's own process (as llama-bench decodes in its), "
+            "with the prefill's time taken off; a compiled server's first start compiles its steps, later "
+            "ones load them (reported apart); HTTP: a round's figure is the median of its "
             "runs, tokens counted from the stream. TTFT: time to first token, lower is better.",
             "",
             table(record.values, args.dtypes),
@@ -384,17 +393,19 @@ def main(argv=None):
         ggufs = {d: export(checkpoint, d, work) for d in args.dtypes}
         models.append((f"{label}, ctx {ctx}", checkpoint, ggufs, ctx, n, runs))
     record = Recorder()
+    # compiled steps from scratch: the first server start of a run compiles, the later ones load what it kept
+    compile_folder = Path(tempfile.mkdtemp(prefix="compiled-", dir=work))
     engines = {
-        ckpt: {q: quill_engine(ckpt, *opts, args.threads) for q, opts in QUILLS.items()} for _, ckpt, *_ in models
+        ckpt: {q: quill_engine(ckpt, *opts, compile_folder) for q, opts in QUILLS.items()} for _, ckpt, *_ in models
     }
     try:
         for r in range(args.rounds):
             print(f"== round {r + 1} of {args.rounds}", flush=True)
             for label, checkpoint, ggufs, ctx, n, runs in models:
-                one_round(bin_dir, label, checkpoint, engines[checkpoint], ggufs, ctx, n, runs, args.threads, record)
+                setup = (bin_dir, label, checkpoint, engines[checkpoint], ggufs, ctx, n, runs, args.threads)
+                one_round(*setup, compile_folder, r == 0, record)
     finally:
-        for engine, _ in (e for per_model in engines.values() for e in per_model.values()):
-            engine.stop()
+        shutil.rmtree(compile_folder, ignore_errors=True)
     tokens = {label: (n, runs) for label, *_, n, runs in models}
     losses = {label: bf16_loss_change(checkpoint, args.corpus) for label, checkpoint, *_ in models}
     page = report(args, record, tokens, losses, [load_start, os.getloadavg()], (time.monotonic() - t0) / 60)
@@ -404,7 +415,7 @@ def main(argv=None):
     name = ("bench-peers-quick" if args.quick else "bench-peers") + suffix
     (DOCS / (f"{name}.md" if args.quick else f"benchmarks-peers{suffix}.md")).write_text(page + "\n")
     raw = {"args": vars(args), "new_tokens": tokens, "values": [[*key, v] for key, v in record.values.items()]}
-    (DOCS / f"{name}.json").write_text(json.dumps(raw, indent=1) + "\n")
+    (DOCS / f"{name}.json").write_text(json.dumps(raw, indent=1, default=str) + "\n")
     print(page)
 
 

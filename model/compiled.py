@@ -43,15 +43,16 @@ def default_folder():
 
 class DecodeStep(nn.Module):
     """What is exported: one token for each of rows 0..n-1 of the cache storage (k, v: n_layer tensors of
-    (n, nh, context_size, hs), written in place), reading all context_size positions, masked past each row's
-    length, so that its shapes never change. Next-token logits (n, V)."""
+    (n, nh, context_size, hs), written in place), whose attention reads the first span.size(0) positions
+    (masked past each row's length). The batch size is fixed; the span is a dynamic size, so that one
+    package serves every length without reading the whole context. Next-token logits (n, V)."""
 
     def __init__(self, model: GPT):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, lengths, k, v):
-        logits, _ = self.model(tokens, kv_cache=KVCache(k, v, lengths, self.model.context_size - 1))
+    def forward(self, tokens, lengths, span, k, v):
+        logits, _ = self.model(tokens, kv_cache=KVCache(k, v, lengths, span.size(0) - 1))
         return logits[:, -1]
 
 
@@ -122,6 +123,8 @@ class CompiledSteps:
         self.model, self.k, self.v = model, k, v
         self.folder = Path(folder) if folder else default_folder()
         self.views = {}  # batch size -> the cache's views that its step reads and writes
+        # its first N elements tell a step to read N positions of the cache (a size, not values)
+        self.span = torch.empty(model.config.context_size + 1, device=k[0].device)
         self.runs = {}  # batch size -> the package loader's boxed_run
 
     def build(self, sizes):
@@ -146,14 +149,18 @@ class CompiledSteps:
 
     def _compile(self, n, path, device):
         tokens = torch.zeros(n, 1, dtype=torch.long, device=device)
-        lengths = torch.zeros(n, dtype=torch.long, device=device)
+        lengths = torch.ones(n, dtype=torch.long, device=device)
         views = self.views[n]
         layers = len(views) // 2
+        context = self.model.config.context_size
+        args = (tokens, lengths, self.span[:2], views[:layers], views[layers:])
+        # the span: 2 (rows of length 1) up to the whole context; export specializes sizes 0 and 1
+        dynamic = (None, None, {0: torch.export.Dim("span", min=2, max=context)}, [None] * layers, [None] * layers)
         # saved for after: tracing runs the step, which writes into the cache
         saved = [x.clone() for x in views]
         try:
             with quiet_compiler(), torch.no_grad():
-                program = torch.export.export(DecodeStep(self.model), (tokens, lengths, views[:layers], views[layers:]))
+                program = torch.export.export(DecodeStep(self.model), args, dynamic_shapes=dynamic)
                 partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
                 try:
                     configs = {"freezing": True, "max_autotune": True}
@@ -178,7 +185,8 @@ class CompiledSteps:
             log.warning("the compiled step %s could not be loaded (%s): compiling it anew", path.name, type(e).__name__)
             return None
 
-    def __call__(self, tokens, lengths):
-        """tokens (n, 1), lengths (n,) for a built batch size n: the next-token logits (n, V), the cache
-        updated in place."""
-        return self.runs[len(tokens)]([tokens, lengths, *self.views[len(tokens)]])[0]
+    def __call__(self, tokens, lengths, longest):
+        """tokens (n, 1), lengths (n,) for a built batch size n, where longest = max(lengths): the next-token
+        logits (n, V), the cache updated in place."""
+        n = len(tokens)
+        return self.runs[n]([tokens, lengths, self.span[: longest + 1], *self.views[n]])[0]

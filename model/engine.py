@@ -58,8 +58,10 @@ class GPTCache:
         self.context = cfg.context_size
         p = next(model.parameters())
         self.device = p.device
-        # one tensor per layer, not views of one: a compiled step then writes them in place
-        shape = (max_batch, cfg.n_head, self.context, cfg.hidden_size // cfg.n_head)
+        # one tensor per layer, not views of one: a compiled step then writes them in place. One position
+        # more than a row ever holds: a compiled step reads a dynamic span of them, never the whole, which
+        # export would otherwise have to treat apart (a whole tensor is a view of another shape)
+        shape = (max_batch, cfg.n_head, self.context + 1, cfg.hidden_size // cfg.n_head)
         self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(cfg.n_layer)]
         self.length = [0] * max_batch
@@ -91,7 +93,7 @@ class GPTCache:
         # rows B..n-1 are free slots: they compute a junk token at position 0, which a prefill overwrites
         tokens = torch.tensor([[t] for t in ids] + [[0]] * (n - B), device=self.device)
         lengths = torch.tensor(held + [0] * (n - B), device=self.device)
-        logits = self.step(tokens, lengths)[:B]
+        logits = self.step(tokens, lengths, max(held))[:B]
         self.length[:B] = [h + 1 for h in held]
         return logits
 
