@@ -119,6 +119,20 @@ def checkpoint_files(configured):
     return files
 
 
+# A model this large (parameters) gets every core for its engine by default; a smaller one every core but one.
+# The server's process does work of its own for every token (SSE, JSON), so the more tokens/s a model makes, the
+# more that work needs a core of its own: on 2 cores the bundled GPT (3.2M) served 32 streams at 7,800 tokens/s
+# with 1 engine thread and 5,900 with 2, where a 6-layer GPT (10.8M) served 1 and 32 streams at 1.5x and 1.2x
+# the tokens/s with 2 (docs/benchmarks-peers.md).
+ALL_CORES_FROM = 5_000_000
+
+
+def engine_threads(model):
+    """The torch threads a model's engine gets unless QUILL_TORCH_THREADS says: see ALL_CORES_FROM."""
+    cores = os.cpu_count() or 2
+    return cores if sum(p.numel() for p in model.parameters()) >= ALL_CORES_FROM else max(1, cores - 1)
+
+
 def load_served_model(
     weights,
     device,
@@ -130,14 +144,16 @@ def load_served_model(
     process=False,
     compile_folder=None,
 ):
-    """`process`: run the engine in a child process of its own (EngineProcess), which loads the weights again.
-    `compile_folder`: where compiled decode steps are kept (model/compiled.py)."""
+    """`threads`: the engine's torch threads (None: engine_threads). `process`: run the engine in a child process
+    of its own (EngineProcess), which loads the weights again. `compile_folder`: where compiled decode steps are
+    kept (model/compiled.py)."""
     weights = Path(weights)
     # with the engine in a child process, the copy here only describes the model: it stays off the GPU
     model, tokenizer, meta = load_checkpoint(weights, device="cpu" if process else device)
     model.to(dtype)  # once, here: the engine's caches and steps take the weights' dtype
     name = model_name(weights)
     sha = file_sha256(weights)
+    threads = threads or engine_threads(model)
     if process:
         kept = {"compiled": compiled, "compile_folder": compile_folder}
         engine = EngineProcess(weights, device, dtype, max_batch, on_step=on_step, threads=threads, **kept)
@@ -203,7 +219,7 @@ class Service:
                 device,
                 self.settings.max_running,
                 self.metrics.batch_size.observe,
-                self.settings.torch_threads or max(1, (os.cpu_count() or 2) - 1),
+                self.settings.torch_threads or None,
                 self.settings.compile,
                 dtype,
                 self.settings.engine_process,

@@ -15,8 +15,8 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto: cuda, then mps, then cpu (model/device.py)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    # torch's threads for the engines; 0: one per core but one, which is left to the event loop
-    # (on 2 cores, 1 thread served more tokens/s than 2 at every concurrency we measured)
+    # torch's threads for each engine; 0: one per core for a model of 5M parameters or more, else one per core
+    # but one, which is left to the server's own per-token work (app/serving.py, engine_threads)
     torch_threads: int = Field(0, ge=0)
     # compile each model's decode step at start-up (AOTInductor, model/compiled.py; needs a C++ compiler on a
     # CPU): several times the tokens/s at batch 1; the first start compiles for minutes, later ones load the

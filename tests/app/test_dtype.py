@@ -39,3 +39,17 @@ def test_every_model_serves_in_bfloat16_when_asked(checkpoints):
 def test_the_default_serves_float32_here(checkpoints):
     with TestClient(create_app(Settings(_env_file=None, checkpoints=[str(checkpoints["tiny-gpt"])]))) as client:
         assert client.get("/v1/models/tiny-gpt").json()["dtype"] == "float32"
+
+
+def test_a_large_model_gets_every_core_and_a_small_one_leaves_one_to_the_server(monkeypatch, checkpoints):
+    from app.serving import ALL_CORES_FROM, engine_threads, load_served_model
+    from model import GPT
+
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    small, large = GPT(40, 16, 32, 1, 2, 0.0), GPT(40, 16, 384, 3, 2, 0.0)
+    assert sum(p.numel() for p in small.parameters()) < ALL_CORES_FROM <= sum(p.numel() for p in large.parameters())
+    assert (engine_threads(small), engine_threads(large)) == (3, 4)
+    weights = checkpoints["tiny-gpt"] / "model.safetensors"
+    served = load_served_model(weights, "cpu", 2, None)
+    assert served.engine.threads == 3  # a tiny model: the default leaves a core to the server
+    assert load_served_model(weights, "cpu", 2, None, threads=2).engine.threads == 2
