@@ -91,7 +91,7 @@ class GPTCache:
         n = next(b for b in self.buckets if b >= B)
         held = self.length[:B]
         # rows B..n-1 are free slots: they compute a junk token at position 0, which a prefill overwrites
-        tokens = torch.tensor([[t] for t in ids] + [[0]] * (n - B), device=self.device)
+        tokens = torch.tensor(ids + [0] * (n - B), device=self.device).view(n, 1)
         lengths = torch.tensor(held + [0] * (n - B), device=self.device)
         logits = self.step(tokens, lengths, max(held))[:B]
         self.length[:B] = [h + 1 for h in held]
@@ -315,14 +315,14 @@ class Engine:
     def step(self):
         """Admit, then advance every active request by one token."""
         try:
-            self._admit()
-            self._decode()
+            with torch.no_grad():  # once a step, not once a call: it costs microseconds a token
+                self._admit()
+                self._decode()
         except Exception as e:  # a failed step ends the requests in it, never the engine
             for req in self.active:
                 self._emit(req, Finished("error", f"{type(e).__name__}: {e}"))
             self.active = []
 
-    @torch.no_grad()
     def _admit(self):
         self._leave()
         admitted = 0
@@ -368,7 +368,6 @@ class Engine:
                 self._sample(req, logits)
             start = end
 
-    @torch.no_grad()
     def _decode(self):
         if not self.active:
             return
@@ -379,8 +378,11 @@ class Engine:
         # the rows that only want the likeliest token take it from one argmax over the batch
         plain = [req.sampler.only_argmax for req in self.active]
         greedy = logits.argmax(-1).tolist() if any(plain) else None
-        for i, (req, row) in enumerate(zip(self.active, logits)):
-            self._sample(req, row, greedy[i] if plain[i] else None)
+        for i, req in enumerate(self.active):
+            if plain[i] and req.params.logprobs is None:  # no need of the row's logits: not even a view of them
+                self._sample(req, None, greedy[i])
+            else:
+                self._sample(req, logits[i], greedy[i] if plain[i] else None)
         if self.on_step:
             self.on_step(len(self.active))
         self._leave()
