@@ -97,7 +97,7 @@ def run_batch(engine, prompts, n):
 
 def measure_engine(base, dtype, compiled, n, device, repeats):
     model = copy.deepcopy(base).to(dtype)  # cast once, as the server does at load
-    engine = Engine(model, max_batch=BATCH, compiled=compiled)
+    engine = Engine(model, max_batch=BATCH, compiled=compiled, compile_folder=tempfile.mkdtemp())  # compiled anew
     if compiled:
         engine.cache.buckets = [1, BATCH]  # only the batch sizes measured: compiling costs time per bucket
     vocab = model.config.vocab_size
@@ -155,6 +155,7 @@ def http(device, quick, compiled, ready_within):
     1 and 32 streams (--quick: 4) through benchmarks.http's clients, which sample at temperature 1."""
     streams, tokens, repeats = ([1, 4], 8, 1) if quick else ([1, BATCH], 100, REPEATS)
     env = {"QUILL_DEVICE": device, "QUILL_DTYPE": "bfloat16", "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp()}
+    env["QUILL_COMPILE_CACHE"] = tempfile.mkdtemp()  # no kept compiled steps either: the first start compiles
     port = free_port()
     start = time.perf_counter()
     with open(SERVER_LOG, "w") as log:
