@@ -143,8 +143,9 @@ class SendTimeoutMiddleware:
 
         async def timed_send(message):
             nonlocal timed_out
-            try:
-                await asyncio.wait_for(send(message), self.timeout)
+            try:  # a timeout scope, not wait_for: that makes a task for every send, a few tens of us a token
+                async with asyncio.timeout(self.timeout):
+                    await send(message)
             except TimeoutError:
                 timed_out = True
                 raise

@@ -318,6 +318,7 @@ class Service:
         text = TextStream(served.tokenizer, params.stop)
         first = last = None
         index = 0
+        tokens = self.metrics.tokens.labels(served.name)  # once: labels() is a locked look-up
         try:
             while True:
                 event, at = await events.get()
@@ -332,7 +333,7 @@ class Service:
                 else:
                     self.metrics.token_latency.observe(at - last)
                 last = at
-                self.metrics.tokens.labels(served.name).inc()
+                tokens.inc()
                 logprob = None
                 if params.logprobs is not None:  # the token's place: the characters decoded before it
                     offset = len(text.text) + len(text.held)
