@@ -156,23 +156,15 @@ class CompiledSteps:
         args = (tokens, lengths, self.span[:2], views[:layers], views[layers:])
         # the span: 2 (rows of length 1) up to the whole context; export specializes sizes 0 and 1
         dynamic = (None, None, {0: torch.export.Dim("span", min=2, max=context)}, [None] * layers, [None] * layers)
-        # saved for after: tracing runs the step, which writes into the cache
-        saved = [x.clone() for x in views]
-        try:
-            with quiet_compiler(), torch.no_grad():
-                program = torch.export.export(DecodeStep(self.model), args, dynamic_shapes=dynamic)
-                partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
-                try:
-                    configs = {"freezing": True, "max_autotune": True}
-                    torch._inductor.aoti_compile_and_package(
-                        program, package_path=str(partial), inductor_configs=configs
-                    )
-                    os.replace(partial, path)  # whole or not at all: another process may be loading it
-                finally:
-                    partial.unlink(missing_ok=True)
-        finally:
-            for x, old in zip(views, saved):
-                x.copy_(old)
+        with quiet_compiler(), torch.no_grad():  # export traces with fake tensors: the cache is left as it is
+            program = torch.export.export(DecodeStep(self.model), args, dynamic_shapes=dynamic)
+            partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
+            try:
+                configs = {"freezing": True, "max_autotune": True}
+                torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=configs)
+                os.replace(partial, path)  # whole or not at all: another process may be loading it
+            finally:
+                partial.unlink(missing_ok=True)
 
     def _load(self, path, device, strict=False):
         """The package's boxed_run; None for a damaged one (not strict: it is compiled anew)."""
