@@ -49,8 +49,9 @@ class GPTCache:
     """Storage for the GPT's cached forward: preallocated keys and values for max_batch rows, one tensor
     per layer, and a length per row. The model reads and writes them (GPT.forward's kv_cache); this class
     only slots them. With `compiled`, decode steps run a step compiled ahead of time (model/compiled.py)
-    over a padded batch (batch_buckets) that reads the whole context, masked, so that its shapes never
-    change; packages are kept in `compile_folder`. Prefills stay eager."""
+    for each batch size in batch_buckets, a batch padded to the next one; its attention reads the first
+    max(length) + 1 positions, masked past each row's length. Packages are kept in `compile_folder`.
+    Prefills stay eager."""
 
     def __init__(self, model: GPT, max_batch, compiled=False, compile_folder=None):
         self.model = model
