@@ -43,7 +43,7 @@ def default_folder():
 
 class DecodeStep(nn.Module):
     """What is exported: one token for each of rows 0..n-1 of the cache storage (k, v: n_layer tensors of
-    (n, nh, context_size, hs), written in place), whose attention reads the first span.size(0) positions
+    (n, nh, context_size + 1, hs), written in place), whose attention reads the first span.size(0) positions
     (masked past each row's length). The batch size is fixed; the span is a dynamic size, so that one
     package serves every length without reading the whole context. Next-token logits (n, V)."""
 
@@ -117,7 +117,7 @@ def quiet_compiler():
 class CompiledSteps:
     """The compiled decode step of `model` over the cache storage k and v (n_layer tensors each of max_batch
     rows, never reallocated: a batch of n rows reads views of their first n). build(sizes) compiles or loads
-    one package per batch size; then steps(tokens, lengths) runs the one for len(tokens) rows."""
+    one package per batch size; then steps(tokens, lengths, longest) runs the one for len(tokens) rows."""
 
     def __init__(self, model: GPT, k, v, folder=None):
         self.model, self.k, self.v = model, k, v
