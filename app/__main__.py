@@ -138,9 +138,10 @@ def main(argv=None):
     try:
         # imported here, inside the try: torch takes seconds to import, and Ctrl-C meanwhile is no error
         from app.main import create_app
-        from app.serving import checkpoint_files, pick_device
+        from app.registry import checkpoint_files
         from app.settings import Settings
         from model import CheckpointError
+        from model.device import pick_device
 
         overrides = {
             k: v

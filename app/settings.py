@@ -16,7 +16,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     # torch's threads for each engine; 0: one per core for a model of 5M parameters or more, else one per core
-    # but one, which is left to the server's own per-token work (app/serving.py, engine_threads)
+    # but one, which is left to the server's own per-token work (app/registry.py, engine_threads)
     torch_threads: int = Field(0, ge=0)
     # compile each model's decode step at start-up (AOTInductor, model/compiled.py; needs a C++ compiler on a
     # CPU): several times the tokens/s at batch 1; the first start compiles for minutes, later ones load the

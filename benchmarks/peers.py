@@ -357,7 +357,7 @@ def report(args, record, tokens, losses, loads, minutes):
             + "; ".join(f"{n} and {runs} for {label}" for label, (n, runs) in tokens.items())
             + f". llama.cpp runs `-t {args.threads}`, the batch-1 engine {args.threads} torch threads, "
             "Quill's server its defaults (each engine in a child process; torch threads by the model's size, "
-            "app/serving.py's engine_threads: every core from 5M parameters, else every core but one). "
+            "app/registry.py's engine_threads: every core from 5M parameters, else every core but one). "
             "1 stream: `llama-server -np 1 -c CTX`; 32 streams: `-np 32 -c 32*CTX`. Quill computes in f32 "
             "throughout but in its bf16 system (`QUILL_DTYPE=bfloat16`: weights and KV cache in bfloat16), which "
             "is compared with llama.cpp's lower precisions only; llama.cpp keeps its KV "

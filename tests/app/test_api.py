@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from service_helpers import metric, parse_sse
 
-from app import serving as serving_module
+from app import registry
 from app.main import create_app
 from app.metrics import Metrics
 from app.routes_playground import PLAYGROUND_PATHS
@@ -490,7 +490,7 @@ def test_ready_is_503_before_the_models_are_loaded(checkpoints):
 
 
 def test_no_checkpoint_configured_or_bundled_fails_saying_how_to_train_one(monkeypatch, tmp_path):
-    monkeypatch.setattr(serving_module, "BUNDLED", tmp_path)
+    monkeypatch.setattr(registry, "BUNDLED", tmp_path)
     with pytest.raises(SystemExit, match="python -m train"):
         Service(Settings(_env_file=None), Metrics()).load()
 
@@ -498,7 +498,7 @@ def test_no_checkpoint_configured_or_bundled_fails_saying_how_to_train_one(monke
 def test_without_a_configured_checkpoint_the_bundled_ones_are_served_gpt_first(checkpoints, monkeypatch, tmp_path):
     for bundled, fixture in (("shakespeare-lstm", "tiny-lstm"), ("shakespeare-gpt", "tiny-gpt")):
         (tmp_path / bundled).symlink_to(checkpoints[fixture])
-    monkeypatch.setattr(serving_module, "BUNDLED", tmp_path)
+    monkeypatch.setattr(registry, "BUNDLED", tmp_path)
     service = Service(Settings(_env_file=None), Metrics())
     service.load()
     assert list(service.models) == ["shakespeare-gpt", "shakespeare-lstm"]

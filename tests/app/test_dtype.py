@@ -42,7 +42,7 @@ def test_the_default_serves_float32_here(checkpoints):
 
 
 def test_a_large_model_gets_every_core_and_a_small_one_leaves_one_to_the_server(monkeypatch, checkpoints):
-    from app.serving import ALL_CORES_FROM, engine_threads, load_served_model
+    from app.registry import ALL_CORES_FROM, engine_threads, load_served_model
     from model import GPT
 
     monkeypatch.setattr("os.cpu_count", lambda: 4)

@@ -12,7 +12,7 @@ import pytest
 from service_helpers import REPO, free_port, running_server
 
 from app.__main__ import parse_args
-from app.serving import BUNDLED
+from model.checkpoint import BUNDLED
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,97 @@
+"""The models a server can serve: which checkpoint files the settings name (checked before anything loads),
+and how one is loaded into a ServedModel with its engine. Knows no HTTP and no requests."""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model import CheckpointError, load_checkpoint
+from model.checkpoint import BUNDLED, default_checkpoints, file_sha256, model_name, resolve_checkpoint_path
+from model.engine import Engine
+from model.engine_process import EngineProcess
+
+TRAIN_HINT = (
+    "train one with: python -m train --data ../shared/data/tinyshakespeare.txt "
+    "--out checkpoints/shakespeare-gpt --preset cpu (or see the README)"
+)
+
+
+@dataclass
+class ServedModel:
+    name: str
+    path: Path
+    model: object
+    tokenizer: object
+    meta: dict
+    sha256: str
+    engine: Engine | EngineProcess
+
+
+def checkpoint_files(configured):
+    """{model name: weights file} for the configured paths (or the bundled run directories), checked to
+    exist and to name distinct models, so that a typo fails before any model is loaded. A missing file
+    is a CheckpointError; no checkpoint at all, or two of one name, a SystemExit (nothing to serve)."""
+    paths = [Path(p) for p in configured] or default_checkpoints(BUNDLED)  # BUNDLED: tests point it elsewhere
+    if not paths:
+        raise SystemExit(f"no checkpoint configured and none bundled under {BUNDLED}; {TRAIN_HINT}")
+    files = {}
+    for path in paths:
+        weights = resolve_checkpoint_path(path)
+        if not weights.is_file():
+            raise CheckpointError(
+                f"{path}: no such checkpoint (a run directory holding model.safetensors, or a .safetensors file)"
+            )
+        name = model_name(weights)
+        if name in files:
+            raise SystemExit(
+                f"two checkpoints are both named {name!r} ({files[name]} and {weights}); rename a run directory"
+            )
+        files[name] = weights
+    return files
+
+
+# A model this large (parameters) gets every core for its engine by default; a smaller one every core but one.
+# The server's process does work of its own for every token (SSE, JSON), so the more tokens/s a model makes, the
+# more that work needs a core of its own: on 2 cores the bundled GPT (3.2M) served 32 streams at 7,800 tokens/s
+# with 1 engine thread and 5,900 with 2, where a 6-layer GPT (10.8M) served 1 and 32 streams at 1.5x and 1.2x
+# the tokens/s with 2 (docs/benchmarks-peers.md).
+ALL_CORES_FROM = 5_000_000
+
+
+def engine_threads(model):
+    """The torch threads a model's engine gets unless QUILL_TORCH_THREADS says: see ALL_CORES_FROM."""
+    cores = os.cpu_count() or 2
+    return cores if sum(p.numel() for p in model.parameters()) >= ALL_CORES_FROM else max(1, cores - 1)
+
+
+def load_served_model(
+    weights,
+    device,
+    max_batch,
+    on_step,
+    threads=None,
+    compiled=False,
+    dtype=torch.float32,
+    process=False,
+    compile_folder=None,
+):
+    """`threads`: the engine's torch threads (None: engine_threads). `process`: run the engine in a child process
+    of its own (EngineProcess), which loads the weights again. `compile_folder`: where compiled decode steps are
+    kept (model/compiled.py)."""
+    weights = Path(weights)
+    # with the engine in a child process, the copy here only describes the model: it stays off the GPU
+    model, tokenizer, meta = load_checkpoint(weights, device="cpu" if process else device)
+    model.to(dtype)  # once, here: the engine's caches and steps take the weights' dtype
+    name = model_name(weights)
+    sha = file_sha256(weights)
+    threads = threads or engine_threads(model)
+    if process:
+        kept = {"compiled": compiled, "compile_folder": compile_folder}
+        engine = EngineProcess(weights, device, dtype, max_batch, on_step=on_step, threads=threads, **kept)
+    else:
+        engine = Engine(
+            model, max_batch, on_step=on_step, threads=threads, compiled=compiled, compile_folder=compile_folder
+        )
+    return ServedModel(name, weights, model, tokenizer, meta, sha, engine)
