@@ -111,12 +111,15 @@ def parse_args(argv):
 
 
 def bind(host, port):
-    """The server's socket, bound now so that a port in use fails before any model loads. asyncio starts
-    listening on it only when the server starts: until then a connection is refused, not left waiting."""
+    """The server's socket, bound and listening now so that a port in use fails before any model loads.
+    Listening, not only bound: Linux lets two sockets with SO_REUSEADDR bind one port while neither listens, so
+    a second server started meanwhile would pass this check and fail later. A connection made while the models
+    load waits in the backlog until the server starts."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart need not wait out TIME_WAIT
     try:
         sock.bind((host, port))
+        sock.listen(2048)  # uvicorn's backlog
     except OSError as e:
         sock.close()
         hint = "; is another server running? choose another with --port" if e.errno == errno.EADDRINUSE else ""

@@ -6,10 +6,11 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
-from service_helpers import REPO, free_port, running_server
+from service_helpers import REPO, free_port, running_server, wait_until
 
 from app.__main__ import parse_args
 from model.checkpoint import BUNDLED
@@ -62,6 +63,50 @@ def test_a_port_in_use_fails_in_one_line_before_any_model_loads(checkpoints):
         err = assert_short_failure(start("--checkpoint", checkpoints["tiny-gpt"], "--port", port))
     assert f"127.0.0.1:{port}" in err and "in use" in err
     assert LOADING not in err and "serving" not in err  # decided before the models, not after
+
+
+# `python -m app` whose models take 2 s more to load, as the bundled ones do on a busy machine: a second server
+# started meanwhile passes the early port check of the first (which used to bind without listening).
+SLOW_LOAD = """
+import runpy, time
+from app import serving
+load = serving.load_served_model
+serving.load_served_model = lambda *args, **kwargs: time.sleep(2) or load(*args, **kwargs)
+runpy.run_module("app", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_two_servers_started_together_on_one_port_one_serves_and_the_other_fails_in_one_line(checkpoints, tmp_path):
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", SLOW_LOAD, "--checkpoint", str(checkpoints["tiny-gpt"]), "--port", str(port)]
+    logs = [tmp_path / "first.err", tmp_path / "second.err"]
+    procs = []
+    try:
+        for log in logs:  # 0.3 s apart, as two `make serve` typed in two terminals
+            with open(log, "w") as stderr:
+                procs.append(subprocess.Popen(command, cwd=REPO, env=env, stderr=stderr, stdout=subprocess.DEVNULL))
+            time.sleep(0.3)
+        # the one that fails exits by itself; the one that serves keeps going until the test stops it
+        assert wait_until(lambda: any(p.poll() is not None for p in procs), 120), "neither server exited"
+        failed = next(i for i, p in enumerate(procs) if p.poll() is not None)
+        served = wait_until(lambda: ready(port) or procs[1 - failed].poll() is not None, 90) and ready(port)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    err = logs[failed].read_text()
+    assert served, f"neither server serves: {err}; {logs[1 - failed].read_text()}"
+    assert procs[failed].returncode == 1 and procs[1 - failed].returncode == -signal.SIGKILL  # killed here
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"127.0.0.1:{port}" in err and "in use" in err
+
+
+def ready(port):
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 @pytest.mark.parametrize(
