@@ -11,215 +11,52 @@ between steps, and their slot goes to the next request.
 Active requests always occupy slots 0..B-1, so a step reads the caches as views without
 gathering. A leaving request's slot is filled by moving the last one into it.
 
+A request that asks for its prompt's logprobs (echo, scoring) is scored first, one window of the model's
+context between two steps, so a long text to score never stops the other streams for long; the n choices of
+one prompt are scored once.
+
 Past the GPT's context: a row whose cache is full is re-prefilled with its last
 context_size // 2 tokens at positions 0.. and continues from there (a sliding window that
 halves; the re-prefill is amortised over the context_size // 2 steps that follow). Up to
-context_size tokens the output equals GPT.generate token for token.
+context_size tokens greedy output equals GPT.generate's token for token.
 """
 
-import logging
-import math
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import torch
 
-from model.compiled import CompiledSteps
-from model.gpt import GPT, KVCache
+from model import sampling
+from model.cache import GPTCache, LSTMState
+from model.gpt import GPT
+from model.request import Finished, Outcome, Request, Token
 from model.sampling import Sampler, SamplingParams
-from model.scoring import score_prompt, top_logprobs
+from model.scoring import PromptLogprobs, score_windows, top_logprobs
 
-log = logging.getLogger("quill")
+__all__ = ["Engine", "Finished", "Outcome", "Request", "Token"]  # the request's types, for the engine's users
 
 PREFILL_LOGITS = 2**24  # 64 MB of float32 logits
 
 
-def batch_buckets(max_batch):
-    """The batch sizes a compiled decode step is built for: powers of two below max_batch, and max_batch.
-    A step pads its batch to the next one, so a handful of fixed shapes serve every batch size."""
-    sizes = [1]
-    while sizes[-1] * 2 < max_batch:
-        sizes.append(sizes[-1] * 2)
-    return sizes + [max_batch] if max_batch > 1 else sizes
-
-
-class GPTCache:
-    """Storage for the GPT's cached forward: preallocated keys and values for max_batch rows, one tensor
-    per layer, and a length per row. The model reads and writes them (GPT.forward's kv_cache); this class
-    only slots them. With `compiled`, decode steps run a step compiled ahead of time (model/compiled.py)
-    for each batch size in batch_buckets, a batch padded to the next one; its attention reads the first
-    max(length) + 1 positions, masked past each row's length. Packages are kept in `compile_folder`.
-    Prefills stay eager."""
-
-    def __init__(self, model: GPT, max_batch, compiled=False, compile_folder=None):
-        self.model = model
-        cfg = model.config
-        self.context = cfg.context_size
-        p = next(model.parameters())
-        self.device = p.device
-        # one tensor per layer, not views of one: a compiled step then writes them in place. One position
-        # more than a row ever holds: a compiled step reads a dynamic span of them, never the whole, which
-        # export would otherwise have to treat apart (a whole tensor is a view of another shape)
-        shape = (max_batch, cfg.n_head, self.context + 1, cfg.hidden_size // cfg.n_head)
-        self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(cfg.n_layer)]
-        self.length = [0] * max_batch
-        self.buckets = batch_buckets(max_batch)
-        self.step = CompiledSteps(model, self.k, self.v, compile_folder) if compiled else None
-
-    def room(self, slot):
-        return self.context - self.length[slot]
-
-    def prefill(self, first, seqs):
-        """Fill rows first.. from scratch, one with each of `seqs` (token id lists of at most context_size,
-        any lengths), in one forward: a shorter one is padded at its end, and what the padding writes lies
-        past the row's length, where no later token looks and the next ones overwrite it. The last
-        logits of each, (N, V)."""
-        lengths = [len(ids) for ids in seqs]
-        longest = max(lengths)
-        self.length[first : first + len(seqs)] = [0] * len(seqs)
-        logits = self._forward(first, [ids + [0] * (longest - len(ids)) for ids in seqs])
-        self.length[first : first + len(seqs)] = lengths
-        return logits[torch.arange(len(seqs)), torch.tensor(lengths) - 1]
-
-    def decode(self, ids):
-        """Append one token to each of rows 0..B-1 and return their next-token logits (B, V)."""
-        if self.step is None:
-            return self._forward(0, [[t] for t in ids])[:, -1]
-        B = len(ids)
-        n = next(b for b in self.buckets if b >= B)
-        held = self.length[:B]
-        # rows B..n-1 are free slots: they compute a junk token at position 0, which a prefill overwrites
-        tokens = torch.tensor(ids + [0] * (n - B), device=self.device).view(n, 1)
-        lengths = torch.tensor(held + [0] * (n - B), device=self.device)
-        logits = self.step(tokens, lengths, max(held))[:B]
-        self.length[:B] = [h + 1 for h in held]
-        return logits
-
-    @torch.no_grad()
-    def warm_up(self):
-        """Compile (or load) the step for every bucket now, not in a user's request. If that fails, say so
-        in one line and decode eagerly: a slower server, never a broken one."""
-        if self.step is None:
-            return
-        try:
-            self.step.build(self.buckets)
-        except Exception as e:  # inductor's messages run to many lines: the first says what failed
-            why = (str(e).strip().splitlines() or [""])[0]
-            log.warning("compiling the decode step failed, decoding without it: %s: %s", type(e).__name__, why)
-            self.step = None
-
-    def _forward(self, first, ids):
-        """The model's forward over rows first.. with ids (N, T) as their new tokens; logits (N, T, V)."""
-        rows = slice(first, first + len(ids))
-        held = self.length[rows]
-        lengths = torch.tensor(held, device=self.device)
-        cache = KVCache([k[rows] for k in self.k], [v[rows] for v in self.v], lengths, max(held))  # views
-        logits, _ = self.model(torch.tensor(ids, device=self.device), kv_cache=cache)
-        self.length[rows] = [n + len(ids[0]) for n in held]
-        return logits
-
-    def move(self, src, dst):
-        for k, v in zip(self.k, self.v):
-            k[dst], v[dst] = k[src], v[src]
-        self.length[dst] = self.length[src]
-
-
-class LSTMState:
-    """Storage for the LSTM's carried (h, c) of max_batch rows: no context limit, nothing to slide."""
-
-    context = None
-
-    def __init__(self, model, max_batch):
-        self.model = model
-        self.h, self.c = model.zero_state(max_batch)  # (n_layer, max_batch, D) each
-
-    def room(self, slot):
-        return math.inf
-
-    def warm_up(self):
-        pass  # nothing to compile
-
-    def prefill(self, first, seqs):
-        """As GPTCache.prefill, one row at a time: the state after padding would not be the prompt's."""
-        out = []
-        for slot, ids in enumerate(seqs, first):
-            self.h[:, slot], self.c[:, slot] = 0, 0
-            out.append(self._forward(slot, [ids])[0, -1])
-        return torch.stack(out)
-
-    def decode(self, ids):
-        return self._forward(0, [[t] for t in ids])[:, -1]
-
-    def _forward(self, first, ids):
-        rows = slice(first, first + len(ids))
-        # views of the storage, which the model's forward overwrites with the state after ids
-        logits, _ = self.model(torch.tensor(ids, device=self.h.device), state=(self.h[:, rows], self.c[:, rows]))
-        return logits
-
-    def move(self, src, dst):
-        self.h[:, dst], self.c[:, dst] = self.h[:, src], self.c[:, src]
-
-
-@dataclass(frozen=True)
-class Token:
-    id: int
-    last: bool = False  # the request's max_new_tokens-th token: a Finished("length") follows
-    logprob: float | None = None  # with params.logprobs: the model's log-probability of this token
-    top: tuple = ()  # and its params.logprobs likeliest tokens there, ((id, logprob), ...)
-
-
-@dataclass(frozen=True)
-class Finished:
-    reason: str  # "length", "cancelled" or "error"
-    error: str | None = None  # what failed, when reason is "error"
-
-
 @dataclass
-class Request:
-    """One generation. `emit(event)` is called from the engine thread with a Token per generated
-    token, then one Finished."""
+class Scoring:
+    """One prompt's scoring under way, shared by every request that asked for it (the n choices of a prompt)."""
 
-    prompt: list
-    params: SamplingParams
-    emit: callable
-    cancelled: bool = False
-    tokens: list = field(default_factory=list)  # prompt + generated, the sliding window's source
-    generated: int = 0
-    submitted_at: float = field(default_factory=time.perf_counter)
-    started_at: float = None
-    sampler: Sampler = None  # made when admitted: the seeded generator and the ids seen
-    on_cancel: callable = None  # called by cancel(): an engine in another process is told there
-
-    @property
-    def max_new_tokens(self):
-        return self.params.max_new_tokens
-
-    def cancel(self):
-        self.cancelled = True  # read by the engine thread between steps
-        if self.on_cancel:
-            self.on_cancel()
+    key: tuple  # (prompt, prompt_logprobs)
+    windows: object  # score_windows' generator
+    reqs: list
 
 
-class Outcome:
-    """The `emit` of a caller that waits for a whole request (the generate helpers): its events, and `done`
-    once it has finished."""
-
-    def __init__(self):
-        self.events, self.done = [], threading.Event()
-
-    def __call__(self, event):
-        self.events.append(event)
-        if isinstance(event, Finished):
-            self.done.set()
-
-    def ids(self):
-        """The generated ids of a finished request; RuntimeError if it ended in an error."""
-        if self.events[-1].reason == "error":
-            raise RuntimeError(self.events[-1].error)
-        return [event.id for event in self.events if isinstance(event, Token)]
+def window_start(prompt_length, length, context):
+    """Where the row of a request holding `length` tokens (its prompt's first) starts, by the sliding window of
+    the module docstring: what a restarted request prefills, so that it reads what it read before."""
+    start = max(0, prompt_length - context)
+    for n in range(prompt_length + 1, length + 1):
+        if n - start > context:
+            start = n - (context // 2 + 1)
+    return start
 
 
 class Engine:
@@ -234,6 +71,7 @@ class Engine:
         threads=None,
         compiled=False,
         compile_folder=None,
+        on_progress=None,
     ):
         self.model = model.eval()
         self.max_batch = max_batch
@@ -242,13 +80,18 @@ class Engine:
         # tokens in one batched prefill: at least a whole context, and logits of at most PREFILL_LOGITS
         self.prefill_tokens = max(self.cache.context or 1, PREFILL_LOGITS // model.config.vocab_size)
         self.on_step = on_step  # called after each decode step with the batch size (metrics)
+        # called after each piece of work (a prefill group, a scoring window, a decode step): a heartbeat
+        self.on_progress = on_progress or (lambda: None)
         self.threads = threads  # torch threads for the engine thread (OpenMP's setting is per thread)
         self.clock = clock
         self.waiting = deque()
         self.active = []  # active[i] occupies cache slot i
+        self.scoring = deque()  # Scorings, the first advanced by one window a step
+        self.scored = None  # (key, PromptLogprobs) of the last one finished
         self.cond = threading.Condition()
         self.running = False
         self.thread = None
+        self.down = None  # an engine in this process is never restarting (EngineProcess's interface)
 
     # -- the caller's side (any thread) --
 
@@ -268,7 +111,10 @@ class Engine:
 
     def counts(self):
         """(active, waiting): read without the lock, so a snapshot, good for gauges and admission."""
-        return len(self.active), len(self.waiting)
+        return len(self.active), len(self.waiting) + sum(len(job.reqs) for job in list(self.scoring))
+
+    def busy(self):
+        return bool(self.waiting or self.active or self.scoring)
 
     def start(self):
         self.running = True
@@ -304,19 +150,21 @@ class Engine:
         self.cache.warm_up()  # requests submitted meanwhile wait in the queue
         while True:
             with self.cond:
-                while self.running and not self.waiting and not self.active:
+                while self.running and not self.busy():
                     self.cond.wait()
                 if not self.running:
                     break
             self.step()
-        for req in self.active + list(self.waiting):
+        for req in self.active + list(self.waiting) + [req for job in self.scoring for req in job.reqs]:
             self._emit(req, Finished("error", "engine stopped"))
-        self.active, self.waiting = [], deque()
+        self.active, self.waiting, self.scoring = [], deque(), deque()
 
     def step(self):
-        """Admit, then advance every active request by one token."""
+        """Score one window of a prompt if one is being scored, admit, then advance every active request by
+        one token."""
         try:
             with torch.no_grad():  # once a step, not once a call: it costs microseconds a token
+                self._score()
                 self._admit()
                 self._decode()
         except Exception as e:  # a failed step ends the requests in it, never the engine
@@ -334,17 +182,19 @@ class Engine:
                     self.waiting.popleft()
                 self._emit(req, Finished("cancelled"))
                 continue
-            req.started_at = self.clock()
-            scoring = req.params.prompt_logprobs is not None or req.max_new_tokens == 0
-            if scoring and not self._score(req):  # the request is over: nothing to generate, or the scoring failed
-                continue
-            req.sampler = Sampler(req.params, req.prompt)
-            req.tokens = list(req.prompt)
-            # active before it leaves the queue: counts() may see it twice, never zero times
-            self.active.append(req)
+            req.started_at = req.started_at or self.clock()
+            if req.params.prompt_logprobs is None and req.max_new_tokens > 0:
+                req.sampler = Sampler(req.params, req.prompt, req.resumed)
+                req.tokens, req.generated = req.prompt + req.resumed, len(req.resumed)
+                # active before it leaves the queue: counts() may see it twice, never zero times
+                self.active.append(req)
+                admitted += 1
             with self.cond:
                 self.waiting.popleft()
-            admitted += 1
+            if req.params.prompt_logprobs is not None:
+                self._queue_scoring(req)
+            elif req.max_new_tokens == 0:  # nothing asked: over at once
+                self._emit(req, Finished("length"))
         if admitted:
             self._prefill(len(self.active) - admitted)
         self._leave()
@@ -352,10 +202,14 @@ class Engine:
     def _prefill(self, first):
         """Prefill the requests just admitted into slots first.., batched: sorted by prompt length, so that
         little is padding, in groups of at most prefill_tokens padded tokens (a group's logits are that
-        many rows of vocabulary); then sample each one's first token."""
-        window = self.cache.context
+        many rows of vocabulary); then sample each one's first token. A group that fails ends its own
+        requests with the error (a prompt too long for the device's memory), not the others'."""
+        context = self.cache.context
         pairs = sorted(
-            ((req.tokens[-window:] if window else req.tokens, req) for req in self.active[first:]),
+            (
+                (req.tokens[window_start(len(req.prompt), len(req.tokens), context) :] if context else req.tokens, req)
+                for req in self.active[first:]
+            ),
             key=lambda pair: len(pair[0]),
         )
         seqs, new = [ids for ids, _ in pairs], [req for _, req in pairs]
@@ -365,8 +219,15 @@ class Engine:
             end = start + 1
             while end < len(new) and (end + 1 - start) * len(seqs[end]) <= self.prefill_tokens:
                 end += 1
-            for req, logits in zip(new[start:end], self.cache.prefill(first + start, seqs[start:end])):
-                self._sample(req, logits)
+            group = new[start:end]
+            try:
+                logits = self.cache.prefill(first + start, seqs[start:end])
+                for req, token, row in zip(group, sampling.sample([r.sampler for r in group], logits), logits):
+                    self._append(req, token, row)
+            except Exception as e:  # leaves at the next _leave, before any decode step reads its row
+                for req in group:
+                    req.error = f"{type(e).__name__}: {e}"
+            self.on_progress()
             start = end
 
     def _decode(self):
@@ -376,36 +237,70 @@ class Engine:
             if self.cache.room(slot) == 0:  # full: slide the window (see the module docstring)
                 self.cache.prefill(slot, [req.tokens[-(self.cache.context // 2) - 1 : -1]])
         logits = self.cache.decode([req.tokens[-1] for req in self.active])  # (B, V)
-        # the rows that only want the likeliest token take it from one argmax over the batch
+        # the rows that only want the likeliest token take it from one argmax over the batch; the others are
+        # drawn together
         plain = [req.sampler.only_argmax for req in self.active]
-        greedy = logits.argmax(-1).tolist() if any(plain) else None
-        for i, req in enumerate(self.active):
-            if plain[i] and req.params.logprobs is None:  # no need of the row's logits: not even a view of them
-                self._sample(req, None, greedy[i])
-            else:
-                self._sample(req, logits[i], greedy[i] if plain[i] else None)
+        tokens = logits.argmax(-1).tolist() if any(plain) else [None] * len(plain)
+        rest = [i for i, p in enumerate(plain) if not p]
+        if rest:
+            rows = logits if len(rest) == len(plain) else logits[rest]
+            for i, token in zip(rest, sampling.sample([self.active[i].sampler for i in rest], rows)):
+                tokens[i] = token
+        for i, req in enumerate(self.active):  # no need of a plain row's logits: not even a view of them
+            self._append(req, tokens[i], logits[i] if req.params.logprobs is not None else None)
         if self.on_step:
             self.on_step(len(self.active))
+        self.on_progress()
         self._leave()
 
-    def _score(self, req):
-        """Send the prompt's PromptLogprobs when asked. A request for no new tokens (echo, scoring a text)
-        leaves the queue here; return whether the request goes on to generate."""
-        try:
-            if req.params.prompt_logprobs is not None:
-                self._emit(req, score_prompt(self.model, self.cache.context, req.prompt, req.params.prompt_logprobs))
-            end = Finished("length") if req.max_new_tokens == 0 else None
-        except Exception as e:  # this request's failure, not the batch's
-            end = Finished("error", f"{type(e).__name__}: {e}")
-        if end:
-            with self.cond:
-                self.waiting.popleft()
-            self._emit(req, end)
-        return end is None
+    def _queue_scoring(self, req):
+        """Start scoring req's prompt, or join the scoring of the same prompt under way or just finished."""
+        key = (tuple(req.prompt), req.params.prompt_logprobs)
+        if self.scored and self.scored[0] == key:
+            return self._scored([req], self.scored[1])
+        for job in self.scoring:
+            if job.key == key:
+                return job.reqs.append(req)
+        windows = score_windows(self.model, self.cache.context, req.prompt, req.params.prompt_logprobs)
+        self.scoring.append(Scoring(key, windows, [req]))
 
-    def _sample(self, req, logits, token=None):
-        """Take `token` (when the batch's argmax gave it), else the request's sampler's choice from `logits`."""
-        token = req.sampler(logits) if token is None else token
+    def _score(self):
+        """Advance the first scoring by one window; once whole, send it to each request that asked for it."""
+        if not self.scoring:
+            return
+        job = self.scoring[0]
+        for req in [r for r in job.reqs if r.cancelled]:
+            job.reqs.remove(req)
+            self._emit(req, Finished("cancelled"))
+        try:
+            if job.reqs:
+                next(job.windows)
+                return self.on_progress()
+        except StopIteration as done:
+            self.scored = (job.key, done.value)
+            self._scored(job.reqs, done.value)
+        except Exception as e:  # these requests' failure, not the batch's
+            for req in job.reqs:
+                self._emit(req, Finished("error", f"{type(e).__name__}: {e}"))
+        self.scoring.popleft()
+        self.on_progress()
+
+    def _scored(self, reqs, result: PromptLogprobs):
+        """Send the scoring; a request for no new tokens (echo, scoring a text) is over, the others wait at the
+        front of the queue to generate, not to be scored again."""
+        go_on = []
+        for req in reqs:
+            self._emit(req, result)
+            if req.max_new_tokens == 0:
+                self._emit(req, Finished("length"))
+            else:
+                req.params = replace(req.params, prompt_logprobs=None)
+                go_on.append(req)
+        with self.cond:
+            self.waiting.extendleft(reversed(go_on))
+
+    def _append(self, req, token, logits=None):
+        """Send `token` as req's next, with its logprobs from its (V,) `logits` when the request asked."""
         req.tokens.append(token)
         req.generated += 1
         logprob, top = None, ()
@@ -415,16 +310,17 @@ class Engine:
         self._emit(req, Token(token, req.generated == req.max_new_tokens, logprob, top))
 
     def _leave(self):
-        """Finished and cancelled requests leave; the last active row moves into each freed slot."""
+        """Finished, failed and cancelled requests leave; the last active row moves into each freed slot."""
         for slot in range(len(self.active) - 1, -1, -1):
             req = self.active[slot]
-            if req.cancelled or req.generated >= req.max_new_tokens:
-                self._emit(req, Finished("cancelled" if req.cancelled else "length"))
+            if req.cancelled or req.error or req.generated >= req.max_new_tokens:
                 last = len(self.active) - 1
                 if slot != last:
                     self.cache.move(last, slot)
                     self.active[slot] = self.active[last]
-                self.active.pop()
+                self.active.pop()  # before its Finished: a client that has it counts the request gone
+                reason = "error" if req.error else "cancelled" if req.cancelled else "length"
+                self._emit(req, Finished(reason, req.error))
 
     @staticmethod
     def _emit(req, event):

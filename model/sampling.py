@@ -2,13 +2,18 @@
 
 The request bodies convert themselves into a SamplingParams once; the object travels whole
 through the engine to the request's Sampler, so a new sampling knob is added here, in the
-protocol and in the playground, and nowhere else (the engine only calls `req.sampler(logits)`).
+protocol and in the playground, and nowhere else (the engine only calls `sample(samplers, logits)`).
+
+Draws are counter-based: the token at a request's n-th generated place is picked by a uniform that
+is a hash of (seed, n), by inverse transform sampling over its filtered distribution. So a draw
+depends on nothing else: not on the other rows of its batch, not on what the process ran before,
+and not on a restart that prefills the text again and continues (model/engine_process.py).
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 # Below this, sampling differs from argmax only between logits closer than ~1e-4, and logits /
 # temperature can overflow to inf (a NaN softmax that would fail the whole batch): so it is greedy.
@@ -36,51 +41,85 @@ class SamplingParams:
         return self.temperature < MIN_TEMPERATURE
 
 
+MASK64, GOLDEN = 2**64 - 1, 0x9E3779B97F4A7C15
+
+
+def _mix(z):
+    """splitmix64's finaliser: 64 bits in, 64 well-mixed bits out."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def uniform(seed, position):
+    """The uniform in [0, 1) that picks the token at `position` (0: the first generated) of a request seeded
+    `seed`. 29 bits: times a float32 total it is exact in float64, and always below the total."""
+    return (_mix((_mix(seed & MASK64) + (position + 1) * GOLDEN) & MASK64) >> 35) / 2**29
+
+
 def penalize(logits, seen, penalty):
     """(V,) logits with each token marked in `seen` ((V,) bool: prompt and output so far) made less likely."""
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
-def sample_next_token(logits, generator, params=SamplingParams(), seen=None, counts=None):
-    """One token from (V,) logits. `seen`: a (V,) bool mask of the ids the request has seen, needed
-    only when params.repetition_penalty != 1; `counts`: (V,) how often each id was generated, needed
+def penalized(logits, params, seen=None, counts=None):
+    """(V,) logits after the request's penalties. `seen`: a (V,) bool mask of the ids the request has seen,
+    needed only when params.repetition_penalty != 1; `counts`: (V,) how often each id was generated, needed
     only when a presence or frequency penalty is set."""
     if params.repetition_penalty != 1.0:
         logits = penalize(logits, seen, params.repetition_penalty)
     if counts is not None:  # OpenAI's formula: generated tokens only, not the prompt; in float32, where a small
         # penalty still moves a large logit (bfloat16 would round 20.0 - 0.06 back to 20.0)
         logits = logits.float() - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
+    return logits
+
+
+def draw(logits, params, u):
+    """One token per row of (B, V) logits, none greedy: row i after params[i]'s temperature, top_k, top_p and
+    min_p, the first token whose cumulative probability passes u[i] of the total (inverse transform)."""
+    V, device = logits.size(-1), logits.device
+    column = lambda values: torch.tensor(values, device=device)[:, None]  # noqa: E731
+    logits = logits.float() / column([p.temperature for p in params])
+    top_k = [min(p.top_k or V, V) for p in params]
+    if min(top_k) < V or any(p.top_p < 1.0 for p in params):  # both keep the likeliest: one sort for the batch
+        ranked, order = logits.sort(-1, descending=True)
+        keep = torch.arange(V, device=device) < column(top_k)
+        probs = ranked.masked_fill(~keep, -math.inf).softmax(-1)
+        # top_p: the smallest prefix whose mass reaches it (at least one token, even when top_p rounds to 0)
+        keep &= (probs.cumsum(-1) - probs < column([p.top_p for p in params])).index_fill_(
+            1, torch.tensor([0], device=device), True
+        )
+        # back in the vocabulary's order, where the draw happens: a row's draw never depends on its batch
+        logits = logits.masked_fill(~torch.zeros_like(keep).scatter_(-1, order, keep), -math.inf)
+    probs = logits.softmax(-1)
+    if any(p.min_p > 0.0 for p in params):  # after top_p, as vLLM does; the likeliest token always stays
+        probs = probs.masked_fill(probs < column([p.min_p for p in params]) * probs.amax(-1, keepdim=True), 0.0)
+    cum = probs.to(torch.float32 if device.type == "mps" else torch.float64).cumsum(-1)  # MPS has no float64
+    total = cum[:, -1:]
+    target = torch.minimum(u.to(cum)[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    picked = torch.searchsorted(cum, target, right=True)  # a token of probability 0 is never the first past it
+    return picked[:, 0].tolist()
+
+
+def sample_next_token(logits, params=SamplingParams(), position=0, seen=None, counts=None):
+    """One token from (V,) logits, the `position`-th its request generates (seen and counts: see penalized)."""
+    logits = penalized(logits, params, seen, counts)
     if params.greedy:
         return int(logits.argmax())
-    logits = (
-        logits.float() / params.temperature
-        if logits.dtype in (torch.float16, torch.bfloat16)
-        else logits / params.temperature
-    )
-    if params.top_k is not None and params.top_k < logits.size(-1):
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # keep the smallest prefix whose mass reaches top_p (always at least one token)
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
-        drop[0] = False  # even when top_p rounds to 0 in the logits' precision (5e-324 does in float32)
-        probs = probs.scatter(0, order[drop], 0.0)
-    if params.min_p > 0.0:  # after top_p, as vLLM does; the likeliest token always stays
-        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    # (1, V) consumes the generator exactly as GPT.generate's batched call does for one row
-    return int(torch.multinomial(probs.unsqueeze(0), 1, generator=generator))
+    return draw(logits[None], [params], torch.tensor([uniform(params.seed, position)], dtype=torch.float64))[0]
 
 
 class Sampler:
-    """One request's sampling state: its generator, seeded from params.seed; when the repetition
-    penalty is on, a (V,) mask of the ids it has seen, and when a presence or frequency penalty is, a (V,)
-    count of the ids it generated, each updated per token (O(V) a step, not O(length))."""
+    """One request's sampling state: the place of its next token among those it generates (`position`); when
+    the repetition penalty is on, a (V,) mask of the ids it has seen, and when a presence or frequency penalty
+    is, a (V,) count of the ids it generated, each updated per token (O(V) a step, not O(length)).
+    `generated`: tokens it generated before (in an engine that has since been restarted), counted as its own."""
 
-    def __init__(self, params, prompt):
-        self.params, self.prompt = params, prompt
-        self.generator = self.seen = self.counts = None
+    def __init__(self, params, prompt, generated=()):
+        self.params, self.prompt, self.generated = params, prompt, list(generated)
+        self.position = len(self.generated)
+        self.seen = self.counts = None
+        self.made = False
 
     @property
     def only_argmax(self):
@@ -88,18 +127,40 @@ class Sampler:
         p = self.params
         return p.greedy and p.repetition_penalty == 1.0 and not (p.presence_penalty or p.frequency_penalty)
 
-    def __call__(self, logits):
-        """The next token id from this request's (V,) logits."""
-        if self.generator is None:  # made on the logits' device, which is known only now
-            self.generator = torch.Generator(logits.device).manual_seed(self.params.seed)
-            if self.params.repetition_penalty != 1.0:  # the prompt counts as seen, as in CTRL and transformers
-                self.seen = torch.zeros(logits.size(-1), dtype=torch.bool, device=logits.device)
-                self.seen[torch.tensor(self.prompt, dtype=torch.long, device=logits.device)] = True
-            if self.params.presence_penalty or self.params.frequency_penalty:
-                self.counts = torch.zeros(logits.size(-1), device=logits.device)  # float32: exact past 256
-        token = sample_next_token(logits, self.generator, self.params, self.seen, self.counts)
+    def adjust(self, logits):
+        """This request's (V,) logits after its penalties."""
+        if not self.made:  # on the logits' device, which is known only now
+            self.made, p, device = True, self.params, logits.device
+            if p.repetition_penalty != 1.0:  # the prompt counts as seen, as in CTRL and transformers
+                self.seen = torch.zeros(logits.size(-1), dtype=torch.bool, device=device)
+                self.seen[torch.tensor(self.prompt + self.generated, dtype=torch.long, device=device)] = True
+            if p.presence_penalty or p.frequency_penalty:  # float32: exact past 256
+                self.counts = torch.zeros(logits.size(-1), device=device)
+                self.counts.index_put_((torch.tensor(self.generated, dtype=torch.long),), torch.tensor(1.0), True)
+        return penalized(logits, self.params, self.seen, self.counts)
+
+    def took(self, token):
+        self.position += 1
         if self.seen is not None:
             self.seen[token] = True
         if self.counts is not None:
             self.counts[token] += 1
-        return token
+
+    def __call__(self, logits):
+        """The next token id from this request's (V,) logits."""
+        return sample([self], logits[None])[0]
+
+
+def sample(samplers, logits):
+    """The next token of each row of (B, V) logits, row i for samplers[i] (which counts it): penalties row by row
+    where set, then the greedy rows by argmax and the others in one batched draw."""
+    logits = torch.stack([s.adjust(row) for s, row in zip(samplers, logits)])
+    tokens = logits.argmax(-1).tolist()
+    drawn = [i for i, s in enumerate(samplers) if not s.params.greedy]
+    if drawn:
+        u = torch.tensor([uniform(samplers[i].params.seed, samplers[i].position) for i in drawn], dtype=torch.float64)
+        for i, token in zip(drawn, draw(logits[drawn], [samplers[i].params for i in drawn], u)):
+            tokens[i] = token
+    for s, token in zip(samplers, tokens):
+        s.took(token)
+    return tokens

@@ -24,22 +24,44 @@ def top_logprobs(logprobs, k):
     return [tuple(zip(ids, values)) for ids, values in zip(top.indices.tolist(), top.values.tolist())]
 
 
-@torch.no_grad()
+LSTM_CHUNK = 512  # prompt tokens an LSTM scores in one forward, its state carried to the next
+
+
 def score_prompt(model, context, ids, k):
-    """PromptLogprobs for `ids`, from the model's plain forward, read as the trainer reads text: a window of
-    `context` tokens scores the `context` tokens after its first, so up to context + 1 tokens the sum is the
-    trainer's loss on them. Past that, windows start every context // 2 and score only tokens not yet scored,
-    each seeing at least half a context before it. The LSTM (context None) reads it whole."""
+    """PromptLogprobs for `ids` in one go: score_windows run to its end."""
+    windows = score_windows(model, context, ids, k)
+    while True:
+        try:
+            next(windows)
+        except StopIteration as done:
+            return done.value
+
+
+def score_windows(model, context, ids, k):
+    """Score `ids` one forward at a time, yielding after each (the engine steps its other requests between
+    them), and return their PromptLogprobs. Read as the trainer reads text: a window of `context` tokens scores
+    the `context` tokens after its first, so up to context + 1 tokens the sum is the trainer's loss on them.
+    Past that, windows start every context // 2 and score only tokens not yet scored, each seeing at least
+    half a context before it. The LSTM (context None) reads it whole, LSTM_CHUNK tokens at a time."""
     device = next(model.parameters()).device
     logprobs, tops = [None], [()]
+    state = model.zero_state(1) if context is None else None
     start = 0
     while len(logprobs) < len(ids):
-        end = len(ids) - 1 if context is None else min(start + context, len(ids) - 1)  # the inputs: ids[start:end]
-        logits, _ = model(torch.tensor([ids[start:end]], device=device))
+        if context is None:  # ids[start:end] after the state of ids[:start]
+            end = min(start + LSTM_CHUNK, len(ids) - 1)
+            with torch.no_grad():
+                logits, _ = model(torch.tensor([ids[start:end]], device=device), state=state)
+        else:  # the inputs: ids[start:end]
+            end = min(start + context, len(ids) - 1)
+            with torch.no_grad():
+                logits, _ = model(torch.tensor([ids[start:end]], device=device))
         # row j predicts ids[start + j + 1]; rows of tokens an earlier window scored are skipped
         rows = torch.log_softmax(logits[0, len(logprobs) - 1 - start :].float(), dim=-1)
         targets = torch.tensor(ids[len(logprobs) : end + 1], device=device)
         tops += top_logprobs(rows, k)
         logprobs += rows.gather(1, targets[:, None])[:, 0].tolist()
-        start += max(1, context // 2) if context else 0
+        start = end if context is None else start + max(1, context // 2)
+        if len(logprobs) < len(ids):
+            yield
     return PromptLogprobs(logprobs, tops)

@@ -15,7 +15,7 @@ from helpers import REPO, tiny_gpt
 from benchmarks.gpu import BUNDLED, VARIANTS, val_loss
 from model import load_checkpoint
 from model.engine import Engine, Finished, Request, Token
-from model.sampling import SamplingParams
+from model.sampling import SamplingParams, sample_next_token
 
 SCRIPT = REPO / "scripts" / "gpu-check.sh"
 MODELS = ["bundled", "6L-384", "gpt2-small"]
@@ -117,9 +117,10 @@ def test_cuda_engine_equals_full_forwards_and_gpt_generate_alone_and_batched():
     prompts = [[1, 2, 3, 4], [7, 8], [9] * 10]
     engine = Engine(model, max_batch=4)
     assert run_together(engine, prompts, 20, temperature=0.0) == [full_forward_greedy(model, p, 20) for p in prompts]
-    torch.manual_seed(7)  # GPT.generate samples from the global (here CUDA) generator
-    naive = model.generate(torch.tensor([prompts[0]], device="cuda"), 28)[0, 4:].tolist()
-    assert engine.generate(prompts[0], 28, seed=7) == naive
+    ids, params = list(prompts[0]), SamplingParams(seed=7)
+    for place in range(28):  # sampled: full forwards, each token drawn at its place (model/sampling.py)
+        ids.append(sample_next_token(model(torch.tensor([ids[-32:]], device="cuda"))[0][0, -1], params, place))
+    assert engine.generate(prompts[0], 28, seed=7) == ids[4:]
 
 
 @pytest.mark.cuda

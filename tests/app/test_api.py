@@ -315,12 +315,15 @@ def test_every_sampling_field_of_the_body_reaches_the_sampler_whole(client, monk
 
     seen = []
 
-    def recording(logits, generator, params, seen_mask=None, counts=None):
-        mask = None if seen_mask is None else seen_mask.nonzero().flatten().tolist()
-        seen.append((params, mask, None if counts is None else counts.clone()))
-        return 0
+    def recording(samplers, logits):
+        for sampler, row in zip(samplers, logits):
+            sampler.adjust(row)  # makes its seen mask and counts
+            mask = None if sampler.seen is None else sampler.seen.nonzero().flatten().tolist()
+            seen.append((sampler.params, mask, None if sampler.counts is None else sampler.counts.clone()))
+            sampler.took(0)
+        return [0] * len(samplers)
 
-    monkeypatch.setattr(sampling, "sample_next_token", recording)
+    monkeypatch.setattr(sampling, "sample", recording)
     body = {
         "prompt": "Hi",
         length: 3,

@@ -69,7 +69,7 @@ def scripted(client, monkeypatch):
 
     def script(reply):
         ids = iter(tokenizer.encode(reply))
-        monkeypatch.setattr(sampling, "sample_next_token", lambda *args, **kw: next(ids))
+        monkeypatch.setattr(sampling, "sample", lambda samplers, logits: [next(ids) for _ in samplers])
 
     return script
 
@@ -179,7 +179,7 @@ def test_the_end_token_of_a_template_ends_the_reply(templated, monkeypatch):
     _, tokenizer, _ = load_checkpoint(run)
     ids = iter(tokenizer.encode("Hi") + [tokenizer.tokenizer.token_to_id(END)] + tokenizer.encode(" more"))
     with serve(run) as client:  # started (its warm-up samples too), then scripted
-        monkeypatch.setattr(sampling, "sample_next_token", lambda *args, **kw: next(ids))
+        monkeypatch.setattr(sampling, "sample", lambda samplers, logits: [next(ids) for _ in samplers])
         body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5}
         choice = client.post("/v1/chat/completions", json=body).json()["choices"][0]
     assert (choice["message"]["content"], choice["finish_reason"]) == ("Hi", "stop")

@@ -189,4 +189,4 @@ def test_a_small_penalty_still_moves_a_large_bfloat16_logit():
 
     logits = torch.tensor([20.0, 20.0], dtype=torch.bfloat16)  # a step of bfloat16 at 20 is 0.125
     params = SamplingParams(temperature=0.0, presence_penalty=0.06)
-    assert sample_next_token(logits, None, params, counts=torch.tensor([1.0, 0.0])) == 1
+    assert sample_next_token(logits, params, counts=torch.tensor([1.0, 0.0])) == 1

@@ -1,4 +1,4 @@
-"""The engine, specified against the naive GPT.generate / LSTM.generate and against itself."""
+"""The engine, specified against the naive full forwards (GPT.generate's, for greedy decoding) and against itself."""
 
 import threading
 from pathlib import Path
@@ -8,10 +8,11 @@ import torch
 from helpers import tiny_gpt, tiny_lstm
 from service_helpers import CONTEXT, wait_until
 
-from model import LSTM, Block, MultiHeadCausalSelfAttention
+from model import GPT, LSTM, Block, MultiHeadCausalSelfAttention
+from model.cache import batch_buckets
 from model.compiled import machine_identity, weights_key, writable_folder
-from model.engine import Engine, Finished, Request, Token, batch_buckets
-from model.sampling import SamplingParams
+from model.engine import Engine, Finished, Request, Token
+from model.sampling import SamplingParams, sample_next_token
 
 VOCAB = 40
 PROMPT = [1, 2, 3, 4]
@@ -30,8 +31,14 @@ MODELS = pytest.mark.parametrize("make", [gpt64, lstm64], ids=["gpt", "lstm"])
 
 
 def naive(model, prompt, n, seed, temperature=1.0):
-    torch.manual_seed(seed)  # GPT.generate samples from the global generator
-    return model.generate(torch.tensor([prompt]), n, temperature=temperature)[0, len(prompt) :].tolist()
+    """Sampled decoding by full forwards, as GPT.generate decodes (the last context tokens; the LSTM reads all),
+    each token drawn by the sampler at its place: the engine's reference for sampled text."""
+    ids, params = list(prompt), SamplingParams(temperature=temperature, seed=seed)
+    context = CONTEXT if isinstance(model, GPT) else None
+    for place in range(n):
+        logits, _ = model(torch.tensor([ids[-context:] if context else ids]))
+        ids.append(sample_next_token(logits[0, -1], params, place))
+    return ids[len(prompt) :]
 
 
 def greedy(model, prompt, n):
@@ -72,7 +79,7 @@ def run_until_done(engine, *reqs):
 
 @MODELS
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_engine_tokens_equal_naive_generate_for_the_same_seed(make, temperature):
+def test_engine_tokens_equal_naive_full_forwards_for_the_same_seed(make, temperature):
     model = make()
     # GPT: the last token is still predicted from a context that fits. The LSTM has no context limit.
     n = CONTEXT + 1 - len(PROMPT) if make is gpt64 else 80

@@ -1,0 +1,140 @@
+"""Where the engine keeps each row's state between steps: the GPT's KV cache (GPTCache) and the LSTM's carried
+(h, c) (LSTMState). Both hand the model's own forward views of preallocated storage, one row per slot; the
+engine (model/engine.py) decides which request holds which slot."""
+
+import logging
+import math
+
+import torch
+
+from model.compiled import CompiledSteps
+from model.gpt import GPT, KVCache
+
+log = logging.getLogger("quill")
+
+
+def batch_buckets(max_batch):
+    """The batch sizes a compiled decode step is built for: powers of two below max_batch, and max_batch.
+    A step pads its batch to the next one, so a handful of fixed shapes serve every batch size."""
+    sizes = [1]
+    while sizes[-1] * 2 < max_batch:
+        sizes.append(sizes[-1] * 2)
+    return sizes + [max_batch] if max_batch > 1 else sizes
+
+
+class GPTCache:
+    """Storage for the GPT's cached forward: preallocated keys and values for max_batch rows, one tensor
+    per layer, and a length per row. The model reads and writes them (GPT.forward's kv_cache); this class
+    only slots them. With `compiled`, decode steps run a step compiled ahead of time (model/compiled.py)
+    for each batch size in batch_buckets, a batch padded to the next one; its attention reads the first
+    max(length) + 1 positions, masked past each row's length. Packages are kept in `compile_folder`.
+    Prefills stay eager."""
+
+    def __init__(self, model: GPT, max_batch, compiled=False, compile_folder=None):
+        self.model = model
+        cfg = model.config
+        self.context = cfg.context_size
+        p = next(model.parameters())
+        self.device = p.device
+        # one tensor per layer, not views of one: a compiled step then writes them in place. One position
+        # more than a row ever holds: a compiled step reads a dynamic span of them, never the whole, which
+        # export would otherwise have to treat apart (a whole tensor is a view of another shape)
+        shape = (max_batch, cfg.n_head, self.context + 1, cfg.hidden_size // cfg.n_head)
+        self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(cfg.n_layer)]
+        self.length = [0] * max_batch
+        self.buckets = batch_buckets(max_batch)
+        self.step = CompiledSteps(model, self.k, self.v, compile_folder) if compiled else None
+
+    def room(self, slot):
+        return self.context - self.length[slot]
+
+    def prefill(self, first, seqs):
+        """Fill rows first.. from scratch, one with each of `seqs` (token id lists of at most context_size,
+        any lengths), in one forward: a shorter one is padded at its end, and what the padding writes lies
+        past the row's length, where no later token looks and the next ones overwrite it. The last
+        logits of each, (N, V)."""
+        lengths = [len(ids) for ids in seqs]
+        longest = max(lengths)
+        self.length[first : first + len(seqs)] = [0] * len(seqs)
+        logits = self._forward(first, [ids + [0] * (longest - len(ids)) for ids in seqs])
+        self.length[first : first + len(seqs)] = lengths
+        return logits[torch.arange(len(seqs)), torch.tensor(lengths) - 1]
+
+    def decode(self, ids):
+        """Append one token to each of rows 0..B-1 and return their next-token logits (B, V)."""
+        if self.step is None:
+            return self._forward(0, [[t] for t in ids])[:, -1]
+        B = len(ids)
+        n = next(b for b in self.buckets if b >= B)
+        held = self.length[:B]
+        # rows B..n-1 are free slots: they compute a junk token at position 0, which a prefill overwrites
+        tokens = torch.tensor(ids + [0] * (n - B), device=self.device).view(n, 1)
+        lengths = torch.tensor(held + [0] * (n - B), device=self.device)
+        logits = self.step(tokens, lengths, max(held))[:B]
+        self.length[:B] = [h + 1 for h in held]
+        return logits
+
+    @torch.no_grad()
+    def warm_up(self):
+        """Compile (or load) the step for every bucket now, not in a user's request. If that fails, say so
+        in one line and decode eagerly: a slower server, never a broken one."""
+        if self.step is None:
+            return
+        try:
+            self.step.build(self.buckets)
+        except Exception as e:  # inductor's messages run to many lines: the first says what failed
+            why = (str(e).strip().splitlines() or [""])[0]
+            log.warning("compiling the decode step failed, decoding without it: %s: %s", type(e).__name__, why)
+            self.step = None
+
+    def _forward(self, first, ids):
+        """The model's forward over rows first.. with ids (N, T) as their new tokens; logits (N, T, V)."""
+        rows = slice(first, first + len(ids))
+        held = self.length[rows]
+        lengths = torch.tensor(held, device=self.device)
+        cache = KVCache([k[rows] for k in self.k], [v[rows] for v in self.v], lengths, max(held))  # views
+        logits, _ = self.model(torch.tensor(ids, device=self.device), kv_cache=cache)
+        self.length[rows] = [n + len(ids[0]) for n in held]
+        return logits
+
+    def move(self, src, dst):
+        for k, v in zip(self.k, self.v):
+            k[dst], v[dst] = k[src], v[src]
+        self.length[dst] = self.length[src]
+
+
+class LSTMState:
+    """Storage for the LSTM's carried (h, c) of max_batch rows: no context limit, nothing to slide."""
+
+    context = None
+
+    def __init__(self, model, max_batch):
+        self.model = model
+        self.h, self.c = model.zero_state(max_batch)  # (n_layer, max_batch, D) each
+
+    def room(self, slot):
+        return math.inf
+
+    def warm_up(self):
+        pass  # nothing to compile
+
+    def prefill(self, first, seqs):
+        """As GPTCache.prefill, one row at a time: the state after padding would not be the prompt's."""
+        out = []
+        for slot, ids in enumerate(seqs, first):
+            self.h[:, slot], self.c[:, slot] = 0, 0
+            out.append(self._forward(slot, [ids])[0, -1])
+        return torch.stack(out)
+
+    def decode(self, ids):
+        return self._forward(0, [[t] for t in ids])[:, -1]
+
+    def _forward(self, first, ids):
+        rows = slice(first, first + len(ids))
+        # views of the storage, which the model's forward overwrites with the state after ids
+        logits, _ = self.model(torch.tensor(ids, device=self.h.device), state=(self.h[:, rows], self.c[:, rows]))
+        return logits
+
+    def move(self, src, dst):
+        self.h[:, dst], self.c[:, dst] = self.h[:, src], self.c[:, src]
