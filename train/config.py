@@ -8,6 +8,8 @@ from train.data import DEFAULT_BPE_VOCAB
 
 # what --init-from takes from the checkpoint, so they cannot be given with it
 FROM_CHECKPOINT = ("model", "tokenizer", "vocab_size", "n_layer", "n_head", "hidden_size", "context_size")
+# what each command says afresh, never taken from the run it resumes
+COMMAND_ONLY = ("data", "out", "resume", "overwrite", "given")
 
 
 def opt(default, help, **kw):
@@ -66,8 +68,14 @@ class TrainConfig:
         "autocast precision; auto: bfloat16 on GPUs that support it, else float32",
         choices=["auto", "float32", "bfloat16"],
     )
-    compile: bool = opt(False, "torch.compile the model (needs a C compiler; pays off on GPUs)")
-    resume: bool = opt(False, "continue the run in --out from its resume state")
+    compile: bool = opt(
+        False, "torch.compile the model (needs a C compiler; pays off on GPUs)", action=argparse.BooleanOptionalAction
+    )
+    resume: bool = opt(
+        False,
+        "continue the run in --out from its resume state, with the settings it was started with; options given "
+        "here replace them (but for its model, shape and tokenizer), each said in one line",
+    )
     overwrite: bool = opt(False, "start afresh even if --out already holds a run")
     preset: str = opt(None, "named recipe whose values replace the defaults", choices=["cpu", "gpu"])
     threads: int = opt(
@@ -75,6 +83,9 @@ class TrainConfig:
         "torch intra-op threads (default: torch's choice, one per core); lower it when "
         "another busy process shares the cores, see the README",
     )
+    # Not an option: the options given on the command line, which --resume takes in place of the run's own
+    # settings (None, for a config built in code: all of them). parse_config fills it.
+    given: tuple = field(default=None, metadata={"cli": False})
 
 
 # nanoGPT's Shakespeare-char recipes; explicit options still win over them.
@@ -97,28 +108,34 @@ PRESETS = {
 }
 
 
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m train",
         description="Train a GPT or LSTM on text: characters, bytes or BPE tokens; from scratch or fine-tuned.",
     )
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        if not f.metadata.get("cli", True):
+            continue
         default = "" if f.default is None else f" (default: {f.default})"
-        kw = {"help": f.metadata["help"] + default, "default": None}
+        kw = {"help": f.metadata["help"] + default, "default": argparse.SUPPRESS}  # absent unless given
         if f.type is bool:
-            p.add_argument(flag, action="store_true", **kw)
+            p.add_argument(flag(f.name), action=f.metadata.get("action", "store_true"), **kw)
         else:
-            p.add_argument(flag, type=f.type, choices=f.metadata.get("choices"), **kw)
+            p.add_argument(flag(f.name), type=f.type, choices=f.metadata.get("choices"), **kw)
     return p
 
 
 def parse_config(argv=None):
-    args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None and v is not False}
-    cfg = TrainConfig(**{**PRESETS.get(args.get("preset"), {}), **args})
+    args = vars(build_parser().parse_args(argv))  # only the options given
+    preset = PRESETS.get(args.get("preset"), {})
+    cfg = TrainConfig(**{**preset, **args}, given=tuple(sorted({*preset, *args})))  # a preset's values are given
     problems = validate(cfg)
     if cfg.init_from:
-        given = [f"--{k.replace('_', '-')}" for k in FROM_CHECKPOINT if k in args]
+        given = [flag(k) for k in FROM_CHECKPOINT if k in args]
         if given:
             problems.append(
                 f"--init-from takes the model, its shape and its tokenizer from the checkpoint: drop {', '.join(given)}"
@@ -146,7 +163,7 @@ def validate(cfg):
         "log_interval",
     ):
         if getattr(cfg, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be >= 1")
+            problems.append(f"{flag(name)} must be >= 1")
     if cfg.vocab_size is not None and cfg.tokenizer != "bpe":
         problems.append("--vocab-size is for --tokenizer bpe (character and byte vocabularies are fixed by the text)")
     if cfg.vocab_size is not None and cfg.vocab_size < 256:
@@ -164,3 +181,37 @@ def validate(cfg):
     if cfg.learning_rate <= 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.learning_rate:
         problems.append("need 0 <= --min-lr <= --learning-rate and --learning-rate > 0")
     return problems
+
+
+def run_shape(state):
+    """What a resumed run cannot change, as its resume state records it: the model, its shape, its tokenizer."""
+    tokenizer, config = state.get("tokenizer", {}), state.get("config", {})
+    shape = {"model": state.get("model_type"), "tokenizer": tokenizer.get("kind")}
+    shape |= {"vocab_size": tokenizer.get("vocab_size"), **{k: config.get(k) for k in FROM_CHECKPOINT[3:]}}
+    return {k: v for k, v in shape.items() if v is not None}  # an LSTM has no n_head; a char vocabulary no size
+
+
+def resumed_config(cfg, state):
+    """(config, lines): the settings a run was started with, as its resume state `state` records them (its
+    max-iters, schedule, evaluation, batches, threads...), with the options given on the command line in
+    their place, and one line for each option that changes a setting. The model, its shape and its
+    tokenizer stay the run's: an option that would change them is refused."""
+    names = [f.name for f in dataclasses.fields(cfg)]
+    given = set(names if cfg.given is None else cfg.given)
+    shape = run_shape(state)
+    clashes = [k for k in names if k in given and k in shape and getattr(cfg, k) != shape[k]]
+    if clashes:
+        wrong = ", ".join(f"{flag(k)} {getattr(cfg, k)} (the run's: {shape[k]})" for k in clashes)
+        raise SystemExit(
+            f"cannot resume: a run keeps its model, shape and tokenizer: drop {wrong}, or start a new run "
+            "with --overwrite or another --out"
+        )
+    saved = {k: v for k, v in state.get("train_config", {}).items() if k in names and k not in COMMAND_ONLY}
+    # init_from records where the run started: a resumed run does not read it again, whatever the command says
+    kept = {k: v for k, v in saved.items() if k not in given or k == "init_from"}
+    resumed = dataclasses.replace(cfg, **kept)
+    problems = validate(resumed)
+    if problems:
+        raise SystemExit("cannot resume: " + "; ".join(problems))
+    changed = [k for k in names if k in saved.keys() - kept.keys() and saved[k] != getattr(cfg, k)]
+    return resumed, [f"--resume: {flag(k)} {getattr(cfg, k)} in place of the run's {saved[k]}" for k in changed]

@@ -104,3 +104,16 @@ def read_resume_state(path):
         return read_safetensors(path)[1]
     except CheckpointError as e:
         raise SystemExit(f"cannot resume: {e}") from None
+
+
+def run_origin(cfg, resume_state):
+    """(cfg, init, shape) before anything is built. A resumed run keeps the model it was started with
+    (its resume state records the model's config: the fine-tuned checkpoint is not read again, and may
+    have moved); a fine-tuning run takes the checkpoint's model and its weights (`init`: its (tensors,
+    meta, source)). `shape` is the metadata whose model type and config the run adopts."""
+    if resume_state and "config" in resume_state:
+        return adopt_architecture(cfg, resume_state), None, resume_state
+    init = read_init_checkpoint(cfg.init_from) if cfg.init_from else None
+    if init:
+        return adopt_architecture(cfg, init[1]), init, init[1]
+    return cfg, None, None

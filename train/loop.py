@@ -23,9 +23,10 @@ from model.checkpoint import (
     save_checkpoint,
 )
 from model.device import pick_device
+from train.config import resumed_config
 from train.data import get_batch
-from train.inputs import adopt_architecture, model_config, read_corpus_for, read_init_checkpoint, read_resume_state
-from train.resume import load_resume, save_resume
+from train.inputs import model_config, read_corpus_for, read_resume_state, run_origin
+from train.resume import finished, load_resume, save_resume
 from train.runlog import plot_losses, trim_log, write_row
 
 RESUME_NAME = "resume.safetensors"
@@ -211,24 +212,10 @@ def train_step(run, model, world):
     return loss
 
 
-def run_origin(cfg, out):
-    """(cfg, resume state, init, shape) before anything is built. A resumed run keeps the model it was
-    started with (its resume state records the model's config: the fine-tuned checkpoint is not read
-    again, and may have moved); a fine-tuning run takes the checkpoint's model and its weights (`init`:
-    its (tensors, meta, source)). `shape` is the metadata whose model type and config the run adopts."""
-    resume_state = read_resume_state(out / RESUME_NAME) if cfg.resume else None
-    if resume_state and "config" in resume_state:
-        return adopt_architecture(cfg, resume_state), resume_state, None, resume_state
-    init = read_init_checkpoint(cfg.init_from) if cfg.init_from else None
-    if init:
-        return adopt_architecture(cfg, init[1]), resume_state, init, init[1]
-    return cfg, resume_state, None, None
-
-
-def start_run(cfg, out, device, rank, world):
+def start_run(cfg, resume_state, out, device, rank, world):
     """(run, first iteration, resuming): the run's pieces, fresh or as its resume state left them. All
     that can fail on bad input (the corpus, the resume state) is read before the run folder is made."""
-    cfg, resume_state, init, shape = run_origin(cfg, out)
+    cfg, init, shape = run_origin(cfg, resume_state)
     corpus = read_corpus_for(cfg, resume_state, init[1] if init else None)
     model, optimizer, data_gen, start_iter, progress = start_model(
         cfg, corpus.tokenizer.vocab_size, device, rank, out / RESUME_NAME if cfg.resume else None, init, shape
@@ -268,6 +255,14 @@ def open_run_folder(run, start_iter, resuming, tokens_per_iter, world):
 
 def train(cfg):
     out = Path(cfg.out)
+    # a resumed run goes on as it was started, but for the options given; rank 0 alone says which
+    resume_state = read_resume_state(out / RESUME_NAME) if cfg.resume else None
+    cfg, changes = resumed_config(cfg, resume_state) if resume_state else (cfg, [])
+    first = os.environ.get("RANK", "0") == "0"
+    for line in changes if first else ():
+        tqdm.write(line)
+    if resume_state and finished(out, resume_state, cfg, say=first):
+        return resume_state["best_val_loss"]
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
@@ -279,7 +274,7 @@ def train(cfg):
     if master:
         refuse_to_replace_a_run(out, cfg)
     # everything that can fail on bad input happens before the run folder is made
-    run, start_iter, resuming = start_run(cfg, out, device, rank, world)
+    run, start_iter, resuming = start_run(cfg, resume_state, out, device, rank, world)
     cfg = run.cfg  # with the model shape of the resumed run or the fine-tuned checkpoint
     raw_model, optimizer, progress = run.model, run.optimizer, run.progress
     model = stepped_model(raw_model, cfg, device, world)

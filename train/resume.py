@@ -1,4 +1,5 @@
-"""The resume state: weights, optimizer moments, RNG states and progress, all a resumed run needs."""
+"""The resume state: weights, optimizer moments, RNG states and progress, all a resumed run needs; and
+whether a resumed run has anything left to train."""
 
 import torch
 
@@ -34,3 +35,20 @@ def load_resume(path, model, optimizer, data_gen):
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return state
+
+
+def finished(out, state, cfg, say=True):
+    """Whether the run resumed from `state` has run its cfg.max_iters iterations: then it says so (if `say`),
+    and nothing is trained. A --max-iters below the iteration the run has reached is refused."""
+    it = state["iter"]
+    if it > cfg.max_iters:
+        raise SystemExit(
+            f"cannot resume: --max-iters {cfg.max_iters} is below iteration {it}, which the run in {out} has "
+            f"reached; nothing was trained: pass a --max-iters above {it} to train it further"
+        )
+    if it == cfg.max_iters and say:
+        print(
+            f"{out} is finished: it has run all its {it} iterations, so nothing was trained; "
+            f"to train it further, pass --resume with a --max-iters above {it}"
+        )
+    return it == cfg.max_iters
