@@ -54,8 +54,17 @@ def read_corpus(data):
     except OSError as e:
         raise SystemExit(f"cannot read --data {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
-        raise SystemExit(f"--data {path} is not UTF-8 text (byte {e.start}); convert it first") from None
+        raise SystemExit(f"--data {not_utf8(path, e.start)}") from None
     return text, sha256_bytes(raw)
+
+
+def not_utf8(path, at):
+    """What to say of a corpus file that is not UTF-8 from byte `at` on: that, and how to convert it."""
+    converted = Path(path).with_stem(Path(path).stem + "-utf8")
+    return (
+        f"{path} is not UTF-8 text (byte {at}): convert it first, e.g. from Latin-1 with "
+        f"iconv -f latin1 -t utf-8 {path} > {converted}, and use {converted} in its place"
+    )
 
 
 def split_at(total, byte_at):

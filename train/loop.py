@@ -133,6 +133,14 @@ def refuse_to_replace_a_run(out, cfg):
         )
 
 
+def check_out_is_a_folder(out):
+    """--out names a run folder: one that exists as a file (or lies under one) cannot be."""
+    file = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if file is not None:
+        where = "is a file" if file == out else f"is inside {file}, a file"
+        raise SystemExit(f"--out {out} {where}: --out must be a directory (the run folder); choose another --out")
+
+
 def interrupted_message(out, it, saved):
     if saved is None:
         return f"interrupted at iteration {it}, before this run saved a checkpoint"
@@ -255,6 +263,7 @@ def open_run_folder(run, start_iter, resuming, tokens_per_iter, world):
 
 def train(cfg):
     out = Path(cfg.out)
+    check_out_is_a_folder(out)
     # a resumed run goes on as it was started, but for the options given; rank 0 alone says which
     resume_state = read_resume_state(out / RESUME_NAME) if cfg.resume else None
     cfg, changes = resumed_config(cfg, resume_state) if resume_state else (cfg, [])

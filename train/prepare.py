@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from model.checkpoint import CheckpointError, atomic_path, atomic_write_bytes, read_safetensors, resolve_checkpoint_path
 from model.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, safe_cut, tokenizer_from_dict
-from train.data import DEFAULT_BPE_VOCAB, PREPARED_META, split_at
+from train.data import DEFAULT_BPE_VOCAB, PREPARED_META, not_utf8, split_at
 
 # Bytes read at a time, about the size of a chunk. Not megabytes: `tokenizers` holds ~150 bytes per byte while
 # it encodes (a 4 MB chunk peaked at 700 MB in a worker) and its BPE training pulls 256 texts at a time before
@@ -56,7 +56,10 @@ def find_inputs(paths, globs):
         for p in matches:
             found.setdefault(p.resolve(), p)  # the same file named twice counts once
     if not found:
-        raise SystemExit(f"--data {' '.join(map(str, paths))}: no files match {' '.join(globs)}")
+        raise SystemExit(
+            f"--data {' '.join(map(str, paths))}: no files match {' '.join(globs)}; --glob sets the file name "
+            "patterns searched for in folders, and may be repeated: e.g. --glob '*.py' --glob '*.rst'"
+        )
     return sorted(found.values(), key=str)
 
 
@@ -111,9 +114,7 @@ def decoded_blocks(segment, block_bytes, on_read):
                 try:
                     text = data[:end].decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise SystemExit(
-                        f"{segment.path} is not UTF-8 text (byte {offset + e.start}); convert it first"
-                    ) from None
+                    raise SystemExit(not_utf8(segment.path, offset + e.start)) from None
                 carry, offset = data[end:], offset + end
                 yield text
     except OSError as e:

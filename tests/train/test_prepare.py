@@ -151,9 +151,9 @@ def write_bad_utf8(tmp_path, offset):
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe", "byte"])  # found in pass 1, or in pass 2 after the folder is made
-def test_a_file_that_is_not_utf8_is_refused_naming_it_and_the_byte(kind, tmp_path, chunk_log):
+def test_a_file_that_is_not_utf8_is_refused_naming_it_the_byte_and_how_to_convert_it(kind, tmp_path, chunk_log):
     path, bad = write_bad_utf8(tmp_path, 3 * BLOCK + 5)  # past the first blocks: offsets add up across them
-    with pytest.raises(SystemExit, match=rf"latin1\.txt is not UTF-8 text \(byte {bad}\)"):
+    with pytest.raises(SystemExit, match=rf"latin1\.txt is not UTF-8 text \(byte {bad}\).*iconv -f latin1 -t utf-8"):
         run_prepare("--data", path, "--out", tmp_path / "data", "--tokenizer", kind, "--workers", 2)
     assert not (tmp_path / "data").exists()
 
@@ -162,12 +162,13 @@ def test_a_file_that_is_not_utf8_is_refused_naming_it_and_the_byte(kind, tmp_pat
     ("args", "message"),
     [
         (["--data", "{tmp}/missing.txt"], r"missing\.txt: no such file or folder"),
-        (["--data", "{tmp}/src", "--glob", "*.py"], r"no files match \*\.py"),
+        (["--data", "{tmp}/src", "--glob", "*.py"], r"no files match \*\.py; --glob sets the file name patterns"),
+        (["--data", "{tmp}/src/sub"], r"no files match \*\.txt \*\.md; --glob sets the file name patterns"),
         (["--data", "{tmp}/src/empty.txt"], "empty"),
     ],
 )
 def test_bad_inputs_are_refused_naming_them_and_nothing_is_written(args, message, tmp_path):
-    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "sub").mkdir(parents=True)
     (tmp_path / "src" / "empty.txt").write_text("")
     with pytest.raises(SystemExit, match=message):
         run_prepare(*[a.format(tmp=tmp_path) for a in args], "--out", tmp_path / "data")

@@ -100,11 +100,24 @@ def test_config_with_hidden_size_not_divisible_by_heads_is_a_usage_error(capsys)
 # the corpus
 
 
-def test_trainer_when_data_is_not_utf8_says_so(tmp_path):
+def test_trainer_when_data_is_not_utf8_says_so_and_how_to_convert_it(tmp_path):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("café au lait\n".encode("latin-1") * 200)
-    with pytest.raises(SystemExit, match="not UTF-8"):
+    with pytest.raises(SystemExit, match="not UTF-8") as e:
         train(config(bad, tmp_path / "run", "--max-iters", 1))
+    converted = tmp_path / "latin1-utf8.txt"
+    assert f"iconv -f latin1 -t utf-8 {bad} > {converted}, and use {converted} in its place" in str(e.value)
+
+
+@pytest.mark.parametrize("under", [False, True])
+def test_trainer_with_out_naming_a_file_says_out_must_be_a_directory(corpus, tmp_path, under):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    out = file / "run" if under else file
+    where = f"is inside {file}, a file" if under else "is a file"
+    with pytest.raises(SystemExit, match=f"--out {out} {where}: --out must be a directory"):
+        train(config(corpus, out, "--max-iters", 1))
+    assert file.read_text() == "mine"
 
 
 def test_trainer_when_data_is_missing_says_so(tmp_path):
