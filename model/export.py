@@ -1,7 +1,7 @@
 """Export a checkpoint for other runtimes, one function per format.
 
-    python -m model.export checkpoints/shakespeare-gpt --format gguf --out shakespeare.gguf [--dtype f16]
-    python -m model.export checkpoints/shakespeare-gpt --format hf --out shakespeare-hf
+    python -m model.export checkpoints/shakespeare-gpt --format gguf [--dtype f16]  # exports/shakespeare-gpt-f16.gguf
+    python -m model.export checkpoints/shakespeare-gpt --format hf                  # exports/shakespeare-gpt-hf/
 
 GGUF is llama.cpp's file (Ollama runs it too): architecture "gpt2", written the way llama.cpp's
 convert_hf_to_gguf.py writes GPT-2, so llama-server and llama-cli run it with no Quill code. llama.cpp's
@@ -35,6 +35,7 @@ from model.gpt import GPT
 from model.import_hf import BLOCK_MODULES
 from model.tokenizer import BPETokenizer, ByteTokenizer, byte_level_chars
 
+EXPORTS = Path("exports")  # where exports go unless --out says otherwise; git-ignored
 T = gguf.MODEL_TENSOR
 Q = gguf.GGMLQuantizationType
 # --dtype: how 2-D weights are stored, and the file type llama.cpp reports.
@@ -273,7 +274,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m model.export", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a run directory or a .safetensors file")
     parser.add_argument("--format", required=True, choices=["gguf", "hf"])
-    parser.add_argument("--out", required=True, type=Path, help="the file (gguf) or directory (hf) to write")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help=f"the file (gguf) or directory (hf) to write (default: {EXPORTS}/NAME-DTYPE.gguf or {EXPORTS}/NAME-hf, "
+        "NAME the checkpoint's)",
+    )
     parser.add_argument("--dtype", choices=list(GGUF_DTYPES), help="gguf only: how 2-D weights are stored (f32)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
@@ -281,6 +287,8 @@ def main(argv=None):
     if args.format == "hf" and args.dtype:
         raise SystemExit("python -m model.export: --dtype is for --format gguf; hf weights are written as f32")
     args.dtype = args.dtype or "f32"
+    name = model_name(resolve_checkpoint_path(args.checkpoint))
+    args.out = args.out or EXPORTS / (f"{name}-hf" if args.format == "hf" else f"{name}-{args.dtype}.gguf")
     if args.out.exists() and not args.overwrite:
         raise SystemExit(f"python -m model.export: {args.out} exists; pass --overwrite to replace it")
     source = resolve_checkpoint_path(args.checkpoint).resolve()
@@ -299,7 +307,6 @@ def main(argv=None):
         if args.format == "hf":
             export_hf(model, tokenizer, args.out)
         else:
-            name = model_name(resolve_checkpoint_path(args.checkpoint))
             export_gguf(model, tokenizer, args.out, args.dtype, name=name)
     except OSError as e:
         raise SystemExit(f"python -m model.export: cannot write {args.out}: {e.strerror or e}") from None

@@ -2,6 +2,8 @@
 
 import json
 import math
+import re
+import shlex
 import subprocess
 import sys
 
@@ -273,18 +275,41 @@ def test_export_names_a_missing_or_corrupt_checkpoint(tmp_path, content):
     assert "Traceback" not in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("fmt", "extra", "written"),
+    [("gguf", [], "my-run-f32.gguf"), ("gguf", ["--dtype", "q8_0"], "my-run-q8_0.gguf"), ("hf", [], "my-run-hf")],
+)
+def test_export_without_out_writes_into_the_exports_folder_named_after_the_checkpoint(
+    fmt, extra, written, tmp_path, monkeypatch, capsys
+):
+    save_checkpoint(tmp_path / "my-run" / "model.safetensors", tiny_gpt(), CharTokenizer(CHARS), {})
+    monkeypatch.chdir(tmp_path)
+    main(["my-run", "--format", fmt, *extra])
+    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == [written]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exports", "my-run"]  # nothing beside them
+    assert f"wrote exports/{written}" in capsys.readouterr().out
+
+
+def readme_gguf_commands():
+    """The export command and the llama-server command of README.md's GGUF section, as words."""
+    section = (REPO / "README.md").read_text().split("## Run it in llama.cpp (GGUF export)", 1)[1]
+    block = re.search(r"^```sh\n(.*?)^```", section, re.S | re.M).group(1)
+    export, server = (shlex.split(line, comments=True) for line in block.splitlines()[:2])
+    return export, server
+
+
 @pytest.mark.slow
-def test_export_command_as_the_readme_prints_it(tmp_path):
-    out = tmp_path / "shakespeare.gguf"
-    cmd = [sys.executable, "-m", "model.export", "checkpoints/shakespeare-gpt", "--format", "gguf"]
-    proc = subprocess.run(
-        [*cmd, "--out", str(out), "--dtype", "q8_0"], cwd=REPO, env=trainer_env(), capture_output=True, text=True
-    )
+def test_export_command_as_the_readme_prints_it_writes_the_file_its_llama_server_line_runs(tmp_path):
+    export, server = readme_gguf_commands()
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "shakespeare-gpt").symlink_to(BUNDLED_GPT)
+    cmd = [sys.executable, *export[export.index("-m") :]]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=trainer_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert f"wrote {out}" in proc.stdout
+    assert shlex.join(server) in proc.stdout  # the export prints the README's llama-server line
     model, _, _ = load_checkpoint(BUNDLED_GPT)
-    reader = gguf.GGUFReader(out)
+    reader = gguf.GGUFReader(tmp_path / server[server.index("-m") + 1])
     assert field(reader, "general.name") == "shakespeare-gpt"
     assert len(reader.tensors) == len(expected_tensors(model))
-    again = subprocess.run([*cmd, "--out", str(out)], cwd=REPO, env=trainer_env(), capture_output=True, text=True)
+    again = subprocess.run(cmd, cwd=tmp_path, env=trainer_env(), capture_output=True, text=True)
     assert again.returncode == 1 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
