@@ -1,163 +1,141 @@
 """The engine in a process of its own, so that its Python and the server's event loop never wait on one
-GIL (vLLM splits its API server from its engine core the same way).
+GIL (vLLM splits its API server from its engine core the same way), and supervised, so that a child that
+dies or hangs is noticed and replaced without losing the requests it held.
 
-EngineProcess has the Engine's interface as the server uses it (start, stop, submit, counts, generate).
-The child loads the checkpoint itself and runs the same Engine, stepped in its main thread: between steps
-it takes the submits and cancels that arrived on a pipe, and after each step it sends back, in one message,
-every event the step emitted, each with the time its request was admitted (`started_at`; perf_counter is
-one clock for every process of a machine). A reader thread here hands each event to its Request's `emit`.
+EngineProcess has the Engine's interface as the server uses it (start, stop, submit, counts, generate,
+down). The child loads the checkpoint itself and runs the same Engine, stepped in its main thread: between
+steps it takes the submits and cancels that arrived on a pipe, and after each piece of work (a decode step,
+a prefill group, a scoring window) it sends back, in one message, every event emitted meanwhile, each with
+the time its request was admitted (`started_at`; perf_counter is one clock for every process of a machine).
+Here a reader thread hands each event to its Request's `emit`, and a writer thread alone writes the pipe, so
+no caller ever blocks on a child busy with a long step.
+
+Supervision (a watchdog thread): the child is dead when its pipe closes or its process has exited, and hung
+when it has sent nothing for `timeout` seconds while work (or a ping, sent when idle) waits on it. Either
+way it is killed and a new child started: compiled steps load from the kept folder, so that takes seconds.
+Every request not yet finished is sent to the new child with the tokens it has already delivered
+(Request.resumed): it is prefilled again and goes on, and with counter-based sampling (model/sampling.py)
+its text is the one it would have had. A request that made no progress between two deaths it was in ends
+with an `engine_failed` error, so that one bad request cannot crash-loop the server; CRASH_LOOP deaths
+within CRASH_WINDOW seconds and it gives up: every request ends with that error and `on_give_up` is told.
 """
 
 import contextlib
 import itertools
 import logging
-import multiprocessing
-import signal
 import threading
-import traceback
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
 from functools import partial
 
-import torch
-
-from model.engine import Finished, Outcome, Request
+from model.engine_child import STEP, TICK, Child, server_logs
+from model.request import Finished, Outcome, Request, Token
 from model.sampling import SamplingParams
+from model.scoring import PromptLogprobs
 
 log = logging.getLogger("quill")
 
-STEP = -1  # the request id under which a message carries the decode step's batch size (for on_step)
+TIMEOUT = 60.0  # seconds without a word from a child that has work: hung (see QUILL_ENGINE_TIMEOUT)
+CRASH_LOOP, CRASH_WINDOW = 5, 60.0  # this many deaths within this many seconds: give up
 
 
-def serve(conn, weights, device, dtype, max_batch, threads, compiled, compile_folder, logs):
-    """The child process: load, warm up, say ("ready", None) (or ("failed", why)), then step until told to stop.
-    `logs`: (level, formatter) of the server's log, so that the engine's lines read as the server's own."""
-    from model import load_checkpoint
-    from model.engine import Engine
+@dataclass
+class Tracked:
+    """A request the child holds, with what it has delivered so far: what a new child needs to resume it."""
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server handles it
-    level, formatter = logs
-    if formatter:
-        handler = logging.StreamHandler()
-        handler.setFormatter(formatter)
-        logging.getLogger().addHandler(handler)
-    log.setLevel(level)
-    out, requests = [], {}
-    try:
-        if threads:
-            torch.set_num_threads(threads)
-        model = load_checkpoint(weights, device=device)[0].to(dtype)
-        on_step = lambda n: out.append((STEP, n, None))  # noqa: E731
-        engine = Engine(model, max_batch, on_step=on_step, compiled=compiled, compile_folder=compile_folder)
-        engine.warm_up()
-    except Exception as e:
-        conn.send(("failed", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-        return
-    conn.send(("ready", None))
+    req: Request
+    tokens: list = field(default_factory=list)
+    scored: bool = False  # its PromptLogprobs were delivered: not asked for again
+    progress_at_death: int | None = None  # its progress when the last death it saw happened
 
-    def emit(rid, event):
-        req = requests.get(rid)
-        out.append((rid, event, req and req.started_at))
-        if isinstance(event, Finished):
-            requests.pop(rid, None)
-
-    def take_commands(block):
-        """Submit and cancel what the pipe holds (waiting for the first if `block`); False once told to stop."""
-        while conn.poll(None if block else 0):
-            block = False
-            try:
-                command, rid, *args = conn.recv()
-            except EOFError:  # the server is gone (killed): nothing to serve
-                return False
-            if command == "submit":
-                requests[rid] = req = Request(args[0], args[1], partial(emit, rid))
-                engine.submit(req)
-            elif command == "cancel" and rid in requests:
-                requests[rid].cancel()
-            elif command == "stop":
-                return False
-        return True
-
-    try:
-        while take_commands(block=not (engine.active or engine.waiting)):
-            engine.step()
-            if out:
-                conn.send(("events", out))
-                out = []
-        for req in engine.active + list(engine.waiting):
-            req.emit(Finished("error", "engine stopped"))
-        conn.send(("events", out))
-    except (BrokenPipeError, ConnectionResetError):  # the server is gone (killed) while we stepped
-        pass
-
-
-def server_logs():
-    """The level of the server's log, and the formatter of its first handler: when it is logging's own (as
-    `python -m app` sets it up), which pickles; else None, and the child keeps logging's defaults."""
-    handlers = logging.getLogger().handlers
-    formatter = handlers[0].formatter if handlers else None
-    return log.getEffectiveLevel(), formatter if type(formatter) is logging.Formatter else None
+    @property
+    def progress(self):
+        return len(self.tokens) + self.scored
 
 
 class EngineProcess:
-    """An Engine in a child process (see the module docstring): the weights at `weights` loaded there on
-    `device` in `dtype`; `threads` torch threads for its steps; `on_step(batch size)` called here."""
+    """An Engine in a child process, supervised (see the module docstring): the weights at `weights` loaded
+    there on `device` in `dtype`; `threads` torch threads for its steps; `on_step(batch size)` called here;
+    `context`: the model's context size (a prompt is cut to what it reads before it is sent), None for the
+    LSTM; `on_restart(kind, why)` after a death ("died") or a hang ("hung"); `on_give_up(why)` once it has
+    given up restarting."""
 
     def __init__(
-        self, weights, device, dtype, max_batch=32, on_step=None, threads=None, compiled=False, compile_folder=None
+        self,
+        weights,
+        device,
+        dtype,
+        max_batch=32,
+        on_step=None,
+        threads=None,
+        compiled=False,
+        compile_folder=None,
+        *,
+        name="model",
+        context=None,
+        timeout=TIMEOUT,
+        on_restart=None,
+        on_give_up=None,
     ):
-        context = multiprocessing.get_context("spawn")  # not fork: this process has threads (torch's, ours)
-        self.conn, child = context.Pipe()
-        self.proc = context.Process(
-            target=serve,
-            args=(child, str(weights), str(device), dtype, max_batch, threads, compiled, compile_folder, server_logs()),
-            name="quill-engine",
-            daemon=True,
-        )
-        self.max_batch = max_batch
-        self.on_step = on_step
-        self.requests = {}  # request id -> Request, until its Finished arrives
+        self.args = (str(weights), str(device), dtype, max_batch, threads, compiled, compile_folder, server_logs())
+        self.name, self.max_batch, self.context, self.timeout = name, max_batch, context, timeout
+        self.on_step, self.on_restart, self.on_give_up = on_step, on_restart, on_give_up
+        self.tracked = {}  # request id -> Tracked, until its Finished arrives
         self.ids = itertools.count()
-        self.lock = threading.Lock()  # one sender at a time on the pipe
-        self.reader = None
-        self.exited = None  # why the child is gone, once it is
+        self.lock = threading.RLock()  # the tracked requests and the child: a listener may cancel from inside
+        self.child = None
+        self.down = "starting"  # why requests cannot be taken now; None while the child is up
+        self.failed = None  # why it gave up, once it has
+        self.deaths = deque()  # when the recent ones were
+        self.heard = time.monotonic()  # when the child last said anything
+        self.pinged = False
+        self.stopping = False
+        self.wake = threading.Event()
+        self.watchdog = None
+
+    # -- the server's side --
 
     def start(self):
         """Start the child and return once it has loaded and warmed up; raise RuntimeError if it could not."""
-        self.proc.start()
-        try:
-            kind, detail = self.conn.recv()
-        except EOFError:
-            kind, detail = "failed", f"the engine process exited with code {self.proc.join() or self.proc.exitcode}"
-        if kind != "ready":
-            self.proc.join()
-            raise RuntimeError(f"the engine process could not start: {detail}")
-        self.reader = threading.Thread(target=self._read, name="quill-engine-reader", daemon=True)
-        self.reader.start()
+        self.child = self._spawn()
+        self.down, self.heard = None, time.monotonic()
+        self.watchdog = threading.Thread(target=self._watch, name="quill-engine-watchdog", daemon=True)
+        self.watchdog.start()
 
     def stop(self, timeout=30):
         """Tell the child to end its requests and exit; one that has not within `timeout` s is killed."""
-        if self.exited is None:
-            self._send("stop", None)
-        self.proc.join(timeout)
-        if self.proc.is_alive():
-            log.warning("the engine process did not stop within %s s; killing it", timeout)
-            self.proc.kill()
-            self.proc.join()
-        if self.reader:
-            self.reader.join()
+        self.stopping = True
+        self.wake.set()
+        if self.watchdog:
+            self.watchdog.join()  # a restart under way is abandoned; then nothing but this thread waits on a child
+        child = self.child
+        if child and self.failed is None:
+            child.send("stop", None)
+            since = time.monotonic()
+            child.proc.join(timeout)
+            if child.proc.exitcode is None:
+                log.warning("the engine process did not stop within %.0f s; killing it", time.monotonic() - since)
+            child.kill()
+        self._fail_all(Finished("error", "engine stopped"))
 
     def submit(self, req):
         if not req.prompt:
             raise ValueError("prompt must hold at least one token")
+        if self.failed:
+            return req.emit(Finished("error", self.failed, "engine_failed"))
         rid = next(self.ids)
         req.on_cancel = partial(self._cancel, rid)
-        self.requests[rid] = req
-        if self.exited is not None or not self._send("submit", rid, list(req.prompt), req.params):
-            self.requests.pop(rid, None)
-            req.emit(Finished("error", self.exited or "the engine process has stopped"))
+        with self.lock:
+            if not self.tracked:  # the time without a word counts from the first work it is given
+                self.heard = time.monotonic()
+            self.tracked[rid] = Tracked(req)
+            if self.down is None:  # else it goes to the next child with the others
+                self._send_submit(rid)
 
     def counts(self):
         """(active, waiting): all requests not yet finished, the first max_batch of them counted as active."""
-        n = len(self.requests)
+        n = len(self.tracked)
         return min(n, self.max_batch), max(0, n - self.max_batch)
 
     def generate(self, prompt, max_new_tokens, **sampling):
@@ -167,43 +145,153 @@ class EngineProcess:
         outcome.done.wait()
         return outcome.ids()
 
+    def _send_submit(self, rid):
+        t = self.tracked[rid]
+        params, prompt = t.req.params, t.req.prompt
+        if t.scored:
+            params = replace(params, prompt_logprobs=None)
+        if self.context and params.prompt_logprobs is None and params.repetition_penalty == 1.0:
+            prompt = prompt[-self.context :]  # all the model reads of it (the penalty reads the whole)
+        self.child.send("submit", rid, prompt, params, t.tokens)
+
     def _cancel(self, rid):
-        if rid in self.requests:  # not yet finished
-            self._send("cancel", rid)
+        with self.lock:
+            if rid not in self.tracked:  # finished already
+                return
+            if self.down is None:
+                return self.child.send("cancel", rid)
+            req = self.tracked.pop(rid).req  # no child to tell: it ends here
+        req.emit(Finished("cancelled"))
 
-    def _send(self, *message):
-        """Send a command; False when the child is gone."""
-        try:
-            with self.lock:
-                self.conn.send(message)
-            return True
-        except (OSError, ValueError):
-            return False
+    # -- the reader thread: a child's messages --
 
-    def _read(self):
-        while True:
-            try:
-                _, events = self.conn.recv()
-            except (EOFError, OSError):
-                break
+    def _received(self, child, kind, events):
+        with self.lock:
+            if child is not self.child:  # a child being replaced: what it says now is lost with it
+                return
+            self.heard = time.monotonic()
+            if kind == "pong":
+                self.pinged = False
+            if kind != "events":
+                return self.wake.set() if kind == "gone" else None
             for rid, event, started_at in events:
                 if rid == STEP:
                     if self.on_step:
                         self.on_step(event)
                     continue
-                req = self.requests.get(rid)
-                if req is None:
+                t = self.tracked.get(rid)
+                if t is None:
                     continue
-                if isinstance(event, Finished):
-                    del self.requests[rid]
-                req.started_at = req.started_at or started_at  # for the server's queue time and tokens/s
+                if isinstance(event, Token):
+                    t.tokens.append(event.id)
+                elif isinstance(event, PromptLogprobs):
+                    t.scored = True
+                elif isinstance(event, Finished):
+                    del self.tracked[rid]
+                t.req.started_at = t.req.started_at or started_at  # for the server's queue time and tokens/s
                 try:
-                    req.emit(event)
+                    t.req.emit(event)
                 except Exception:  # a broken listener: its request leaves the engine, as in Engine._emit
-                    req.cancel()
-        self.proc.join(5)
-        self.exited = f"the engine process exited (code {self.proc.exitcode})"
-        for rid in list(self.requests):
-            req = self.requests.pop(rid)
+                    t.req.cancel()
+
+    # -- the watchdog --
+
+    def _watch(self):
+        while True:
+            self.wake.wait(TICK)
+            self.wake.clear()
+            if self.stopping:
+                return
+            fault = self._fault()
+            if fault and not self._restart(*fault):
+                return
+            if not fault and not self.tracked and not self.pinged and time.monotonic() - self.heard > self.timeout / 2:
+                self.pinged, self.heard = True, time.monotonic()  # idle: is it still there? (a hang is then
+                self.child.send("ping", None)  # noticed before the next request comes)
+
+    def _fault(self):
+        """("died", why) or ("hung", why) when the child is no more good; else None."""
+        child = self.child
+        if child.gone.is_set() or not child.proc.is_alive():
+            child.proc.join(1)  # its pipe closes as it exits: give it a moment to be reaped
+            return "died", child.exit_status() if child.proc.exitcode is not None else "closed its pipe"
+        silent = time.monotonic() - self.heard
+        if (self.tracked or self.pinged) and silent > self.timeout:
+            return "hung", f"sent nothing for {silent:.0f} s with work waiting (QUILL_ENGINE_TIMEOUT {self.timeout:g})"
+        return None
+
+    def _restart(self, kind, why):
+        """Replace the child; False once given up (or stopping)."""
+        since = time.monotonic()
+        log.error("model %s: the engine process %s; restarting it", self.name, why)
+        with self.lock:
+            self.down, old = f"the engine process {why}; restarting it", self.child
+        old.kill()
+        if self.on_restart:
+            self.on_restart(kind, why)
+        self._blame(why)
+        while True:
+            self.deaths.append(time.monotonic())
+            while self.deaths[0] < self.deaths[-1] - CRASH_WINDOW:
+                self.deaths.popleft()
+            if len(self.deaths) >= CRASH_LOOP:
+                return self._give_up(f"the engine process failed {len(self.deaths)} times within {CRASH_WINDOW:g} s")
+            try:
+                child = self._spawn()
+                break
+            except RuntimeError as e:
+                if self.stopping:
+                    return False
+                why = str(e)
+                log.error("model %s: %s", self.name, why)
+        with self.lock:
+            self.child, self.down, self.heard, self.pinged = child, None, time.monotonic(), False
+            for rid in sorted(self.tracked):
+                self._send_submit(rid)
+            resumed = len(self.tracked)
+        log.info(
+            "model %s: engine process restarted in %.1f s, %d requests resumed",
+            self.name,
+            time.monotonic() - since,
+            resumed,
+        )
+        return True
+
+    def _blame(self, why):
+        """A request that made no progress between this death and the last one it saw ends: it may be the cause."""
+        failed = []
+        with self.lock:
+            for rid, t in list(self.tracked.items()):
+                done = t.req.max_new_tokens == len(t.tokens)  # all delivered, only its Finished was lost
+                if done or t.progress_at_death == t.progress:
+                    failed.append((self.tracked.pop(rid).req, done))
+                t.progress_at_death = t.progress
+        for req, done in failed:
+            end = Finished("length") if done else None
+            req.emit(
+                end
+                or Finished("error", f"the engine process failed twice running this request: {why}", "engine_failed")
+            )
+
+    def _give_up(self, why):
+        log.critical("model %s: %s; giving up (the server's /health now answers 503)", self.name, why)
+        self.failed = self.down = why
+        self._fail_all(Finished("error", why, "engine_failed"))
+        if self.on_give_up:
+            self.on_give_up(why)
+        return False
+
+    def _fail_all(self, end):
+        with self.lock:
+            reqs = [t.req for t in self.tracked.values()]
+            self.tracked.clear()
+        for req in reqs:
             with contextlib.suppress(Exception):  # a broken listener: nothing more to tell it
-                req.emit(Finished("error", self.exited))
+                req.emit(end)
+
+    def _spawn(self):
+        child = Child(self.args, self._received)
+        with self.lock:
+            self.child = child  # its messages count from now
+        child.start(lambda: self.stopping)
+        return child

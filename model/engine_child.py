@@ -1,0 +1,165 @@
+"""The engine process's own side (serve, run in the child) and this process's handle on one (Child): the pipe
+between them, read by one thread here and written by another. model/engine_process.py supervises them."""
+
+import logging
+import multiprocessing
+import queue
+import signal
+import threading
+import traceback
+from functools import partial
+
+import torch
+
+from model.request import Finished, Request
+
+log = logging.getLogger("quill")
+
+STEP = -1  # the request id under which a message carries the decode step's batch size (for on_step)
+TICK = 0.25  # how often a waiting side looks again
+
+
+def serve(conn, weights, device, dtype, max_batch, threads, compiled, compile_folder, logs):
+    """The child process: load, warm up, say ("ready", None) (or ("failed", why)), then step until told to stop.
+    `logs`: (level, formatter) of the server's log, so that the engine's lines read as the server's own."""
+    from model import load_checkpoint
+    from model.engine import Engine
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server handles it
+    level, formatter = logs
+    if formatter:
+        handler = logging.StreamHandler()
+        handler.setFormatter(formatter)
+        logging.getLogger().addHandler(handler)
+    log.setLevel(level)
+    out, requests = [], {}
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        model = load_checkpoint(weights, device=device)[0].to(dtype)
+        on_step = lambda n: out.append((STEP, n, None))  # noqa: E731
+        engine = Engine(model, max_batch, on_step=on_step, compiled=compiled, compile_folder=compile_folder)
+        engine.warm_up()
+    except Exception as e:
+        conn.send(("failed", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        return
+    conn.send(("ready", None))
+
+    def flush():  # after each piece of work, even with nothing to say: the watchdog hears the child is alive
+        conn.send(("events", out[:]))
+        out.clear()
+
+    engine.on_progress = flush
+
+    def emit(rid, event):
+        req = requests.get(rid)
+        out.append((rid, event, req and req.started_at))
+        if isinstance(event, Finished):
+            requests.pop(rid, None)
+
+    def take_commands(block):
+        """Submit and cancel what the pipe holds (waiting for the first if `block`); False once told to stop."""
+        while conn.poll(None if block else 0):
+            block = False
+            try:
+                command, rid, *args = conn.recv()
+            except EOFError:  # the server is gone (killed): nothing to serve
+                return False
+            if command == "submit":
+                prompt, params, resumed = args
+                requests[rid] = req = Request(prompt, params, partial(emit, rid), resumed=resumed)
+                engine.submit(req)
+            elif command == "cancel" and rid in requests:
+                requests[rid].cancel()
+            elif command == "ping":
+                conn.send(("pong", None))
+            elif command == "stop":
+                return False
+        return True
+
+    try:
+        while take_commands(block=not engine.busy()):
+            engine.step()
+            if out:
+                flush()
+        for req in engine.active + list(engine.waiting) + [r for job in engine.scoring for r in job.reqs]:
+            req.emit(Finished("error", "engine stopped"))
+        flush()
+    except (BrokenPipeError, ConnectionResetError):  # the server is gone (killed) while we stepped
+        pass
+
+
+def server_logs():
+    """The level of the server's log, and the formatter of its first handler: when it is logging's own (as
+    `python -m app` sets it up), which pickles; else None, and the child keeps logging's defaults."""
+    handlers = logging.getLogger().handlers
+    formatter = handlers[0].formatter if handlers else None
+    return log.getEffectiveLevel(), formatter if type(formatter) is logging.Formatter else None
+
+
+class Child:
+    """One engine process, and the two threads of this process that talk to it."""
+
+    def __init__(self, args, on_message):
+        context = multiprocessing.get_context("spawn")  # not fork: this process has threads (torch's, ours)
+        self.conn, theirs = context.Pipe()
+        self.proc = context.Process(target=serve, args=(theirs, *args), name="quill-engine", daemon=True)
+        self.theirs, self.on_message = theirs, on_message
+        self.outbox = queue.SimpleQueue()
+        self.gone = threading.Event()  # set once the pipe has closed
+        self.threads = []
+
+    def start(self, stopping):
+        """Start the process; return once it has loaded and warmed up; RuntimeError if it could not, or if
+        `stopping()` turns true meanwhile."""
+        self.proc.start()
+        self.theirs.close()  # the child's end is the child's: its death then closes the pipe here
+        while not self.conn.poll(TICK):
+            if stopping() or not self.proc.is_alive():
+                why = "was stopped" if stopping() else self.exit_status()
+                self.kill()
+                raise RuntimeError(f"the engine process {why}")
+        try:
+            kind, detail = self.conn.recv()
+        except EOFError:
+            self.proc.join(5)
+            kind, detail = "failed", f"the engine process {self.exit_status()}"
+        if kind != "ready":
+            self.kill()
+            raise RuntimeError(f"the engine process could not start: {detail}")
+        for target in (self._read, self._write):
+            self.threads.append(threading.Thread(target=target, name=f"quill-engine{target.__name__}", daemon=True))
+            self.threads[-1].start()
+
+    def send(self, *message):
+        self.outbox.put(message)
+
+    def exit_status(self):
+        code = self.proc.exitcode
+        if code is not None and code < 0:
+            return f"was killed by {signal.Signals(-code).name}"
+        return f"exited with code {code}"
+
+    def kill(self):
+        """Kill the process and reap it; the writer ends now, the reader at the pipe's end. Neither is waited
+        for: a process the child started may hold the pipe open, and what they carry now is ignored."""
+        self.proc.kill()
+        self.proc.join()
+        self.outbox.put(None)
+
+    def _read(self):
+        while True:
+            try:
+                kind, payload = self.conn.recv()
+            except (EOFError, OSError):
+                break
+            self.on_message(self, kind, payload)
+        self.gone.set()
+        self.on_message(self, "gone", None)
+
+    def _write(self):
+        while (message := self.outbox.get()) is not None:
+            try:
+                self.conn.send(message)
+            except (OSError, ValueError):  # the child is gone: the reader and the watchdog see to it
+                break
