@@ -23,8 +23,9 @@ log = logging.getLogger("quill")
 
 EPILOG = """\
 Without --checkpoint, every run directory under checkpoints/ is served: the bundled models, and
-yours if you trained it with --out checkpoints/NAME. To serve a run from elsewhere next to the
-bundled ones, name them all (the first is the default model):
+yours if you trained it with --out checkpoints/NAME. The default model (for requests that name none)
+is the bundled GPT, shakespeare-gpt, unless QUILL_DEFAULT_MODEL=NAME names another. To serve a run from
+elsewhere next to the bundled ones, name them all (the first is the default model):
   python -m app --checkpoint checkpoints/shakespeare-gpt checkpoints/shakespeare-lstm runs/my-run
 or set QUILL_CHECKPOINTS=checkpoints/shakespeare-gpt,runs/my-run. Every setting: README, "Settings".
 
@@ -168,7 +169,7 @@ def main(argv=None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         app = create_app(settings)
         try:
-            checkpoint_files(settings.checkpoints)  # each exists, no two share a name: before the port, the load
+            checkpoint_files(settings.checkpoints, settings.default_model)  # before the port and the load
             pick_device(settings.device)
             sock = bind(settings.host, settings.port)
             app.state.service.load()  # here rather than in the lifespan, whose failures uvicorn prints as tracebacks

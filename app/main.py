@@ -35,6 +35,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.to_thread(service.load)
         await asyncio.to_thread(service.start)
         log.info("serving %s", ", ".join(f"{m.name} ({m.path})" for m in service.models.values()))
+        log.info(
+            "default model: %s (requests that name none; QUILL_DEFAULT_MODEL names another)", service.get(None).name
+        )
         yield
         await service.drain(0)
 

@@ -29,13 +29,15 @@ class ServedModel:
     engine: Engine | EngineProcess
 
 
-def checkpoint_files(configured):
-    """{model name: weights file} for the configured paths (or the bundled run directories), checked to
-    exist and to name distinct models, so that a typo fails before any model is loaded. A missing file
-    is a CheckpointError; no checkpoint at all, or two of one name, a SystemExit (nothing to serve)."""
+def checkpoint_files(configured, default=None):
+    """{model name: weights file} for the configured paths (or the run directories under checkpoints/), checked
+    to exist and to name distinct models, so that a typo fails before any model is loaded. The default model, the
+    one a request without `model` gets, comes first: `default` (a name) when given, else the first configured
+    path, else the bundled GPT (default_checkpoints). A missing file is a CheckpointError; no checkpoint at all,
+    two of one name, or a `default` not among them, a ValueError."""
     paths = [Path(p) for p in configured] or default_checkpoints(BUNDLED)  # BUNDLED: tests point it elsewhere
     if not paths:
-        raise SystemExit(f"no checkpoint configured and none bundled under {BUNDLED}; {TRAIN_HINT}")
+        raise ValueError(f"no checkpoint configured and none bundled under {BUNDLED}; {TRAIN_HINT}")
     files = {}
     for path in paths:
         weights = resolve_checkpoint_path(path)
@@ -45,11 +47,15 @@ def checkpoint_files(configured):
             )
         name = model_name(weights)
         if name in files:
-            raise SystemExit(
+            raise ValueError(
                 f"two checkpoints are both named {name!r} ({files[name]} and {weights}); rename a run directory"
             )
         files[name] = weights
-    return files
+    if default is None:
+        return files
+    if default not in files:
+        raise ValueError(f"QUILL_DEFAULT_MODEL={default!r} is not served; choose one of {list(files)}")
+    return {default: files.pop(default), **files}
 
 
 # A model this large (parameters) gets every core for its engine by default; a smaller one every core but one.

@@ -115,7 +115,7 @@ class Service:
 
     def load(self):
         """Load every checkpoint; a CheckpointError says which one cannot be served, and why."""
-        files = checkpoint_files(self.settings.checkpoints)
+        files = checkpoint_files(self.settings.checkpoints, self.settings.default_model)  # the default first
         device = pick_device(self.settings.device)
         dtype = pick_dtype(self.settings.dtype, device)
         log.info(

@@ -10,8 +10,11 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QUILL_", env_file=".env", extra="ignore")
 
-    # Run directories or .safetensors files; the first is the default model. Empty: the bundled ones.
+    # Run directories or .safetensors files; the first is the default model. Empty: every run under checkpoints/,
+    # the bundled GPT the default
     checkpoints: Annotated[list[str], NoDecode] = []
+    # the served model a request without `model` gets, by name (it is listed first); unset: as above
+    default_model: str | None = None
     device: str = "auto"  # auto: cuda, then mps, then cpu (model/device.py)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)

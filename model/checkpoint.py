@@ -25,6 +25,7 @@ from model.tokenizer import tokenizer_from_dict
 
 WEIGHTS_NAME = "model.safetensors"  # a run directory's best weights
 BUNDLED = Path(__file__).resolve().parent.parent / "checkpoints"  # the trained runs the repository ships
+BUNDLED_DEFAULT = "shakespeare-gpt"  # the run in BUNDLED that is served as the default model
 META_KEY = "quill"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # real headers are kilobytes; refuse before allocating
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"}
@@ -196,9 +197,10 @@ def resolve_checkpoint_path(path):
 
 
 def default_checkpoints(root=None):
-    """The run directories under `root` (the bundled ones by default), the GPT first: it is the main model."""
+    """The run directories under `root` (checkpoints/ by default): the bundled GPT first, as it is the default
+    model, then the others by name. A run a user trains into checkpoints/ is among the others, whatever its name."""
     found = sorted(p.parent for p in Path(root or BUNDLED).glob(f"*/{WEIGHTS_NAME}"))
-    return sorted(found, key=lambda p: ("gpt" not in p.name, p.name))
+    return sorted(found, key=lambda p: p.name != BUNDLED_DEFAULT)  # a stable sort: the others stay by name
 
 
 def load_checkpoint(path, device="cpu"):

@@ -494,17 +494,61 @@ def test_ready_is_503_before_the_models_are_loaded(checkpoints):
 
 def test_no_checkpoint_configured_or_bundled_fails_saying_how_to_train_one(monkeypatch, tmp_path):
     monkeypatch.setattr(registry, "BUNDLED", tmp_path)
-    with pytest.raises(SystemExit, match="python -m train"):
+    with pytest.raises(ValueError, match="python -m train"):
         Service(Settings(_env_file=None), Metrics()).load()
 
 
-def test_without_a_configured_checkpoint_the_bundled_ones_are_served_gpt_first(checkpoints, monkeypatch, tmp_path):
-    for bundled, fixture in (("shakespeare-lstm", "tiny-lstm"), ("shakespeare-gpt", "tiny-gpt")):
-        (tmp_path / bundled).symlink_to(checkpoints[fixture])
-    monkeypatch.setattr(registry, "BUNDLED", tmp_path)
+def bundled_with_a_users_runs(root, checkpoints):
+    """A checkpoints/ folder as a user leaves it: the bundled runs, and two of their own trained into it."""
+    runs = {
+        "shakespeare-gpt": "tiny-gpt",
+        "shakespeare-lstm": "tiny-lstm",
+        "pystd-gpt": "byte-gpt",
+        "a-gpt": "tiny-gpt",
+    }
+    for run, fixture in runs.items():
+        (root / run).symlink_to(checkpoints[fixture])
+    return root
+
+
+def test_a_run_trained_into_checkpoints_is_served_but_the_bundled_gpt_stays_the_default(
+    checkpoints, monkeypatch, tmp_path
+):
+    monkeypatch.setattr(registry, "BUNDLED", bundled_with_a_users_runs(tmp_path, checkpoints))
     service = Service(Settings(_env_file=None), Metrics())
     service.load()
-    assert list(service.models) == ["shakespeare-gpt", "shakespeare-lstm"]
+    assert list(service.models) == ["shakespeare-gpt", "a-gpt", "pystd-gpt", "shakespeare-lstm"]
+    assert service.get(None).name == "shakespeare-gpt"
+
+
+def test_the_default_model_setting_names_the_model_a_request_without_one_gets_listed_first(
+    checkpoints, monkeypatch, tmp_path
+):
+    monkeypatch.setattr(registry, "BUNDLED", bundled_with_a_users_runs(tmp_path, checkpoints))
+    service = Service(Settings(_env_file=None, default_model="pystd-gpt"), Metrics())
+    service.load()
+    assert list(service.models)[0] == service.get(None).name == "pystd-gpt"
+
+
+def test_the_first_configured_checkpoint_is_the_default_model_and_the_log_says_so(checkpoints, caplog):
+    with (
+        caplog.at_level("INFO", logger="quill"),
+        TestClient(create_app(settings(checkpoints, ("tiny-lstm", "tiny-gpt")))) as c,
+    ):
+        assert complete(c, prompt="Hi", max_new_tokens=2)["model"] == "tiny-lstm"
+    assert "default model: tiny-lstm" in caplog.text
+
+
+def test_a_default_model_that_is_not_served_is_refused_naming_the_served_ones(checkpoints):
+    with pytest.raises(ValueError, match=r"QUILL_DEFAULT_MODEL.*'nope'.*\['tiny-gpt', 'tiny-lstm'\]"):
+        Service(settings(checkpoints, ("tiny-gpt", "tiny-lstm"), default_model="nope"), Metrics()).load()
+
+
+def test_two_checkpoints_of_one_name_are_refused_naming_both(checkpoints, tmp_path):
+    (tmp_path / "tiny-gpt").symlink_to(checkpoints["tiny-lstm"])
+    twins = [str(checkpoints["tiny-gpt"]), str(tmp_path / "tiny-gpt")]
+    with pytest.raises(ValueError, match="two checkpoints are both named 'tiny-gpt'"):
+        Service(Settings(_env_file=None, checkpoints=twins), Metrics()).load()
 
 
 def test_metrics_count_requests_by_route_and_status_and_every_token(client):

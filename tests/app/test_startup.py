@@ -55,6 +55,17 @@ def test_a_truncated_checkpoint_fails_in_two_lines_naming_it_and_why(checkpoints
     assert "corrupted" in err or "truncated" in err
 
 
+def test_two_checkpoints_of_one_name_fail_in_one_line_like_every_start_up_failure(checkpoints, tmp_path):
+    (tmp_path / "tiny-gpt").symlink_to(checkpoints["tiny-lstm"])
+    err = assert_short_failure(start("--checkpoint", checkpoints["tiny-gpt"], tmp_path / "tiny-gpt"))
+    assert err.startswith("python -m app: two checkpoints are both named 'tiny-gpt'") and LOADING not in err
+
+
+def test_a_default_model_that_is_not_served_fails_in_one_line_before_anything_loads(checkpoints):
+    err = assert_short_failure(start("--checkpoint", checkpoints["tiny-gpt"], env={"QUILL_DEFAULT_MODEL": "nope"}))
+    assert err.startswith("python -m app: QUILL_DEFAULT_MODEL='nope' is not served") and LOADING not in err
+
+
 def test_a_port_in_use_fails_in_one_line_before_any_model_loads(checkpoints):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

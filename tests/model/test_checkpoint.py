@@ -183,16 +183,19 @@ def test_checkpoint_path_of_a_run_directory_is_its_weights_file_and_a_file_is_it
     assert resolve_checkpoint_path(tmp_path / "x.safetensors") == tmp_path / "x.safetensors"
 
 
-def test_default_checkpoints_are_the_run_directories_holding_weights_gpt_first(tmp_path):
-    for run in ("a-lstm", "b-gpt", "empty"):
+def test_default_checkpoints_are_the_bundled_gpt_then_every_other_run_by_name_whatever_a_user_trained(tmp_path):
+    runs = ("a-lstm", "pystd-gpt", "shakespeare-gpt", "shakespeare-lstm")  # pystd-gpt: a user's run
+    for run in (*runs, "empty"):
         (tmp_path / run).mkdir()
-    for run in ("a-lstm", "b-gpt"):
+    for run in runs:
         save_checkpoint(tmp_path / run / "model.safetensors", tiny("lstm"), CharTokenizer(CHARS), {})
-    assert default_checkpoints(tmp_path) == [tmp_path / "b-gpt", tmp_path / "a-lstm"]
+    order = ["shakespeare-gpt", "a-lstm", "pystd-gpt", "shakespeare-lstm"]
+    assert default_checkpoints(tmp_path) == [tmp_path / run for run in order]
 
 
-def test_default_checkpoints_without_a_root_are_the_bundled_runs():
-    assert [p.name for p in default_checkpoints()] == ["shakespeare-gpt", "shakespeare-lstm"]
+def test_default_checkpoints_without_a_root_are_those_in_checkpoints_the_bundled_gpt_first():
+    names = [p.name for p in default_checkpoints()]  # and whatever a user trained into checkpoints/ after them
+    assert names[0] == "shakespeare-gpt" and "shakespeare-lstm" in names
 
 
 def test_checkpoint_save_leaves_no_temporary_file_behind(tmp_path):
