@@ -3,6 +3,9 @@
 Start-up checks what it can before loading any model (the settings, that each checkpoint exists, that
 the port is free), and a failure to start is one line on stderr and exit 1, never a traceback.
 
+An engine that dies or hangs is replaced (model/engine_process.py); one that keeps dying (a crash loop) makes
+the server drain and exit 1, for its supervisor to restart.
+
 SIGTERM or Ctrl-C drains: /ready turns 503 and new requests get 503 at once, streams in flight may
 finish for up to QUILL_DRAIN_TIMEOUT seconds, the rest end with an `error` event (code server_shutdown),
 and the process exits 0. Ctrl-C again ends them all at once, the same way; a third Ctrl-C kills it.
@@ -38,6 +41,8 @@ class DrainingServer(uvicorn.Server):
         self.service, self.drain_timeout = service, drain_timeout
         self.stage = "starting"  # -> draining -> stopping (second Ctrl-C) ; finished once serve returns
         self.loop = None
+        self.fatal = None  # why an engine gave up, when one has: the server drains and exits 1
+        service.on_fatal = self.give_up
 
     async def serve(self, sockets=None):
         self.loop = asyncio.get_running_loop()
@@ -67,6 +72,15 @@ class DrainingServer(uvicorn.Server):
         # Otherwise nothing: in particular a repeated SIGTERM, which is what `make serve` sends. SIGTERM to its
         # process group reaches the server twice (make forwards its own to its child) and, when the two were
         # handled apart, the second one used to stop the server mid-drain.
+
+    def give_up(self, why):
+        """An engine gave up restarting (an engine's watchdog thread): drain like SIGTERM, then exit 1, so that
+        what runs the server (compose's restart policy, Kubernetes) starts it anew."""
+        self.fatal = why
+        if self.loop and self.stage == "serving":
+            self.stage = "draining"
+            self.service.stop_admitting()
+            self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
 
     async def _drain(self):
         n = self.service.in_flight()
@@ -191,6 +205,8 @@ def main(argv=None):
     for sig in (signal.SIGINT, signal.SIGTERM):  # the handler uvicorn puts back when it is done, too
         signal.signal(sig, server.handle_exit)
     server.run(sockets=[sock])
+    if server.fatal:
+        raise SystemExit(f"python -m app: {server.fatal}; exiting so that a supervisor restarts the server")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
         )
         self.tokens = Counter("quill_tokens_generated", "tokens generated", ["model"], registry=r)
+        self.engine_restarts = Counter(
+            "quill_engine_restarts", "engine processes replaced, by why: died or hung", ["model", "reason"], registry=r
+        )
 
     def track_engines(self, engines):
         """The gauges read the engines when scraped, so they can never drift from the truth."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from model import CheckpointError, load_checkpoint
+from model import GPT, CheckpointError, load_checkpoint
 from model.checkpoint import BUNDLED, default_checkpoints, file_sha256, model_name, resolve_checkpoint_path
 from model.engine import Engine
 from model.engine_process import EngineProcess
@@ -82,10 +82,12 @@ def load_served_model(
     dtype=torch.float32,
     process=False,
     compile_folder=None,
+    supervision=None,
 ):
     """`threads`: the engine's torch threads (None: engine_threads). `process`: run the engine in a child process
-    of its own (EngineProcess), which loads the weights again. `compile_folder`: where compiled decode steps are
-    kept (model/compiled.py)."""
+    of its own (EngineProcess), which loads the weights again; `supervision`: its timeout, on_restart and
+    on_give_up (EngineProcess's arguments). `compile_folder`: where compiled decode steps are kept
+    (model/compiled.py)."""
     weights = Path(weights)
     # with the engine in a child process, the copy here only describes the model: it stays off the GPU
     model, tokenizer, meta = load_checkpoint(weights, device="cpu" if process else device)
@@ -94,8 +96,11 @@ def load_served_model(
     sha = file_sha256(weights)
     threads = threads or engine_threads(model)
     if process:
-        kept = {"compiled": compiled, "compile_folder": compile_folder}
-        engine = EngineProcess(weights, device, dtype, max_batch, on_step=on_step, threads=threads, **kept)
+        kept = {"compiled": compiled, "compile_folder": compile_folder, **(supervision or {})}
+        context = model.config.context_size if isinstance(model, GPT) else None
+        engine = EngineProcess(
+            weights, device, dtype, max_batch, on_step=on_step, threads=threads, name=name, context=context, **kept
+        )
     else:
         engine = Engine(
             model, max_batch, on_step=on_step, threads=threads, compiled=compiled, compile_folder=compile_folder

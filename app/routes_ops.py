@@ -9,16 +9,25 @@ from app.errors import error_response, error_responses
 router = APIRouter()
 
 
-@router.get("/health", summary="The process is alive")
-async def health():
+@router.get(
+    "/health", summary="The process is alive, and its engines have not given up", responses=error_responses(503)
+)
+async def health(request: Request):
+    failed = request.app.state.service.failed
+    if failed:  # a crash loop: restarting the whole server (compose's restart policy, Kubernetes) is what is left
+        return error_response(503, f"unhealthy: {failed}", "unavailable")
     return {"status": "ok"}
 
 
-@router.get("/ready", summary="Models loaded and warmed up, and not draining", responses=error_responses(503))
+@router.get(
+    "/ready",
+    summary="Models loaded and warmed up, every engine up, and not draining",
+    responses=error_responses(503),
+)
 async def ready(request: Request):
     service = request.app.state.service
-    if not service.ready:
-        why = "draining" if service.draining else "loading"
+    why = "draining" if service.draining else "loading" if not service.ready else service.unavailable()
+    if why:
         return error_response(503, f"not ready: {why}", "unavailable", headers={"Retry-After": "5"})
     return {"status": "ready", "models": list(service.models)}
 

@@ -112,6 +112,8 @@ class Service:
         self.drain_deadline = math.inf  # drain() lets streams run until then; stop_now() brings it forward
         self.ended = False  # the engines were stopped by the shutdown: what they end reads as one
         self.relay = None
+        self.failed = None  # why an engine gave up restarting: /health answers 503 from then on
+        self.on_fatal = None  # called (from any thread) once one has: `python -m app` then drains and exits 1
 
     def load(self):
         """Load every checkpoint; a CheckpointError says which one cannot be served, and why."""
@@ -135,6 +137,11 @@ class Service:
                 dtype,
                 self.settings.engine_process,
                 self.settings.compile_cache,
+                {
+                    "timeout": self.settings.engine_timeout,
+                    "on_restart": partial(self._restarted, name),
+                    "on_give_up": partial(self._gave_up, name),
+                },
             )
         self.metrics.track_engines([m.engine for m in self.models.values()])
 
@@ -148,6 +155,18 @@ class Service:
         self.ready = False
         for served in self.models.values():
             served.engine.stop()
+
+    def _restarted(self, name, kind, why):  # an engine's watchdog thread
+        self.metrics.engine_restarts.labels(name, kind).inc()
+
+    def _gave_up(self, name, why):  # an engine's watchdog thread
+        self.failed = f"model {name}: {why}"
+        if self.on_fatal:
+            self.on_fatal(self.failed)
+
+    def unavailable(self):
+        """Why a model cannot take requests now (its engine is restarting, or gave up); None when all can."""
+        return next((f"model {m.name}: {m.engine.down}" for m in self.models.values() if m.engine.down), None)
 
     def in_flight(self):
         """Generations running or queued, in every engine (admitted requests are queued at once)."""
@@ -175,10 +194,17 @@ class Service:
                 type="unavailable",
                 headers={"Retry-After": "5"},
             )
+        if served.engine.down:  # restarting (seconds), or given up (the server is about to exit)
+            raise APIError(
+                503,
+                f"model {served.name!r} is unavailable: {served.engine.down}",
+                "unavailable",
+                headers={"Retry-After": "5"},
+            )
         try:
             ids = served.tokenizer.encode(prompt)
         except ValueError as e:
-            raise APIError(422, f"{param}: {e}", param=param) from None
+            raise APIError(422, f"{param}: {e} (model {served.name!r})", param=param) from None
         capacity = self.settings.max_running + self.settings.max_queued
         if len(choices) > capacity:
             raise APIError(400, f"n: {len(choices)} choices, more than this server holds ({capacity})", param="n")
@@ -262,7 +288,7 @@ class Service:
                 raise (
                     shutdown_failure()
                     if self.ended
-                    else GenerationFailed(f"generation failed: {event.error or event.reason}")
+                    else GenerationFailed(f"generation failed: {event.error or event.reason}", code=event.code)
                 )
             yield self._done(served, req, event.reason, text.text, index, first)
         finally:

@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     # wait on one GIL (vLLM's split): 1.4x the tokens/s with 32 streams here; the child loads the weights
     # again (this process keeps a copy in CPU memory for the model card); 0: in a thread of this process
     engine_process: bool = True
+    # an engine process that sends nothing for this many seconds while work waits on it is hung: it is killed and
+    # replaced (model/engine_process.py). The longest step a model here takes is a prefill group or a scoring
+    # window of one context: well under a second for the bundled models, about 10 s for GPT-2 medium's shape
+    # on 2 CPU cores (README, Operations)
+    engine_timeout: float = Field(60.0, gt=0)
     # the weights' precision for serving, cast once at load; auto: bfloat16 on a CUDA GPU that has it, else
     # float32 (on this 2-core CPU bfloat16 changed decode speed little: docs/benchmarks-peers.md)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
