@@ -92,6 +92,11 @@ def _validation_message(errors):
     return "; ".join(one(e) for e in errors[:5])
 
 
+def _not_utf8(e):
+    """What FastAPI reports as "There was an error parsing the body" when the body's bytes are not UTF-8."""
+    return f"the body is not UTF-8 ({e.reason} at byte {e.start}); send JSON text encoded in UTF-8"
+
+
 def install_error_handlers(app: FastAPI):
     @app.exception_handler(RequestValidationError)
     async def validation(request: Request, exc: RequestValidationError):
@@ -105,7 +110,9 @@ def install_error_handlers(app: FastAPI):
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        return error_response(exc.status_code, str(exc.detail), "invalid_request_error", headers=exc.headers)
+        cause = exc.__cause__
+        message = _not_utf8(cause) if isinstance(cause, UnicodeDecodeError) else str(exc.detail)
+        return error_response(exc.status_code, message, "invalid_request_error", headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):

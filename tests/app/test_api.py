@@ -309,6 +309,29 @@ def test_bad_parameter_gives_422_in_the_error_shape_naming_the_field(client, rou
     assert_error(r, 422, param)
 
 
+@pytest.mark.parametrize(
+    "route, body, param",
+    [
+        ("/generate", {"prompt": "héllo", "model": "tiny-lstm"}, "prompt"),
+        ("/v1/completions", {"prompt": "héllo", "model": "tiny-gpt"}, "prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "é"}], "model": "tiny-gpt"}, "messages"),
+    ],
+)
+def test_a_prompt_the_models_vocabulary_lacks_gets_422_naming_the_model_and_the_characters(client, route, body, param):
+    error = assert_error(client.post(route, json=body), 422, param)
+    assert f"model {body['model']!r}" in error["message"] and "'é'" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "body, where",
+    [(b'{"prompt": "\xff\xfe"}', "byte 12"), (b"\xff", "byte 0"), (b'{"prompt": "caf\xc3"}', "byte 15")],
+    ids=["invalid bytes", "one byte", "cut character"],
+)
+def test_a_body_that_is_not_utf8_gets_400_saying_so_and_where(client, body, where):
+    error = assert_error(client.post("/generate", content=body, headers={"Content-Type": "application/json"}), 400)
+    assert "not UTF-8" in error["message"] and where in error["message"], error["message"]
+
+
 @pytest.mark.parametrize("route, length", [("/generate", "max_new_tokens"), ("/v1/completions", "max_tokens")])
 def test_every_sampling_field_of_the_body_reaches_the_sampler_whole(client, monkeypatch, route, length):
     from model import sampling

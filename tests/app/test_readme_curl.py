@@ -78,6 +78,7 @@ def test_readme_curl_command_works_as_printed(bundled_server, words, tmp_path):
     if "Accept: text/plain" in values(words, "-H", "--header"):
         assert content_type.startswith("text/plain")
         assert reply.strip() and not reply.startswith(("{", "event:"))
+        assert reply.endswith("\n"), "the text ends without a newline: the shell's prompt would follow it"
     elif data and body.get(
         "stream", url.endswith("/generate")
     ):  # /generate streams unless told not to; /v1 the reverse
@@ -105,7 +106,8 @@ def test_readme_curl_command_works_as_printed(bundled_server, words, tmp_path):
 
 
 def test_readme_python_client_example_runs_as_printed(bundled_server, tmp_path):
-    """The README's `openai` example, run as a script with only its address changed: it prints text."""
+    """The README's `openai` example, run as a script with only its address changed: it prints text, and ends
+    its line (or the shell's prompt would follow the text)."""
     blocks = re.findall(r"^```python\n(.*?)^```", (REPO / "README.md").read_text(), re.S | re.M)
     example = next(b for b in blocks if "from openai import OpenAI" in b)
     script = tmp_path / "example.py"
@@ -113,3 +115,4 @@ def test_readme_python_client_example_runs_as_printed(bundled_server, tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip(), "the example printed nothing"
+    assert done.stdout.endswith("\n"), done.stdout[-200:]
