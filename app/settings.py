@@ -32,10 +32,10 @@ class Settings(BaseSettings):
     # again (this process keeps a copy in CPU memory for the model card); 0: in a thread of this process
     engine_process: bool = True
     # an engine process that sends nothing for this many seconds while work waits on it is hung: it is killed and
-    # replaced (model/engine_process.py). The longest step a model here takes is a prefill group or a scoring
-    # window of one context: well under a second for the bundled models, about 10 s for GPT-2 medium's shape
-    # on 2 CPU cores (README, Operations)
-    engine_timeout: float = Field(60.0, gt=0)
+    # replaced (model/engine_process.py). Its longest legitimate silence is one forward of a whole context (a
+    # prefill group, a scoring window): 15 s for GPT-2 medium's shape on 2 busy CPU cores, milliseconds for the
+    # bundled models; 120 covers GPT-2 XL's there. Raise it for a larger model on a slow CPU
+    engine_timeout: float = Field(120.0, gt=0)
     # the weights' precision for serving, cast once at load; auto: bfloat16 on a CUDA GPU that has it, else
     # float32 (on this 2-core CPU bfloat16 changed decode speed little: docs/benchmarks-peers.md)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -236,6 +236,7 @@ class Engine:
         for slot, req in enumerate(self.active):
             if self.cache.room(slot) == 0:  # full: slide the window (see the module docstring)
                 self.cache.prefill(slot, [req.tokens[-(self.cache.context // 2) - 1 : -1]])
+                self.on_progress()  # rows that started together slide together: each is a forward
         logits = self.cache.decode([req.tokens[-1] for req in self.active])  # (B, V)
         # the rows that only want the likeliest token take it from one argmax over the batch; the others are
         # drawn together

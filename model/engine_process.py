@@ -36,7 +36,10 @@ from model.scoring import PromptLogprobs
 
 log = logging.getLogger("quill")
 
-TIMEOUT = 60.0  # seconds without a word from a child that has work: hung (see QUILL_ENGINE_TIMEOUT)
+# seconds without a word from a child that has work: hung (QUILL_ENGINE_TIMEOUT). The longest legitimate silence
+# is one forward of a context (a prefill group, a scoring window, a slide): for GPT-2 medium's shape on 2 busy CPU
+# cores 15 s (measured), so an estimated 70 s for GPT-2 XL's (4.4x the parameters); the bundled models take ms
+TIMEOUT = 120.0
 CRASH_LOOP, CRASH_WINDOW = 5, 60.0  # this many deaths within this many seconds: give up
 
 
@@ -250,10 +253,11 @@ class EngineProcess:
                 self._send_submit(rid)
             resumed = len(self.tracked)
         log.info(
-            "model %s: engine process restarted in %.1f s, %d requests resumed",
+            "model %s: engine process restarted in %.1f s, %d request%s resumed",
             self.name,
             time.monotonic() - since,
             resumed,
+            "s" * (resumed != 1),
         )
         return True
 
