@@ -18,6 +18,7 @@ from app.middleware import (
     MetricsMiddleware,
     SendTimeoutMiddleware,
 )
+from app.routes_docs import install_docs
 from app.serving import Service
 from app.settings import Settings
 
@@ -46,12 +47,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
         description="Train a small language model on your own text and stream it over HTTP.",
-        responses=error_responses(413, 431, 500),
-    )  # any route may send these
+        responses=error_responses(413, 431, 500),  # any route may send these
+        docs_url=None,  # /docs: routes_docs, whose page loads nothing from elsewhere
+        redoc_url=None,
+    )
     app.state.settings, app.state.metrics, app.state.service = settings, metrics, service
     install_error_handlers(app)
     for module in (routes_generate, routes_openai, routes_ops, routes_playground):
         app.include_router(module.router)
+    install_docs(app)
     # added innermost first: metrics sees every response, including refusals by the others
     app.add_middleware(SendTimeoutMiddleware, timeout=settings.send_timeout)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)

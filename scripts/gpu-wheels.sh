@@ -13,7 +13,7 @@ PIP=${PIP:-.venv/bin/pip}
 # that it lacks. Some it has are carried anyway at the versions pinned here, since those above need recent
 # ones (typing-extensions, annotated-doc, anyio, idna), and h11 with the httpx and httpcore that work with it.
 PACKAGES=(
-  fastapi starlette annotated-doc opentelemetry-api typing-extensions anyio idna
+  fastapi fastapi-offline starlette annotated-doc opentelemetry-api typing-extensions anyio idna
   pydantic pydantic-core annotated-types typing-inspection
   pydantic-settings python-dotenv
   sse-starlette uvicorn httptools h11 httpx httpcore

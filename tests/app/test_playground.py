@@ -58,3 +58,17 @@ def test_other_paths_near_the_playground_are_not_served(client, path):
 def test_the_api_behind_the_page_still_needs_the_key(client):
     assert client.get("/v1/models").status_code == 401
     assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_the_api_docs_page_loads_nothing_from_elsewhere_and_what_it_loads_is_served(client):
+    key = {"Authorization": "Bearer s3cret"}  # like the API it describes, it needs the key when there is one
+    page = client.get("/docs", headers=key).text
+    links = re.findall(r"""(?:src|href|url)[=:]\s*["']([^"']*)["']""", page)
+    assert any(link.endswith(".js") for link in links), links
+    assert all(link.startswith("/") for link in links), links
+    for link in links:
+        assert client.get(link, headers=key).status_code == 200, link
+
+
+def test_redoc_is_not_served_as_its_page_would_load_a_logo_from_elsewhere(client):
+    assert client.get("/redoc", headers={"Authorization": "Bearer s3cret"}).status_code == 404

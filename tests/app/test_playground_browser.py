@@ -1,6 +1,7 @@
 """The playground page in real headless Chromium (Debian's package, driven by playwright)
 against a real server: it streams, stops, and says what went wrong."""
 
+import re
 import shutil
 
 import httpx
@@ -223,3 +224,32 @@ def test_with_an_api_key_the_page_opens_without_it_and_the_key_field_unlocks_the
         page.wait_for_selector("#stats", state="visible")
         assert page.inner_text("#stat-tokens") == "5"
         page.close()
+
+
+LOCAL = re.compile(r"^(https?://(127\.0\.0\.1|localhost)[:/]|data:|blob:)")
+
+
+@pytest.fixture
+def offline_page(browser):
+    """A page that reaches this machine only, as one offline or behind a strict firewall does: any other address
+    is refused, and listed in `page.blocked`."""
+    page = browser.new_page()
+    page.set_default_timeout(WAIT_MS)
+    page.blocked = []
+
+    def refuse(route):
+        page.blocked.append(route.request.url)
+        route.abort("internetdisconnected")
+
+    page.route(lambda url: not LOCAL.match(url), refuse)
+    yield page
+    page.close()
+
+
+def test_the_api_docs_render_offline_from_the_servers_own_assets(offline_page, server):
+    offline_page.goto(server.url + "/docs")
+    operation = offline_page.locator(".opblock-summary-path", has_text="/generate").first
+    operation.wait_for(state="visible")  # Swagger UI ran and rendered the schema
+    operation.click()
+    offline_page.locator(".opblock-body").first.wait_for(state="visible")
+    assert offline_page.blocked == []
