@@ -13,6 +13,16 @@ from model.gpt import GPT, KVCache
 log = logging.getLogger("quill")
 
 
+def window_start(prompt_length, length, context):
+    """Where the row of a request holding `length` tokens (its prompt's first) starts, by the sliding window of
+    model/engine.py's docstring: what a restarted request prefills, so that it reads what it read before."""
+    start = max(0, prompt_length - context)
+    for n in range(prompt_length + 1, length + 1):
+        if n - start > context:
+            start = n - (context // 2 + 1)
+    return start
+
+
 def batch_buckets(max_batch):
     """The batch sizes a compiled decode step is built for: powers of two below max_batch, and max_batch.
     A step pads its batch to the next one, so a handful of fixed shapes serve every batch size."""

@@ -1,12 +1,11 @@
 """The generation engine: token ids in, token ids out; no HTTP, no text.
 
-One thread runs a loop of steps. Each step admits waiting requests (prefilled together: one
-forward for prompts of similar length, the shorter padded), then advances every active request
-by one token with a single batched forward that reads the KV cache (GPT) or the carried hidden
-state (LSTM). Both are the model's own forward (its
-kv_cache or state argument): this module holds only the storage, the slots and the schedule,
-so serving runs the arithmetic that training ran. Finished or cancelled requests leave
-between steps, and their slot goes to the next request.
+One thread runs a loop of steps. Each step admits waiting requests (prefilled together: one forward for
+prompts of similar length, the shorter padded), then advances every active request by one token with a single
+batched forward that reads the KV cache (GPT) or the carried hidden state (LSTM). Both are the model's own
+forward (its kv_cache or state argument): this module holds only the schedule (model/cache.py the storage),
+so serving runs the arithmetic that training ran. Finished or cancelled requests leave between steps, and
+their slot goes to the next request.
 
 Active requests always occupy slots 0..B-1, so a step reads the caches as views without
 gathering. A leaving request's slot is filled by moving the last one into it.
@@ -29,7 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from model import sampling
-from model.cache import GPTCache, LSTMState
+from model.cache import GPTCache, LSTMState, window_start
 from model.gpt import GPT
 from model.request import Finished, Outcome, Request, Token
 from model.sampling import Sampler, SamplingParams
@@ -40,6 +39,12 @@ __all__ = ["Engine", "Finished", "Outcome", "Request", "Token"]  # the request's
 PREFILL_LOGITS = 2**24  # 64 MB of float32 logits
 
 
+def poisoned(error):
+    """Whether `error` leaves the device unusable by this process (a CUDA device-side assert, an illegal address):
+    every later CUDA call fails too. Running out of memory is not such an error."""
+    return not isinstance(error, torch.OutOfMemoryError) and "CUDA error" in str(error)
+
+
 @dataclass
 class Scoring:
     """One prompt's scoring under way, shared by every request that asked for it (the n choices of a prompt)."""
@@ -47,16 +52,6 @@ class Scoring:
     key: tuple  # (prompt, prompt_logprobs)
     windows: object  # score_windows' generator
     reqs: list
-
-
-def window_start(prompt_length, length, context):
-    """Where the row of a request holding `length` tokens (its prompt's first) starts, by the sliding window of
-    the module docstring: what a restarted request prefills, so that it reads what it read before."""
-    start = max(0, prompt_length - context)
-    for n in range(prompt_length + 1, length + 1):
-        if n - start > context:
-            start = n - (context // 2 + 1)
-    return start
 
 
 class Engine:
@@ -72,6 +67,7 @@ class Engine:
         compiled=False,
         compile_folder=None,
         on_progress=None,
+        exit_on_device_error=False,
     ):
         self.model = model.eval()
         self.max_batch = max_batch
@@ -82,6 +78,9 @@ class Engine:
         self.on_step = on_step  # called after each decode step with the batch size (metrics)
         # called after each piece of work (a prefill group, a scoring window, a decode step): a heartbeat
         self.on_progress = on_progress or (lambda: None)
+        # an engine process (model/engine_child.py) ends on an error that leaves the device unusable (poisoned), for
+        # its supervisor to replace it and resume its requests; an engine in a thread ends the requests instead
+        self.exit_on_device_error = exit_on_device_error
         self.threads = threads  # torch threads for the engine thread (OpenMP's setting is per thread)
         self.clock = clock
         self.waiting = deque()
@@ -168,6 +167,8 @@ class Engine:
                 self._admit()
                 self._decode()
         except Exception as e:  # a failed step ends the requests in it, never the engine
+            if self.exit_on_device_error and poisoned(e):
+                raise
             for req in self.active:
                 self._emit(req, Finished("error", f"{type(e).__name__}: {e}"))
             self.active = []
@@ -222,9 +223,13 @@ class Engine:
             group = new[start:end]
             try:
                 logits = self.cache.prefill(first + start, seqs[start:end])
-                for req, token, row in zip(group, sampling.sample([r.sampler for r in group], logits), logits):
-                    self._append(req, token, row)
+                rows = self._finite(group, logits)
+                tokens = sampling.sample([group[i].sampler for i in rows], logits[rows])
+                for i, token in zip(rows, tokens):
+                    self._append(group[i], token, logits[i])
             except Exception as e:  # leaves at the next _leave, before any decode step reads its row
+                if poisoned(e):
+                    raise
                 for req in group:
                     req.error = f"{type(e).__name__}: {e}"
             self.on_progress()
@@ -238,21 +243,35 @@ class Engine:
                 self.cache.prefill(slot, [req.tokens[-(self.cache.context // 2) - 1 : -1]])
                 self.on_progress()  # rows that started together slide together: each is a forward
         logits = self.cache.decode([req.tokens[-1] for req in self.active])  # (B, V)
+        good = self._finite(self.active, logits)
         # the rows that only want the likeliest token take it from one argmax over the batch; the others are
         # drawn together
         plain = [req.sampler.only_argmax for req in self.active]
         tokens = logits.argmax(-1).tolist() if any(plain) else [None] * len(plain)
-        rest = [i for i, p in enumerate(plain) if not p]
+        rest = [i for i in good if not plain[i]]
         if rest:
             rows = logits if len(rest) == len(plain) else logits[rest]
             for i, token in zip(rest, sampling.sample([self.active[i].sampler for i in rest], rows)):
                 tokens[i] = token
-        for i, req in enumerate(self.active):  # no need of a plain row's logits: not even a view of them
+        for i in good:  # no need of a plain row's logits: not even a view of them
+            req = self.active[i]
             self._append(req, tokens[i], logits[i] if req.params.logprobs is not None else None)
         if self.on_step:
             self.on_step(len(self.active))
         self.on_progress()
         self._leave()
+
+    @staticmethod
+    def _finite(reqs, logits):
+        """The rows of (B, V) logits that hold no NaN or inf (one reduction a step); the request of any other fails
+        with an error that says so, and no token is drawn from it (CUDA's sampler would poison the process)."""
+        if bool(torch.isfinite(logits).all()):
+            return list(range(len(reqs)))
+        finite = torch.isfinite(logits).all(-1).tolist()
+        for req, ok in zip(reqs, finite):
+            if not ok:
+                req.error = "the model's output held NaN or infinity at this token (try float32: QUILL_DTYPE)"
+        return [i for i, ok in enumerate(finite) if ok]
 
     def _queue_scoring(self, req):
         """Start scoring req's prompt, or join the scoring of the same prompt under way or just finished."""

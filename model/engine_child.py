@@ -38,7 +38,8 @@ def serve(conn, weights, device, dtype, max_batch, threads, compiled, compile_fo
             torch.set_num_threads(threads)
         model = load_checkpoint(weights, device=device)[0].to(dtype)
         on_step = lambda n: out.append((STEP, n, None))  # noqa: E731
-        engine = Engine(model, max_batch, on_step=on_step, compiled=compiled, compile_folder=compile_folder)
+        kept = {"compiled": compiled, "compile_folder": compile_folder}
+        engine = Engine(model, max_batch, on_step=on_step, exit_on_device_error=True, **kept)
         engine.warm_up()
     except Exception as e:
         conn.send(("failed", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))

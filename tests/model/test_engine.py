@@ -11,7 +11,7 @@ from service_helpers import CONTEXT, wait_until
 from model import GPT, LSTM, Block, MultiHeadCausalSelfAttention
 from model.cache import batch_buckets
 from model.compiled import machine_identity, weights_key, writable_folder
-from model.engine import Engine, Finished, Request, Token
+from model.engine import Engine, Finished, Request, Token, poisoned
 from model.sampling import SamplingParams, sample_next_token
 
 VOCAB = 40
@@ -510,3 +510,46 @@ def test_an_unwritable_compile_folder_falls_back_to_a_temporary_one(tmp_path, ca
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
         f"cannot keep compiled steps in {blocked}/compiled"
     ]
+
+
+def test_a_row_whose_logits_are_not_finite_ends_its_request_alone_and_the_others_go_on(monkeypatch):
+    model = gpt64()
+    engine = Engine(model, max_batch=4)
+    real, steps = engine.cache.decode, []
+
+    def nan_in_row_1_at_the_third_step(ids):
+        logits = real(ids)
+        steps.append(len(ids))
+        if len(steps) == 3:
+            logits[1, 5] = float("nan")
+        return logits
+
+    monkeypatch.setattr(engine.cache, "decode", nan_in_row_1_at_the_third_step)
+    reqs = [request(PROMPT, 20, seed=i) for i in range(3)]
+    engine.waiting.extend(reqs)
+    run_until_done(engine, *reqs)
+    assert reqs[1].emit.finish.reason == "error" and "NaN" in reqs[1].emit.finish.error
+    assert len(reqs[1].emit.tokens) == 3  # its first (from the prefill) and two decode steps' tokens
+    for i in (0, 2):
+        assert reqs[i].emit.finish == Finished("length")
+        assert reqs[i].emit.tokens == Engine(model).generate(PROMPT, 20, seed=i)
+
+
+@pytest.mark.parametrize("exits", [True, False], ids=["engine-process", "engine-thread"])
+def test_a_device_error_ends_an_engine_process_for_its_supervisor_and_an_engine_threads_requests(monkeypatch, exits):
+    engine = Engine(gpt64(), exit_on_device_error=exits)
+
+    def device_assert(ids):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(engine.cache, "decode", device_assert)
+    req = request(PROMPT, 5)
+    engine.waiting.append(req)
+    if exits:  # the process exits; its supervisor resumes the request in a new one
+        with pytest.raises(RuntimeError, match="device-side assert"):
+            engine.step()
+        assert req.emit.finish is None
+    else:
+        engine.step()
+        assert req.emit.finish.reason == "error" and "device-side assert" in req.emit.finish.error
+    assert not poisoned(torch.OutOfMemoryError("CUDA error: out of memory"))  # that one is the request's alone
