@@ -77,7 +77,9 @@ class DrainingServer(uvicorn.Server):
         """An engine gave up restarting (an engine's watchdog thread): drain like SIGTERM, then exit 1, so that
         what runs the server (compose's restart policy, Kubernetes) starts it anew."""
         self.fatal = why
-        if self.loop and self.stage == "serving":
+        if self.stage == "starting":  # uvicorn has not started serving: nothing to drain
+            self.should_exit = True
+        elif self.loop and self.stage == "serving":
             self.stage = "draining"
             self.service.stop_admitting()
             self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
@@ -182,6 +184,7 @@ def main(argv=None):
             ) from None
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         app = create_app(settings)
+        app.state.start_in_background = True  # the port answers while the engines start: /ready says how far
         try:
             checkpoint_files(settings.checkpoints, settings.default_model)  # before the port and the load
             pick_device(settings.device)

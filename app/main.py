@@ -34,13 +34,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app):
         if not service.models:  # `python -m app` loads them before serving, to report a bad one in one line
             await asyncio.to_thread(service.load)
-        await asyncio.to_thread(service.start)
-        log.info("serving %s", ", ".join(f"{m.name} ({m.path})" for m in service.models.values()))
-        log.info(
-            "default model: %s (requests that name none; QUILL_DEFAULT_MODEL names another)", service.get(None).name
-        )
+        if app.state.start_in_background:  # `python -m app`: the port answers at once (/ready: 503 and progress)
+            starting = asyncio.create_task(service.start_in_background())
+        else:  # TestClient, `uvicorn app.main:app`: serving begins once every model is ready
+            await asyncio.to_thread(service.start)
         yield
         await service.drain(0)
+        if app.state.start_in_background:
+            await starting
 
     app = FastAPI(
         title="Quill",
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings, app.state.metrics, app.state.service = settings, metrics, service
+    app.state.start_in_background = False
     install_error_handlers(app)
     for module in (routes_generate, routes_openai, routes_ops, routes_playground):
         app.include_router(module.router)

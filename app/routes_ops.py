@@ -1,10 +1,10 @@
 """Liveness, readiness and Prometheus metrics."""
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.errors import error_response, error_responses
+from app.errors import error_body, error_response, error_responses
 
 router = APIRouter()
 
@@ -26,7 +26,12 @@ async def health(request: Request):
 )
 async def ready(request: Request):
     service = request.app.state.service
-    why = "draining" if service.draining else "loading" if not service.ready else service.unavailable()
+    if service.failed:
+        return error_response(503, f"not ready: {service.failed}", "unavailable", headers={"Retry-After": "5"})
+    if not service.ready and not service.draining:  # starting: each model's progress beside the error
+        body = error_body("not ready: starting", "unavailable", code=503) | {"models": service.status()}
+        return JSONResponse(body, 503, headers={"Retry-After": "5"})
+    why = "draining" if service.draining else service.unavailable()
     if why:
         return error_response(503, f"not ready: {why}", "unavailable", headers={"Retry-After": "5"})
     return {"status": "ready", "models": list(service.models)}

@@ -112,6 +112,7 @@ class Service:
         self.drain_deadline = math.inf  # drain() lets streams run until then; stop_now() brings it forward
         self.ended = False  # the engines were stopped by the shutdown: what they end reads as one
         self.relay = None
+        self.starting = None  # the model whose engine start() is starting
         self.failed = None  # why an engine gave up restarting: /health answers 503 from then on
         self.on_fatal = None  # called (from any thread) once one has: `python -m app` then drains and exits 1
 
@@ -146,10 +147,37 @@ class Service:
         self.metrics.track_engines([m.engine for m in self.models.values()])
 
     def start(self):
+        """Start each model's engine in turn (it loads the model, compiles its decode steps when asked, and warms
+        up), then turn ready; raise what stopped one from starting."""
         for served in self.models.values():
+            self.starting = served.name
             served.engine.start()
             served.engine.generate([0], 2, temperature=0.0)  # waits for the warm-up: one prefill and decode step
-        self.ready = True
+        self.starting, self.ready = None, True
+        log.info("serving %s", ", ".join(f"{m.name} ({m.path})" for m in self.models.values()))
+        log.info("default model: %s (requests that name none; QUILL_DEFAULT_MODEL names another)", self.get(None).name)
+
+    async def start_in_background(self):
+        """start(), while the port already answers (/ready: 503 with each model's progress, status()); a model
+        that cannot start is the server's end, as an engine that gives up is."""
+        try:
+            await asyncio.to_thread(self.start)
+        except Exception as e:
+            if not self.draining:  # not stopped while starting: failed
+                self._gave_up(self.starting, f"could not start: {str(e).strip().splitlines()[0]}")
+
+    def status(self):
+        """Each model's start-up: waiting, starting or ready, and the batch sizes of its compiled decode step
+        built so far and planned (when compiling)."""
+        names = list(self.models)  # started in this order
+        at = names.index(self.starting) if self.starting else len(names) if self.ready else 0
+        states = {}
+        for i, (name, served) in enumerate(self.models.items()):
+            states[name] = {"state": "ready" if i < at else "starting" if i == at and self.starting else "waiting"}
+            sizes = served.engine.compiled_sizes() if i <= at else None
+            if sizes:
+                states[name] |= {"compiled_batch_sizes": sizes[0], "batch_sizes": sizes[1]}
+        return states
 
     def stop(self):
         self.ready = False

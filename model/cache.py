@@ -85,14 +85,18 @@ class GPTCache:
         self.length[:B] = [h + 1 for h in held]
         return logits
 
+    def compiled_sizes(self):
+        """(batch sizes whose compiled step is built, those planned), or None when decoding eagerly."""
+        return None if self.step is None else (list(self.step.runs), self.buckets)
+
     @torch.no_grad()
-    def warm_up(self):
-        """Compile (or load) the step for every bucket now, not in a user's request. If that fails, say so
-        in one line and decode eagerly: a slower server, never a broken one."""
+    def warm_up(self, on_built=None):
+        """Compile (or load) the step for every bucket now, not in a user's request (`on_built(sizes)` after
+        each). If that fails, say so in one line and decode eagerly: a slower server, never a broken one."""
         if self.step is None:
             return
         try:
-            self.step.build(self.buckets)
+            self.step.build(self.buckets, on_built)
         except Exception as e:  # inductor's messages run to many lines: the first says what failed
             why = (str(e).strip().splitlines() or [""])[0]
             log.warning("compiling the decode step failed, decoding without it: %s: %s", type(e).__name__, why)
@@ -126,8 +130,11 @@ class LSTMState:
     def room(self, slot):
         return math.inf
 
-    def warm_up(self):
+    def warm_up(self, on_built=None):
         pass  # nothing to compile
+
+    def compiled_sizes(self):
+        return None
 
     def prefill(self, first, seqs):
         """As GPTCache.prefill, one row at a time: the state after padding would not be the prompt's."""

@@ -127,25 +127,28 @@ class CompiledSteps:
         self.span = torch.empty(model.config.context_size + 1, device=k[0].device)
         self.runs = {}  # batch size -> the package loader's boxed_run
 
-    def build(self, sizes):
-        """Load each batch size's package from the folder, or compile it there; raise if compiling fails."""
+    def build(self, sizes, on_built=None):
+        """Load each batch size's package from the folder, or compile it there; raise if compiling fails.
+        `on_built(sizes)` after each, with the batch sizes built so far."""
         folder = writable_folder(self.folder)
         device = next(self.model.parameters()).device
         shared = weights_key(self.model)
         shared.update(machine_identity(device).encode())
-        for n in sizes:
+        for i, n in enumerate(sizes, 1):
             self.views[n] = [x[:n] for x in self.k] + [x[:n] for x in self.v]
             key = shared.copy()
             key.update(f"batch {n}".encode())
             path = folder / f"decode-{key.hexdigest()[:32]}.pt2"
             run = self._load(path, device) if path.exists() else None
             if run is None:
-                log.info("compiling the decode step for batch size %d (kept in %s)", n, folder)
+                log.info("compiling the decode step for batch size %d (%d of %d, kept in %s)", n, i, len(sizes), folder)
                 self._compile(n, path, device)
                 run = self._load(path, device, strict=True)
             else:
-                log.info("loaded the compiled decode step for batch size %d", n)
+                log.info("loaded the compiled decode step for batch size %d (%d of %d)", n, i, len(sizes))
             self.runs[n] = run
+            if on_built:
+                on_built(list(self.runs))
 
     def _compile(self, n, path, device):
         tokens = torch.zeros(n, 1, dtype=torch.long, device=device)

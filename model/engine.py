@@ -23,7 +23,7 @@ context_size tokens greedy output equals GPT.generate's token for token.
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
@@ -32,7 +32,7 @@ from model.cache import GPTCache, LSTMState, window_start
 from model.gpt import GPT
 from model.request import Finished, Outcome, Request, Token
 from model.sampling import Sampler, SamplingParams
-from model.scoring import PromptLogprobs, score_windows, top_logprobs
+from model.scoring import PromptLogprobs, Scoring, score_windows, top_logprobs
 
 __all__ = ["Engine", "Finished", "Outcome", "Request", "Token"]  # the request's types, for the engine's users
 
@@ -43,15 +43,6 @@ def poisoned(error):
     """Whether `error` leaves the device unusable by this process (a CUDA device-side assert, an illegal address):
     every later CUDA call fails too. Running out of memory is not such an error."""
     return not isinstance(error, torch.OutOfMemoryError) and "CUDA error" in str(error)
-
-
-@dataclass
-class Scoring:
-    """One prompt's scoring under way, shared by every request that asked for it (the n choices of a prompt)."""
-
-    key: tuple  # (prompt, prompt_logprobs)
-    windows: object  # score_windows' generator
-    reqs: list
 
 
 class Engine:
@@ -101,12 +92,15 @@ class Engine:
             self.waiting.append(req)
             self.cond.notify()
 
-    def warm_up(self):
+    def warm_up(self, on_built=None):
         """For an engine stepped in the caller's thread (not start()ed): compile the decode step if asked
         (see GPTCache), then run one prefill and one decode step. A started engine does this itself, in
         its own thread: a compiled step is only good for the torch thread count it was compiled under."""
-        self.cache.warm_up()
+        self.cache.warm_up(on_built)
         self.generate([0], 2, temperature=0.0)
+
+    def compiled_sizes(self):
+        return self.cache.compiled_sizes()
 
     def counts(self):
         """(active, waiting): read without the lock, so a snapshot, good for gauges and admission."""

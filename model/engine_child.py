@@ -20,13 +20,15 @@ TICK = 0.25  # how often a waiting side looks again
 
 
 def serve(conn, weights, device, dtype, max_batch, threads, compiled, compile_folder, logs):
-    """The child process: load, warm up, say ("ready", None) (or ("failed", why)), then step until told to stop.
-    `logs`: (level, formatter) of the server's log, so that the engine's lines read as the server's own."""
+    """The child process: load, warm up (saying ("built", batch sizes) after each compiled step), say ("ready",
+    None) (or ("failed", why)), then step until told to stop. `logs`: (level, formatter, model name) of the
+    server's log, so that the engine's lines read as the server's own, each naming its model."""
     from model import load_checkpoint
     from model.engine import Engine
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server handles it
-    level, formatter = logs
+    level, formatter, name = logs
+    log.addFilter(lambda record: setattr(record, "msg", f"model {name}: {record.msg}") or True)
     if formatter:
         handler = logging.StreamHandler()
         handler.setFormatter(formatter)
@@ -40,7 +42,7 @@ def serve(conn, weights, device, dtype, max_batch, threads, compiled, compile_fo
         on_step = lambda n: out.append((STEP, n, None))  # noqa: E731
         kept = {"compiled": compiled, "compile_folder": compile_folder}
         engine = Engine(model, max_batch, on_step=on_step, exit_on_device_error=True, **kept)
-        engine.warm_up()
+        engine.warm_up(on_built=lambda sizes: conn.send(("built", sizes)))
     except Exception as e:
         conn.send(("failed", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
         return
@@ -90,12 +92,13 @@ def serve(conn, weights, device, dtype, max_batch, threads, compiled, compile_fo
         pass
 
 
-def server_logs():
+def server_logs(name):
     """The level of the server's log, and the formatter of its first handler: when it is logging's own (as
-    `python -m app` sets it up), which pickles; else None, and the child keeps logging's defaults."""
+    `python -m app` sets it up), which pickles; else None, and the child keeps logging's defaults. And the name
+    of the model, which begins each line."""
     handlers = logging.getLogger().handlers
     formatter = handlers[0].formatter if handlers else None
-    return log.getEffectiveLevel(), formatter if type(formatter) is logging.Formatter else None
+    return log.getEffectiveLevel(), formatter if type(formatter) is logging.Formatter else None, name
 
 
 class Child:
@@ -115,16 +118,20 @@ class Child:
         `stopping()` turns true meanwhile."""
         self.proc.start()
         self.theirs.close()  # the child's end is the child's: its death then closes the pipe here
-        while not self.conn.poll(TICK):
-            if stopping() or not self.proc.is_alive():
-                why = "was stopped" if stopping() else self.exit_status()
-                self.kill()
-                raise RuntimeError(f"the engine process {why}")
-        try:
-            kind, detail = self.conn.recv()
-        except EOFError:
-            self.proc.join(5)
-            kind, detail = "failed", f"the engine process {self.exit_status()}"
+        kind = "built"
+        while kind == "built":
+            while not self.conn.poll(TICK):
+                if stopping() or not self.proc.is_alive():
+                    why = "was stopped" if stopping() else self.exit_status()
+                    self.kill()
+                    raise RuntimeError(f"the engine process {why}")
+            try:
+                kind, detail = self.conn.recv()
+            except EOFError:
+                self.proc.join(5)
+                kind, detail = "failed", f"the engine process {self.exit_status()}"
+            if kind == "built":
+                self.on_message(self, kind, detail)
         if kind != "ready":
             self.kill()
             raise RuntimeError(f"the engine process could not start: {detail}")

@@ -29,6 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from functools import partial
 
+from model.cache import batch_buckets
 from model.engine_child import STEP, TICK, Child, server_logs
 from model.request import Finished, Outcome, Request, Token
 from model.sampling import SamplingParams
@@ -81,7 +82,9 @@ class EngineProcess:
         on_restart=None,
         on_give_up=None,
     ):
-        self.args = (str(weights), str(device), dtype, max_batch, threads, compiled, compile_folder, server_logs())
+        self.args = (str(weights), str(device), dtype, max_batch, threads, compiled, compile_folder, server_logs(name))
+        self.planned = batch_buckets(max_batch) if compiled else None
+        self.built = []  # the batch sizes whose compiled step the child has built
         self.name, self.max_batch, self.context, self.timeout = name, max_batch, context, timeout
         self.on_step, self.on_restart, self.on_give_up = on_step, on_restart, on_give_up
         self.tracked = {}  # request id -> Tracked, until its Finished arrives
@@ -95,13 +98,17 @@ class EngineProcess:
         self.pinged = False
         self.stopping = False
         self.wake = threading.Event()
+        self.settled = threading.Event()  # start() has returned or raised
         self.watchdog = None
 
     # -- the server's side --
 
     def start(self):
         """Start the child and return once it has loaded and warmed up; raise RuntimeError if it could not."""
-        self.child = self._spawn()
+        try:
+            self.child = self._spawn()
+        finally:
+            self.settled.set()
         self.down, self.heard = None, time.monotonic()
         self.watchdog = threading.Thread(target=self._watch, name="quill-engine-watchdog", daemon=True)
         self.watchdog.start()
@@ -110,6 +117,8 @@ class EngineProcess:
         """Tell the child to end its requests and exit; one that has not within `timeout` s is killed."""
         self.stopping = True
         self.wake.set()
+        if self.child:  # a start under way in another thread sees `stopping`, kills its child and raises
+            self.settled.wait()
         if self.watchdog:
             self.watchdog.join()  # a restart under way is abandoned; then nothing but this thread waits on a child
         child = self.child
@@ -148,6 +157,10 @@ class EngineProcess:
         outcome.done.wait()
         return outcome.ids()
 
+    def compiled_sizes(self):
+        """As Engine.compiled_sizes: (batch sizes built, those planned), or None without compiling."""
+        return None if self.planned is None else (self.built, self.planned)
+
     def _send_submit(self, rid):
         t = self.tracked[rid]
         params, prompt = t.req.params, t.req.prompt
@@ -175,6 +188,8 @@ class EngineProcess:
             self.heard = time.monotonic()
             if kind == "pong":
                 self.pinged = False
+            if kind == "built":
+                self.built = events
             if kind != "events":
                 return self.wake.set() if kind == "gone" else None
             for rid, event, started_at in events:

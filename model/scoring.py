@@ -16,6 +16,15 @@ class PromptLogprobs:
     top: list
 
 
+@dataclass
+class Scoring:
+    """One prompt's scoring under way, shared by every request that asked for it (the n choices of a prompt)."""
+
+    key: tuple  # (prompt, prompt_logprobs)
+    windows: object  # score_windows' generator
+    reqs: list
+
+
 def top_logprobs(logprobs, k):
     """The k likeliest tokens of each row of (T, V) log-probabilities: one ((id, logprob), ...) per row."""
     if not k:

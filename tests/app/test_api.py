@@ -513,8 +513,10 @@ def test_ready_lists_the_models_once_loaded(client):
 def test_ready_is_503_before_the_models_are_loaded(checkpoints):
     app = create_app(settings(checkpoints))
     r = TestClient(app).get("/ready")  # outside `with`: the lifespan has not run
-    assert_error(r, 503)
-    assert "Retry-After" in r.headers
+    assert r.status_code == 503 and "Retry-After" in r.headers
+    body = r.json()
+    assert set(body["error"]) == ERROR_FIELDS and body["error"]["message"] == "not ready: starting"
+    assert body["models"] == {}  # none loaded yet (python -m app loads them first, then reports each one's start)
 
 
 def test_no_checkpoint_configured_or_bundled_fails_saying_how_to_train_one(monkeypatch, tmp_path):

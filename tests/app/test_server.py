@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_helpers import app_command, metric, parse_sse, running_server, wait_until
+from service_helpers import Server, app_command, metric, parse_sse, running_server, wait_until
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -194,20 +194,50 @@ def test_uvicorn_serves_app_main_with_settings_from_the_environment(checkpoints,
         assert [m["id"] for m in r.json()["data"]] == ["tiny-lstm", "tiny-gpt"]
 
 
-def test_compiled_server_is_ready_only_once_compiled_and_writes_the_eager_servers_text(server, checkpoints, tmp_path):
-    """The first start compiles each bucket before /ready; a second start loads what the first kept."""
+def readiness_until_ready(server, timeout=300):
+    """Each /ready answer while the server starts (JSON bodies), polled until one is 200."""
+    seen = []
+
+    def ready():
+        assert server.proc.poll() is None, f"server exited with {server.proc.returncode}"
+        try:
+            r = httpx.get(server.url + "/ready", timeout=5)
+        except httpx.TransportError:
+            return False
+        seen.append(r.json())
+        return r.status_code == 200
+
+    assert wait_until(ready, timeout, interval=0.1), "server not ready in time"
+    return seen
+
+
+def test_compiled_server_answers_ready_with_its_progress_and_writes_the_eager_servers_text(
+    server, checkpoints, tmp_path
+):
+    """The port answers while the first start compiles each bucket: /ready is 503 and says which batch sizes are
+    built; a second start loads what the first kept. A line per bucket names the model and how far it is."""
     body = {"prompt": "Hello there", "max_new_tokens": 40, "temperature": 0, "stream": False}
     eager = httpx.post(server.url + "/generate", json=body, timeout=60).json()["text"]
     env = {"QUILL_MAX_RUNNING": "2", "QUILL_COMPILE_CACHE": str(tmp_path / "kept")}  # buckets 1 and 2
     for start, says in enumerate(["compiling the decode step", "loaded the compiled decode step"]):
         log = tmp_path / f"server-{start}.log"
-        with running_server([*app_command([checkpoints["tiny-gpt"]]), "--compile"], env, log, ready_within=300) as s:
+        s = Server([*app_command([checkpoints["tiny-gpt"]]), "--compile"], env, log)
+        try:
+            seen = readiness_until_ready(s)
             lines = [line for line in log.read_text().splitlines() if "decode step" in line]
             # the first start compiles both, the second loads both; neither fails nor does the other
-            assert [line[line.index(says) :].split(" (kept")[0] for line in lines] == [
-                f"{says} for batch size {n}" for n in (1, 2)
+            assert [line[line.index("model tiny-gpt: ") :].split(",")[0].rstrip(")") for line in lines] == [
+                f"model tiny-gpt: {says} for batch size {n} ({i} of 2" for i, n in enumerate((1, 2), 1)
             ]
             assert httpx.post(s.url + "/generate", json=body, timeout=60).json()["text"] == eager
+        finally:
+            s.close()
+        if start == 0:  # compiling takes long enough that /ready answered 503 with each step of it
+            progress = [b["models"]["tiny-gpt"] for b in seen if "models" in b and isinstance(b["models"], dict)]
+            assert {"state": "starting", "compiled_batch_sizes": [], "batch_sizes": [1, 2]} in progress
+            assert {"state": "starting", "compiled_batch_sizes": [1], "batch_sizes": [1, 2]} in progress
+            assert all(b["error"]["message"] == "not ready: starting" for b in seen[:-1])
+            assert seen[-1] == {"status": "ready", "models": ["tiny-gpt"]}
 
 
 def test_the_engine_in_a_process_streams_what_the_engine_in_a_thread_does(server, thread_server):

@@ -184,3 +184,27 @@ def test_a_stop_while_the_models_load_is_one_line_not_a_traceback(checkpoints, s
         proc.kill()
         proc.wait()
     assert err.strip() == "python -m app: stopped before serving"
+
+
+FAILING_ENGINE = """
+import runpy
+from model import engine_process
+def fail(self):
+    raise RuntimeError("the engine process could not start: OutOfMemoryError: CUDA out of memory")
+engine_process.EngineProcess.start = fail
+runpy.run_module("app", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_model_that_cannot_start_after_the_port_opened_ends_the_server_in_one_line_and_exit_1(checkpoints):
+    inherited = {k: v for k, v in os.environ.items() if k != "QUILL_ENGINE_PROCESS"}  # the default engine
+    env = {**inherited, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", FAILING_ENGINE, "--checkpoint", str(checkpoints["tiny-gpt"])]
+    port = ["--port", str(free_port())]
+    proc = subprocess.run([*command, *port], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "python -m app: model tiny-gpt: could not start: the engine process could not start: OutOfMemoryError: "
+        "CUDA out of memory; exiting so that a supervisor restarts the server"
+    )
+    assert "Traceback" not in proc.stderr

@@ -443,13 +443,13 @@ def test_compiled_steps_are_kept_and_loaded_for_the_same_weights_only(compiled_e
     model, _, folder = compiled_engine
     again = Engine(model, max_batch=3, compiled=True, compile_folder=folder)
     lines = compile_log(caplog, again)
-    assert lines == [f"loaded the compiled decode step for batch size {n}" for n in (1, 2, 3)]
+    assert lines == [f"loaded the compiled decode step for batch size {n} ({n} of 3)" for n in (1, 2, 3)]
     assert again.generate(PROMPT, 10, temperature=0.0) == greedy(model, PROMPT, 10)
     other = gpt64()
     with torch.no_grad():
         other.lm_head.weight.add_(0.5)  # other weights: other constants in the library
     lines = compile_log(caplog, Engine(other, max_batch=1, compiled=True, compile_folder=folder))
-    assert lines == [f"compiling the decode step for batch size 1 (kept in {folder})"]
+    assert lines == [f"compiling the decode step for batch size 1 (1 of 1, kept in {folder})"]
 
 
 @pytest.mark.slow
