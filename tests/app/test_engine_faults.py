@@ -41,6 +41,19 @@ def restarts(client, reason="died"):
     return metric(client.get("/metrics").text, "quill_engine_restarts_total", model="tiny-gpt", reason=reason) or 0
 
 
+def stream_through(client, sig):
+    """The events of a LONG stream during which the engine child gets `sig`, after the stream's 50th token."""
+    with client.stream("POST", "/generate", json=LONG) as r:
+        lines, sent = [], False
+        for line in r.iter_lines():
+            lines.append(line)
+            if not sent and sum(x.startswith("event: token") for x in lines) == 50:
+                os.kill(child_pid(client), sig)
+                sent = True
+    assert sent
+    return parse_sse("\n".join(lines) + "\n\n")
+
+
 CASES = [
     ("/generate", {"prompt": "ROMEO:", "max_new_tokens": 60, "seed": 4, "temperature": 0.8, "stream": False}),
     (
@@ -79,15 +92,8 @@ def test_a_stream_goes_on_through_a_killed_engine_and_ends_with_its_fault_free_t
     caplog.set_level(logging.INFO, "quill")
     expected = client.post("/generate", json={**LONG, "stream": False}).json()["text"]
     before = restarts(client)
-    with client.stream("POST", "/generate", json=LONG) as r:
-        lines, killed = [], False
-        for line in r.iter_lines():
-            lines.append(line)
-            if not killed and sum(x.startswith("event: token") for x in lines) == 50:
-                os.kill(child_pid(client), signal.SIGKILL)
-                killed = True
-    events = parse_sse("\n".join(lines) + "\n\n")
-    assert killed and events[-1][0] == "done", events[-1]
+    events = stream_through(client, signal.SIGKILL)
+    assert events[-1][0] == "done", events[-1]
     assert events[-1][1]["text"] == expected and events[-1][1]["usage"]["completion_tokens"] == LONG["max_new_tokens"]
     assert restarts(client) == before + 1
     assert "1 request resumed" in caplog.text  # it was killed mid-stream, not after
@@ -110,14 +116,7 @@ def test_a_hung_engine_is_killed_and_replaced_after_the_timeout(checkpoints, cap
     caplog.set_level(logging.INFO, "quill")
     with TestClient(create_app(settings(checkpoints["tiny-gpt"], engine_process=True, engine_timeout=2))) as client:
         expected = client.post("/generate", json={**LONG, "stream": False}).json()["text"]
-        with client.stream("POST", "/generate", json=LONG) as r:
-            lines, stopped = [], False
-            for line in r.iter_lines():
-                lines.append(line)
-                if not stopped and sum(x.startswith("event: token") for x in lines) == 50:
-                    os.kill(child_pid(client), signal.SIGSTOP)
-                    stopped = True
-        assert parse_sse("\n".join(lines) + "\n\n")[-1][1]["text"] == expected
+        assert stream_through(client, signal.SIGSTOP)[-1][1]["text"] == expected
         assert restarts(client, "hung") == 1 and "1 request resumed" in caplog.text
 
 
