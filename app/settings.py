@@ -36,8 +36,9 @@ class Settings(BaseSettings):
     # prefill group, a scoring window): 15 s for GPT-2 medium's shape on 2 busy CPU cores, milliseconds for the
     # bundled models; 120 covers GPT-2 XL's there. Raise it for a larger model on a slow CPU
     engine_timeout: float = Field(120.0, gt=0)
-    # the weights' precision for serving, cast once at load; auto: bfloat16 on a CUDA GPU that has it, else
-    # float32 (on this 2-core CPU bfloat16 changed decode speed little: docs/benchmarks-peers.md)
+    # the weights' precision for serving, cast once at load; auto: bfloat16 on a CUDA GPU of compute capability
+    # 8.0 or more (model/device.py), else float32 (on this 2-core CPU bfloat16 changed decode speed little:
+    # docs/benchmarks-peers.md)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_running: int = Field(32, ge=1)  # requests decoded together, per model (the batch size)
     max_queued: int = Field(64, ge=0)  # requests waiting for a slot, per model; beyond: 429

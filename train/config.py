@@ -65,7 +65,7 @@ class TrainConfig:
     device: str = opt("auto", "auto picks cuda, then mps, then cpu", choices=["auto", "cpu", "cuda", "mps"])
     dtype: str = opt(
         "auto",
-        "autocast precision; auto: bfloat16 on GPUs that support it, else float32",
+        "autocast precision; auto: bfloat16 on CUDA GPUs of compute capability 8.0+ (native), else float32",
         choices=["auto", "float32", "bfloat16"],
     )
     compile: bool = opt(

@@ -22,7 +22,7 @@ from model.checkpoint import (
     remove_stale_temp_files,
     save_checkpoint,
 )
-from model.device import pick_device
+from model.device import pick_device, pick_dtype
 from train.config import resumed_config
 from train.data import get_batch
 from train.inputs import model_config, read_corpus_for, read_resume_state, run_origin
@@ -84,13 +84,10 @@ def get_lr(it, cfg):
 
 
 def make_autocast(dtype, device):
-    """bf16 autocast where asked for (or, with auto, on a GPU that has it); fp32 otherwise."""
-    kind = device.split(":")[0]
-    if dtype == "auto":
-        dtype = "bfloat16" if kind == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if dtype == "float32":
+    """bf16 autocast where asked for (or, with auto, on a CUDA GPU that has it natively); fp32 otherwise."""
+    if pick_dtype(dtype, device) is torch.float32:  # auto: bfloat16 where it is native (model/device.py)
         return contextlib.nullcontext()
-    return torch.autocast(kind, dtype=torch.bfloat16)
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
 
 
 @torch.no_grad()
