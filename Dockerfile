@@ -52,8 +52,9 @@ COPY app/ app/
 COPY checkpoints/ checkpoints/
 
 # Other checkpoints (trained by the compose `train` service, or your own) live in this volume;
-# serve them with QUILL_CHECKPOINTS=/checkpoints/NAME. Made here so a new volume belongs to quill.
-RUN mkdir /checkpoints && chown quill:quill /checkpoints
+# serve them with QUILL_CHECKPOINTS=/checkpoints/NAME. /compiled holds compose's volume of compiled
+# decode steps. Made here so that a new volume mounted on either belongs to quill.
+RUN mkdir /checkpoints /compiled && chown quill:quill /checkpoints /compiled
 VOLUME /checkpoints
 
 USER 10001:10001

@@ -75,10 +75,45 @@ def test_compose_api_reserves_an_nvidia_gpu_publishes_8000_and_mounts_the_checkp
 
 
 @needs_compose
+def test_compose_api_passes_every_setting_of_app_settings():
+    from app.settings import Settings
+
+    env = config()["services"]["api"]["environment"]
+    assert set(env) == {f"QUILL_{name.upper()}" for name in Settings.model_fields}
+
+
+@needs_compose
 def test_compose_api_passes_quill_settings_through_only_when_set():
-    assert all(v is None for v in config()["services"]["api"]["environment"].values())  # unset: left out
-    env = config({"QUILL_API_KEY": "k", "QUILL_CHECKPOINTS": "/checkpoints/a"})["services"]["api"]["environment"]
-    assert env["QUILL_API_KEY"] == "k" and env["QUILL_CHECKPOINTS"] == "/checkpoints/a"
+    env = config()["services"]["api"]["environment"]
+    fixed = {"QUILL_DEVICE", "QUILL_HOST", "QUILL_PORT", "QUILL_COMPILE_CACHE"}
+    assert all(env[name] is None for name in set(env) - fixed)  # unset: left out, so the defaults hold
+    env = config({"QUILL_API_KEY": "k", "QUILL_CHECKPOINTS": "/checkpoints/a", "QUILL_DTYPE": "float16"})
+    env = env["services"]["api"]["environment"]
+    assert (env["QUILL_API_KEY"], env["QUILL_CHECKPOINTS"], env["QUILL_DTYPE"]) == ("k", "/checkpoints/a", "float16")
+
+
+@needs_compose
+def test_compose_api_runs_on_cuda_unless_told_so_a_host_without_a_usable_gpu_fails_loudly():
+    assert config()["services"]["api"]["environment"]["QUILL_DEVICE"] == "cuda"
+    assert config({"QUILL_DEVICE": "auto"})["services"]["api"]["environment"]["QUILL_DEVICE"] == "auto"
+
+
+@needs_compose
+def test_compose_api_listens_on_8000_on_every_interface_whatever_the_shell_says():
+    env = config({"QUILL_HOST": "127.0.0.1", "QUILL_PORT": "9000"})["services"]["api"]["environment"]
+    assert (env["QUILL_HOST"], env["QUILL_PORT"]) == ("0.0.0.0", "8000")
+
+
+@needs_compose
+def test_compose_api_keeps_compiled_steps_in_a_named_volume_that_the_image_gives_to_quill():
+    compose_config = config()
+    api, volumes = compose_config["services"]["api"], compose_config["volumes"]
+    cache = api["environment"]["QUILL_COMPILE_CACHE"]
+    mounts = {m["target"]: m for m in api["volumes"]}
+    assert cache == "/compiled" and mounts[cache]["type"] == "volume" and mounts[cache]["source"] == "compiled"
+    assert "compiled" in volumes
+    assert "chown quill:quill /checkpoints /compiled" in (REPO / "Dockerfile").read_text()
+    assert api["restart"] == "unless-stopped"
 
 
 @needs_compose
