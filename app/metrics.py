@@ -27,7 +27,10 @@ class Metrics:
         )
         self.tokens = Counter("quill_tokens_generated", "tokens generated", ["model"], registry=r)
         self.engine_restarts = Counter(
-            "quill_engine_restarts", "engine processes replaced, by why: died or hung", ["model", "reason"], registry=r
+            "quill_engine_restarts",
+            "engine processes that died (a failed start included) or hung, each replaced unless the engine gave up",
+            ["model", "reason"],
+            registry=r,
         )
 
     def track_engines(self, engines):

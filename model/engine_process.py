@@ -245,10 +245,10 @@ class EngineProcess:
         with self.lock:
             self.down, old = f"the engine process {why}; restarting it", self.child
         old.kill()
-        if self.on_restart:
-            self.on_restart(kind, why)
         self._blame(why)
-        while True:
+        while True:  # a death, then each start that fails: each counts towards a crash loop
+            if self.on_restart:
+                self.on_restart(kind, why)
             self.deaths.append(time.monotonic())
             while self.deaths[0] < self.deaths[-1] - CRASH_WINDOW:
                 self.deaths.popleft()
@@ -260,8 +260,9 @@ class EngineProcess:
             except RuntimeError as e:
                 if self.stopping:
                     return False
-                why = str(e)
-                log.error("model %s: %s", self.name, why)
+                kind, why = "died", str(e).strip().splitlines()[0]
+                log.error("model %s: %s", self.name, why)  # the child's traceback, at debug level:
+                log.debug("model %s: %s", self.name, e)
         with self.lock:
             self.child, self.down, self.heard, self.pinged = child, None, time.monotonic(), False
             for rid in sorted(self.tracked):

@@ -198,7 +198,7 @@ def test_a_request_that_makes_no_progress_between_two_deaths_ends_as_engine_fail
         engine.stop()
 
 
-def test_a_crash_loop_gives_up_ending_every_request_and_refusing_new_ones(weights, tmp_path):
+def test_a_crash_loop_gives_up_ending_every_request_and_refusing_new_ones(weights, tmp_path, caplog):
     copy = tmp_path / "model.safetensors"
     copy.write_bytes(weights.read_bytes())
     engine, seen = supervised(copy)
@@ -209,6 +209,8 @@ def test_a_crash_loop_gives_up_ending_every_request_and_refusing_new_ones(weight
         assert req.emit.done.wait(120)
         assert req.emit.events[-1].code == "engine_failed" and "5 times" in req.emit.events[-1].error
         assert len(seen["gave_up"]) == 1 and engine.failed and engine.down
+        assert seen["restarts"] == ["died"] * 5  # the kill, then four children that could not start
+        assert "Traceback" not in caplog.text  # a line each, not the child's traceback
         late = Request([1], SamplingParams(max_new_tokens=3), Recorder())
         engine.submit(late)
         assert late.emit.events == [Finished("error", engine.failed, "engine_failed")]
