@@ -146,6 +146,7 @@ def test_compose_train_runs_only_under_its_profile_with_options_from_the_environ
     ]
     assert train["volumes"][0]["target"] == "/checkpoints"
     assert train["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    assert train["shm_size"] == str(8 * 2**30)  # NCCL's shared memory: a container's default is 64 MB
 
 
 @needs_hadolint

@@ -245,6 +245,10 @@ def get_batch(data, batch_size, context_size, generator, device="cpu"):
         rows = torch.stack([data[i : i + context_size + 1] for i in ix])
         if isinstance(data, ResegmentedSplit):
             data.drew(rows.numel())
+    if torch.device(device).type == "cuda":
+        # one copy of the (B, T+1) windows from pinned memory, queued without waiting: it overlaps the GPU's
+        # work on the step before, where a copy from pageable memory would stage it and block
+        rows = rows.pin_memory().to(device, non_blocking=True)
     x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # (B, T) each
     return x.to(device), y.to(device)
 

@@ -174,12 +174,14 @@ def start_model(cfg, vocab_size, device, rank, resume_path, init=None, shape=Non
 
 
 def stepped_model(model, cfg, device, world):
-    """The model the training steps run: compiled, and wrapped for DDP under torchrun."""
-    if cfg.compile:
-        model = torch.compile(model)
+    """The model the training steps run: wrapped for DDP under torchrun, then compiled. In that order, as
+    torch's DDP notes say: compiling the wrapper splits the graph at DDP's gradient buckets, so each bucket's
+    all-reduce overlaps the rest of the backward pass; DDP around a compiled model waits for all of it."""
     if world > 1:
         cuda = device.startswith("cuda")
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None)
+    if cfg.compile:
+        model = torch.compile(model)  # its no_sync() is the DDP wrapper's (OptimizedModule passes it through)
     return model
 
 
