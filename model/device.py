@@ -39,9 +39,9 @@ def nvml_capabilities():
     picks the dtype for its engine processes (torch itself counts devices through NVML to avoid that)."""
     try:
         nvml = ctypes.CDLL("libnvidia-ml.so.1")
-    except OSError:
-        return None
-    if nvml.nvmlInit_v2() != 0:
+        if nvml.nvmlInit_v2() != 0:
+            return None
+    except (OSError, AttributeError):  # no NVIDIA driver here, or one without these calls
         return None
     try:
         count, caps = ctypes.c_uint(), []
@@ -55,6 +55,8 @@ def nvml_capabilities():
                 return None
             caps.append((major.value, minor.value))
         return caps or None
+    except AttributeError:
+        return None
     finally:
         nvml.nvmlShutdown()
 

@@ -3,9 +3,12 @@ chosen device's compute capability through NVML, never by initialising CUDA in t
 
 import ctypes
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
+from helpers import REPO
 
 from model import device as device_module
 from model.device import cuda_capability, nvml_capabilities, pick_dtype
@@ -87,10 +90,13 @@ def test_the_slowest_gpu_decides_where_cuda_may_number_them_otherwise(monkeypatc
 class FakeNvml:
     """libnvidia-ml's calls that nvml_capabilities makes, over a list of capabilities; 0 is NVML_SUCCESS."""
 
-    def __init__(self, caps, fail=None):
-        self.caps, self.fail, self.calls = caps, fail, []
+    def __init__(self, caps, fail=None, missing=None):
+        self.caps, self.fail, self.missing, self.calls = caps, fail, missing, []
 
     def __getattr__(self, name):
+        if name == self.missing:
+            raise AttributeError(f"undefined symbol: {name}")
+
         def call(*args):
             self.calls.append(name)
             if name == self.fail:
@@ -115,6 +121,8 @@ def test_nvml_capabilities_reads_every_gpu_from_the_drivers_library_and_shuts_nv
     assert nvml_capabilities() is None and nvml.calls[-1] == "nvmlShutdown"
     nvml = FakeNvml([(8, 6)], fail="nvmlInit_v2")
     assert nvml_capabilities() is None and nvml.calls == ["nvmlInit_v2"]
+    nvml = FakeNvml([(8, 6)], missing="nvmlDeviceGetCudaComputeCapability")  # a driver without the call
+    assert nvml_capabilities() is None and nvml.calls[-1] == "nvmlShutdown"
 
 
 def test_nvml_capabilities_is_none_without_the_nvidia_driver(monkeypatch):
@@ -133,3 +141,17 @@ def test_training_autocasts_to_bfloat16_on_cuda_only_where_it_is_native(monkeypa
     assert isinstance(autocast, torch.autocast) and autocast.fast_dtype is torch.bfloat16
     gpus(monkeypatch, (7, 5))
     assert not isinstance(make_autocast("auto", "cuda"), torch.autocast)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_auto_follows_the_devices_capability_and_leaves_cuda_uninitialised():
+    code = (
+        "import torch; from model.device import pick_dtype; dtype = pick_dtype('auto', 'cuda'); "
+        "initialised = torch.cuda.is_initialized(); "
+        "print(dtype is torch.bfloat16, initialised, torch.cuda.get_device_capability() >= (8, 0))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    bfloat16, initialised, native = out.stdout.split()
+    assert initialised == "False" and bfloat16 == native

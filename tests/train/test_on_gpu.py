@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import tiny_gpt
 
-from tests.helpers import tiny_gpt
 from train.data import TokenFile, get_batch
 from train.loop import stepped_model
 
@@ -102,3 +102,13 @@ def test_a_compiled_ddp_model_still_turns_the_gradient_sync_off_for_accumulation
         assert ddp.require_backward_grad_sync
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_a_batch_arrives_whole_on_the_device():
+    data = torch.arange(5000) % 97
+    x, y = get_batch(data, 8, 32, torch.Generator().manual_seed(5), "cuda")
+    cpu_x, cpu_y = get_batch(data, 8, 32, torch.Generator().manual_seed(5), "cpu")
+    assert x.is_cuda and y.is_cuda and x.is_contiguous() and y.is_contiguous()
+    assert torch.equal(x.cpu(), cpu_x) and torch.equal(y.cpu(), cpu_y)
