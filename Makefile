@@ -46,7 +46,8 @@ bench: install
 bench-peers: install
 	$(PYTHON) -m benchmarks.peers
 
-# On a machine with a CUDA GPU: the CUDA tests, then benchmarks.gpu into docs/benchmarks-gpu.md (under 8 minutes).
+# On a machine with a CUDA GPU: the CUDA tests, then benchmarks.gpu into docs/benchmarks-gpu.md (about 3 minutes
+# expected; bash scripts/gpu-check.sh --full adds the compiled rows, --dry-run shows the steps on a CPU).
 # No install: it runs where torch is (.venv's python if there is one, else python3). scripts/gpu-check.sh's top
 # says how to run it on the project's device machine, with the wheels scripts/gpu-wheels.sh makes.
 gpu-check:

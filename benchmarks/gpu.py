@@ -1,16 +1,20 @@
 """Quill on a GPU: decode tokens/s of the Engine in process and of a real server over HTTP, in float32,
 bfloat16, and bfloat16 with the compiled decode step; and the bundled GPT's val loss in each precision.
 
-    python -m benchmarks.gpu [--device cuda] [--quick] [--out-dir DIR] [--corpus PATH] [--budget-s S]
+    python -m benchmarks.gpu [--device cuda] [--full] [--quick] [--out-dir DIR] [--corpus PATH] [--budget-s S]
+    python -m benchmarks.gpu --plan [--full]     # this machine's versions and the plan, each job's expected time
 
-scripts/gpu-check.sh runs it on the device machine. Models: the bundled GPT, a random 6L/384/ctx256 GPT
-and a random GPT of GPT-2 small's shape (12L/12H/768, ctx 1024, vocab 50257, tanh GELU), fed token ids
-(speed depends on the shape, not the weights or a tokenizer). Greedy decoding of a 16-token prompt; batch 1,
-and 32 requests submitted together (max_batch 32; their 32 prefills are in the time); medians of 3 after a
-warm-up, the device synchronized before each clock reading. The compiled engines are built for the two batch
-sizes measured (1 and 32), which keeps compile time in the budget; the compiled server builds all six (1, 2,
-4, ..., 32) from a cold compile cache, and its start-up to /ready is reported. The results are rewritten after
-each measurement, so a run cut short keeps what it measured; past --budget-s the rest is skipped, and says so.
+scripts/gpu-check.sh runs it on the device machine, where a borrowed GPU has about 15 minutes in all: the
+default measures what tells most in about 1.5 minutes (expected), the engine at batch 1 and 32 in bfloat16
+and float32 (eager) on the bundled GPT and a random GPT of GPT-2 small's shape (12L/12H/768, ctx 1024, vocab
+50257, tanh GELU), one eager server over HTTP and the val loss; --full adds a random 6L/384/ctx256 GPT and every
+compiled row (the engines' and a server's), about 7 minutes more. Random models are fed token ids (speed
+depends on the shape, not the weights or a tokenizer). Greedy decoding of a 16-token prompt; batch 1, and 32
+requests submitted together (max_batch 32; their 32 prefills are in the time); medians of 3 after a warm-up,
+the device synchronized before each clock reading. The compiled engines are built for the two batch sizes
+measured (1 and 32); the compiled server builds all six (1, 2, 4, ..., 32) from a cold compile cache, and its
+start-up to /ready is reported. The results are rewritten after each measurement, so a run cut short keeps what
+it measured; past --budget-s the rest is skipped, and says so.
 """
 
 import argparse
@@ -18,6 +22,7 @@ import asyncio
 import copy
 import gc
 import json
+import re
 import statistics
 import tempfile
 import time
@@ -30,7 +35,7 @@ import torch.nn.functional as F
 from benchmarks.common import DOCS, machine, markdown_table, median_time
 from benchmarks.http import ROOT, concurrent, free_port, start_server
 from model import GPT, load_checkpoint
-from model.device import pick_device
+from model.device import pick_device, pick_dtype
 from model.engine import Engine, Finished, Request
 from model.sampling import SamplingParams
 from train.data import full_loss, read_corpus, split_text
@@ -44,8 +49,23 @@ VARIANTS = {  # name: (weights' dtype, compiled decode step)
     "bfloat16 eager": (torch.bfloat16, False),
     "bfloat16 compiled": (torch.bfloat16, True),
 }
-# A guess at each job's length on an H200; a job is skipped when less than this is left of the budget.
-NEEDS_S = {"eager": 20, "compiled": 75, "compiled gpt2-small": 150, "http": 150, "val loss": 15}
+DEFAULT_MODELS = ("bundled", "gpt2-small")  # --full adds 6L-384
+# Each step's expected seconds on an H100 or H200: estimates, not measurements (no run on a GPU yet; each result
+# line prints the time taken beside them, for the next edit). A job is skipped when less than its estimate is
+# left of the budget. Eager decoding is bound by kernel launches (some 60 a step for the bundled GPT's 4 layers,
+# 180 for GPT-2 small's 12: a few ms a step), about 1,000 steps a row with the warm-ups; a server's start imports
+# torch twice (it and its engine process) and initialises CUDA; compiling on CUDA is AOTInductor's C++ build
+# and Triton's kernels, per batch size.
+EXPECTED_S = {
+    "setup": 15,  # scripts/gpu-check.sh: wheels, then this module's --plan (torch's import, the versions)
+    "tests": 80,  # pytest -m cuda: the engine on CUDA, and the compiled decode step built for 2 batch sizes
+    "eager": 10,
+    "http": 40,  # eager: start-up, then 1 and 32 streams of 100 tokens, 3 times
+    "val loss": 10,
+    "compiled": 60,  # 2 batch sizes
+    "compiled gpt2-small": 120,
+    "http compiled": 180,  # 6 batch sizes compiled at start-up, from a cold cache
+}
 
 
 def model_specs(quick):
@@ -71,6 +91,51 @@ def model_specs(quick):
         ("6L-384", "6L/384/ctx256" + shrunk, random(vocab_size=65, **six), n[1]),
         ("gpt2-small", "GPT-2 small's shape" + shrunk, random(vocab_size=50257, gelu="tanh", **gpt2), n[2]),
     ]
+
+
+def plan(full):
+    """The benchmark's jobs in the order run, the most telling first: (kind, model, variant, expected s). The
+    engine rows of the bundled GPT and GPT-2 small's shape in bfloat16 and float32, one eager server, the val
+    loss; --full then adds the compiled rows, the compiled server and the 6L/384 GPT's rows."""
+    jobs = [("engine", m, v, EXPECTED_S["eager"]) for m in DEFAULT_MODELS for v in ("bfloat16 eager", "float32 eager")]
+    jobs += [("http", None, "bfloat16 eager", EXPECTED_S["http"]), ("val loss", None, None, EXPECTED_S["val loss"])]
+    if full:
+        jobs += [
+            ("engine", "bundled", "bfloat16 compiled", EXPECTED_S["compiled"]),
+            ("http", None, "bfloat16 compiled", EXPECTED_S["http compiled"]),
+            *[("engine", "6L-384", v, EXPECTED_S["compiled" if VARIANTS[v][1] else "eager"]) for v in VARIANTS],
+            ("engine", "gpt2-small", "bfloat16 compiled", EXPECTED_S["compiled gpt2-small"]),
+        ]
+    return jobs
+
+
+def job_name(kind, model, variant):
+    if kind == "engine":
+        return f"engine, {model}, {variant}, batch 1 and {BATCH}"
+    return f"a server over HTTP, {variant}, 1 and {BATCH} streams" if kind == "http" else "the bundled GPT's val loss"
+
+
+def show_plan(full, budget_s):
+    """Print the run's steps, each with its expected time on a GPU, and their total."""
+    steps = [("setup: wheels, versions, this plan", EXPECTED_S["setup"]), ("CUDA tests", EXPECTED_S["tests"])]
+    jobs = [(f"benchmark: {job_name(*job[:3])}", job[3]) for job in plan(full)]
+    print(f"gpu-check plan ({'--full' if full else 'default'}), each step's expected time on an H100/H200 (estimates):")
+    for i, (what, seconds) in enumerate(steps + jobs, 1):
+        print(f"  {i:2}. {what}: {seconds} s")
+    bench = sum(seconds for _, seconds in jobs)
+    total = bench + sum(seconds for _, seconds in steps)
+    print(f"  expected in all: {total} s (about {total / 60:.1f} min); the benchmark {bench} s of its {budget_s:.0f}")
+
+
+def versions(device):
+    """torch's and CUDA's versions, the GPU, its compute capability and what QUILL_DTYPE=auto picks on it."""
+    pinned = re.search(r"^ARG TORCH_REQUIREMENT=torch==(\S+)", (ROOT / "Dockerfile").read_text(), re.M)
+    line = f"torch {torch.__version__} (the image pins {pinned[1] if pinned else '?'}), CUDA {torch.version.cuda}"
+    if torch.device(device).type != "cuda":
+        return f"{line}, no GPU used (device {device})"
+    auto = str(pick_dtype("auto", device)).removeprefix("torch.")  # before torch initialises CUDA: NVML's answer
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{line}, {torch.cuda.get_device_name(device)}, compute capability {major}.{minor}, auto dtype {auto}"
 
 
 def synchronize(device):
@@ -151,8 +216,8 @@ def val_loss(corpus, device, quick):
 
 
 def http(device, quick, compiled, ready_within):
-    """A real server on the bundled GPT in bfloat16 (compiled unless --quick), from a cold compile cache;
-    1 and 32 streams (--quick: 4) through benchmarks.http's clients, which sample at temperature 1."""
+    """A real server on the bundled GPT in bfloat16, eager or compiled from a cold compile cache; 1 and 32
+    streams (--quick: 4) through benchmarks.http's clients, which sample at temperature 1."""
     streams, tokens, repeats = ([1, 4], 8, 1) if quick else ([1, BATCH], 100, REPEATS)
     env = {"QUILL_DEVICE": device, "QUILL_DTYPE": "bfloat16", "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp()}
     env["QUILL_COMPILE_CACHE"] = tempfile.mkdtemp()  # no kept compiled steps either: the first start compiles
@@ -182,7 +247,7 @@ def median_rows(rows):
 
 
 def gpu_description(device):
-    m = machine()
+    m = machine() | {"versions": versions(device)}
     if torch.device(device).type == "cuda":
         m.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
         m["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32  # off by default: float32 is float32
@@ -200,11 +265,10 @@ def cell(row, key, fmt="{:,.0f}"):
 
 def report(results):
     m = results["machine"]
-    where = f"{m.get('gpu', 'no GPU')} (CUDA {m.get('cuda')})" if "gpu" in m else f"device {results['device']}"
     lines = [
         "# Quill on a GPU",
         "",
-        f"{where}, torch {m['torch']}, Python {m['python']}, host CPU {m['cpu']} ({m['cores']} cores), {m['date']}. "
+        f"{m['versions']}; Python {m['python']}, host CPU {m['cpu']} ({m['cores']} cores), {m['date']}. "
         f"`{results['command']}` (scripts/gpu-check.sh). Greedy, a {PROMPT_TOKENS}-token prompt, medians of "
         f"{results['repeats']} after a warm-up; {BATCH} requests submitted together, their prefills in the time; "
         f"compiled engines built for batch sizes 1 and {BATCH}.",
@@ -225,18 +289,20 @@ def report(results):
         ])  # fmt: skip
     header = ["model", "weights, step", "new tokens", "batch 1 tok/s", "x f32", f"{BATCH} requests tok/s", "x f32"]
     lines.append(markdown_table([*header, "warm-up s", "greedy = f32", "note"], rows))
-    h = results["http"]
-    lines += ["", "## Over HTTP: `python -m app` on the bundled GPT, QUILL_DTYPE=bfloat16", ""]
-    if "streams" in h:
-        kind = "QUILL_COMPILE=1, cold compile cache" if h["compiled"] else "eager (--quick)"
-        lines += [f"Start-up to `/ready`: {h['startup_s']:.1f} s ({kind}). {h.get('note', '')}", ""]
-        lines.append(markdown_table(
-            ["streams", "tokens each", "aggregate tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"],
-            [[s["clients"], s["tokens_per_client"], f"{s['aggregate_tok_s']:,.0f}", f"{s['ttft_p50_ms']:.1f}",
-              f"{s['ttft_p99_ms']:.1f}", f"{s['itl_p50_ms']:.2f}", f"{s['itl_p99_ms']:.2f}"] for s in h["streams"]],
-        ))  # fmt: skip
-    else:
-        lines.append(h.get("error") or h.get("skipped", ""))
+    for key in ("http", "http_compiled"):
+        h, compiled = results[key], key == "http_compiled"
+        title = f"## Over HTTP: `python -m app` on the bundled GPT, QUILL_DTYPE=bfloat16, {key[5:] or 'eager'}"
+        lines += ["", title, ""]
+        if "streams" in h:
+            kind = "QUILL_COMPILE=1, cold compile cache" if compiled else "eager"
+            lines += [f"Start-up to `/ready`: {h['startup_s']:.1f} s ({kind}). {h.get('note', '')}", ""]
+            lines.append(markdown_table(
+                ["streams", "tokens each", "aggregate tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"],
+                [[s["clients"], s["tokens_per_client"], f"{s['aggregate_tok_s']:,.0f}", f"{s['ttft_p50_ms']:.1f}",
+                  f"{s['ttft_p99_ms']:.1f}", f"{s['itl_p50_ms']:.2f}", f"{s['itl_p99_ms']:.2f}"] for s in h["streams"]],
+            ))  # fmt: skip
+        else:
+            lines.append(h.get("error") or h.get("skipped", ""))
     v = results["val_loss"]
     lines += ["", "## The bundled GPT's val loss on Tiny Shakespeare's validation split", ""]
     if "float32" in v:
@@ -258,7 +324,9 @@ def save(results, out_dir):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--full", action="store_true", help="every row: 6L/384, the compiled engines and server too")
     ap.add_argument("--quick", action="store_true", help="tiny random models, few tokens, one repeat, no compiling")
+    ap.add_argument("--plan", action="store_true", help="print the versions and the plan (expected times), and exit")
     ap.add_argument("--out-dir", type=Path, default=DOCS, help="where benchmarks-gpu.md and bench-gpu.json go")
     ap.add_argument("--corpus", type=Path, default=CORPUS, help="Tiny Shakespeare, for the val loss (else skipped)")
     ap.add_argument("--budget-s", type=float, default=360, help="skip what is left after this many seconds")
@@ -267,64 +335,93 @@ def main():
         pick_device(args.device)
     except ValueError as e:
         ap.error(str(e))
+    if args.plan:
+        print(f"gpu-check: {versions(args.device)}")
+        show_plan(args.full, args.budget_s)
+        return
     t0 = time.monotonic()
-    specs = model_specs(args.quick)
+    specs = {key: (label, build, n) for key, label, build, n in model_specs(args.quick)}
+    flags = "".join(f" --{f}" for f in ("full", "quick") if getattr(args, f))
     results = {
         "device": args.device,
-        "command": f"python -m benchmarks.gpu --device {args.device}" + (" --quick" if args.quick else ""),
+        "command": f"python -m benchmarks.gpu --device {args.device}{flags}",
         "machine": gpu_description(args.device),
         "repeats": 1 if args.quick else REPEATS,
         "engine": [
-            dict(model=key, label=label, variant=v, new_tokens=n, skipped="not reached")
-            for key, label, _, n in specs
+            dict(model=key, label=label, variant=v, new_tokens=n, skipped="--full only")
+            for key, (label, _, n) in specs.items()
             for v in VARIANTS
         ],
-        "http": {"skipped": "not reached"},
-        "val_loss": {"skipped": "not reached"},
+        "http": {"skipped": "--full only"},
+        "http_compiled": {"skipped": "--full only"},
+        "val_loss": {"skipped": "--full only"},
     }
+    jobs = plan(args.full)
+    for kind, model, variant, _ in jobs:
+        result_of(results, kind, model, variant)["skipped"] = "not reached"
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    base = {}  # the float32 model of the engine jobs running: built by the first, kept while the next are its
 
-    def attempt(need_s, job, into):
-        """Run job() and write its result into the dict `into` unless the budget is spent; a failure is
-        recorded there, not raised. The report is rewritten after each, so a run cut short keeps it."""
-        left = args.budget_s - (time.monotonic() - t0)
-        if left < need_s:
-            result = {"skipped": f"time budget: {left:.0f} s left of {args.budget_s:.0f}"}
-        else:
-            try:
-                into.pop("skipped", None)
-                result = job()
-            except (Exception, SystemExit) as e:  # SystemExit: a corpus that cannot be read, say
-                traceback.print_exc()
-                result = {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"}
-        into.update(result)
-        save(results, args.out_dir)
-        print(f"[{time.monotonic() - t0:.0f} s] {json.dumps(result)[:300]}", flush=True)
+    for kind, model, variant, expected_s in jobs:
+        into, compiled = result_of(results, kind, model, variant), variant is not None and VARIANTS[variant][1]
+        if compiled and args.quick:
+            into["skipped"] = "--quick: not compiled"
+            continue
+        if kind == "engine":
+            if base.get("key") != model:
+                base.clear()
+                gc.collect()
+                if torch.device(args.device).type == "cuda":
+                    torch.cuda.empty_cache()
 
-    for i, (key, _, build, n) in enumerate(specs):
-        base = {}  # the float32 model: built by its first job, freed after its last
-        for variant, (dtype, compiled) in VARIANTS.items():
-            row = next(r for r in results["engine"] if r["model"] == key and r["variant"] == variant)
-            if compiled and args.quick:
-                row["skipped"] = "--quick: not compiled"
-                continue
-
-            def job(build=build, dtype=dtype, compiled=compiled, n=n, base=base):
+            def job(model=model, variant=variant, compiled=compiled):
                 if "model" not in base:
-                    base["model"] = build(args.device)
-                return measure_engine(base["model"], dtype, compiled, n, args.device, results["repeats"])
+                    base.update(key=model, model=specs[model][1](args.device))
+                dtype = VARIANTS[variant][0]
+                return measure_engine(base["model"], dtype, compiled, specs[model][2], args.device, results["repeats"])
 
-            attempt(NEEDS_S.get(f"compiled {key}", NEEDS_S["compiled"]) if compiled else NEEDS_S["eager"], job, row)
-        base.clear()
-        gc.collect()
-        if torch.device(args.device).type == "cuda":
-            torch.cuda.empty_cache()
-        if i == 0:  # the server and the val loss next: they matter more than the larger random models
+        elif kind == "http":
             within = max(60, args.budget_s - (time.monotonic() - t0))
-            attempt(NEEDS_S["http"], lambda w=within: http(args.device, args.quick, not args.quick, w), results["http"])
-            attempt(NEEDS_S["val loss"], lambda: val_loss(args.corpus, args.device, args.quick), results["val_loss"])
+
+            def job(compiled=compiled, within=within):
+                return http(args.device, args.quick, compiled, within)
+
+        else:
+
+            def job():
+                return val_loss(args.corpus, args.device, args.quick)
+
+        attempt(args, t0, results, job_name(kind, model, variant), expected_s, job, into)
     save(results, args.out_dir)
     print(report(results))
+
+
+def result_of(results, kind, model, variant):
+    """The dict in `results` that a job of the plan fills."""
+    if kind == "engine":
+        return next(r for r in results["engine"] if (r["model"], r["variant"]) == (model, variant))
+    return results["val_loss"] if kind == "val loss" else results["http_compiled" if "compiled" in variant else "http"]
+
+
+def attempt(args, t0, results, name, expected_s, job, into):
+    """Run job() and write its result into the dict `into` unless the budget is spent; a failure is recorded
+    there, not raised. The report is rewritten after each, so a run cut short keeps it."""
+    start = time.monotonic()
+    left = args.budget_s - (start - t0)
+    if left < expected_s:
+        result = {"skipped": f"time budget: {left:.0f} s left of {args.budget_s:.0f}"}
+    else:
+        try:
+            into.pop("skipped", None)
+            result = job()
+        except (Exception, SystemExit) as e:  # SystemExit: a corpus that cannot be read, say
+            traceback.print_exc()
+            result = {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"}
+    into.update(result)
+    save(results, args.out_dir)
+    took = time.monotonic() - start
+    print(f"[{time.monotonic() - t0:.0f} s] {name}: {took:.1f} s (expected {expected_s} s on a GPU)", flush=True)
+    print(f"    {json.dumps(result)[:300]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,21 @@
-"""The GPU check (scripts/gpu-check.sh, benchmarks/gpu.py): here on a CPU, its quick mode writes every row
-and the script refuses a machine without CUDA in one line; on a GPU, the tests marked `cuda` below are the
-ones the script runs (the engine on CUDA against full forwards, and its compiled decode step)."""
+"""The GPU check (scripts/gpu-check.sh, benchmarks/gpu.py): here on a CPU, its plan fits a borrowed GPU's
+time, its dry run shows the default's steps with their expected times on a GPU, its quick mode writes every row
+of the default, and the script refuses a machine without CUDA in one line; on a GPU, the tests marked `cuda`
+below are among those the script runs (the engine on CUDA against full forwards, and its compiled decode step)."""
 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from helpers import REPO, tiny_gpt
 
-from benchmarks.gpu import BUNDLED, VARIANTS, val_loss
+from benchmarks.gpu import BUNDLED, DEFAULT_MODELS, EXPECTED_S, VARIANTS, plan, val_loss
 from model import load_checkpoint
 from model.engine import Engine, Finished, Request, Token
 from model.sampling import SamplingParams, sample_next_token
@@ -22,6 +25,67 @@ MODELS = ["bundled", "6L-384", "gpt2-small"]
 # characters of the bundled GPT's vocabulary (Tiny Shakespeare's), so that its tokenizer encodes them
 LINE = "ROMEO:\nBut soft, what light through yonder window breaks? It is the east!\n"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def script_settings():
+    """gpu-check.sh's budget for the benchmark (default, --full) and its limit for the CUDA tests, in seconds."""
+    text = SCRIPT.read_text()
+    ((default, tests),) = re.findall(r"budget_s=(\d+) tests_limit_s=(\d+)", text)
+    (full,) = re.findall(r"--full\) full=\(--full\) budget_s=(\d+)", text)
+    return int(default), int(full), int(tests)
+
+
+def test_the_default_plan_is_the_most_telling_rows_and_fits_a_borrowed_gpus_time():
+    jobs = plan(full=False)
+    assert [j[:3] for j in jobs] == [
+        ("engine", "bundled", "bfloat16 eager"),
+        ("engine", "bundled", "float32 eager"),
+        ("engine", "gpt2-small", "bfloat16 eager"),
+        ("engine", "gpt2-small", "float32 eager"),
+        ("http", None, "bfloat16 eager"),
+        ("val loss", None, None),
+    ]
+    budget, _, tests_limit = script_settings()
+    bench = sum(j[3] for j in jobs)
+    assert bench <= budget  # nothing of the default is skipped if the estimates hold
+    assert EXPECTED_S["setup"] + EXPECTED_S["tests"] + bench <= 4 * 60  # expected: about 3 minutes
+    # at worst (every limit reached, and the benchmark's 30 s of grace): 5 minutes, so a second try fits in 15
+    assert EXPECTED_S["setup"] + tests_limit + budget + 30 <= 5 * 60
+
+
+def test_full_adds_the_long_rows_after_the_defaults_and_fits_one_call_of_the_device_tool():
+    jobs, default = plan(full=True), plan(full=False)
+    assert jobs[: len(default)] == default
+    engine = {(m, v) for kind, m, v, _ in jobs if kind == "engine"}
+    assert engine == {(m, v) for m in (*DEFAULT_MODELS, "6L-384") for v in VARIANTS}
+    assert ("http", None, "bfloat16 compiled") in [j[:3] for j in jobs]
+    _, budget, tests_limit = script_settings()
+    assert EXPECTED_S["setup"] + tests_limit + budget + 30 <= 600  # the device tool's limit for one command
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_gpu_check_dry_run_on_a_cpu_shows_the_defaults_steps_with_their_expected_gpu_times(tmp_path):
+    before = {p.name: p.stat().st_mtime for p in (REPO / "docs").iterdir()}
+    env = {k: v for k, v in os.environ.items() if k != "OUT"} | {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    start = time.monotonic()
+    out = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, env=env, timeout=300)
+    took = time.monotonic() - start
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    text = out.stdout
+    steps = [text.index(f"] {n}. ") for n in (1, 2, 3)]
+    assert steps == sorted(steps)
+    assert f"torch {torch.__version__}" in text and "CUDA" in text  # the versions, first
+    planned = re.findall(r"^ +\d+\. (.+): (\d+) s$", text, re.M)
+    assert [what for what, _ in planned[:2]] == ["setup: wheels, versions, this plan", "CUDA tests"]
+    total = int(re.search(r"expected in all: (\d+) s", text)[1])
+    assert total == sum(int(s) for _, s in planned) <= 4 * 60
+    assert "::test_cuda_compiled_decode_step_equals_full_forward_greedy" in text  # listed, not run
+    ran = re.findall(r"^\[\d+ s\] (.+): [\d.]+ s \(expected (\d+) s on a GPU\)$", text, re.M)
+    assert [(f"benchmark: {what}", s) for what, s in ran] == planned[2:]  # each step of the plan, in its order
+    assert "compiled" not in " ".join(what for what, _ in planned)
+    assert {p.name: p.stat().st_mtime for p in (REPO / "docs").iterdir()} == before  # no results written there
+    assert took < 5 * 60
 
 
 def run_gpu_benchmark(tmp_path, *args):
@@ -46,25 +110,28 @@ def test_gpu_benchmark_quick_on_a_cpu_measures_every_row_and_writes_the_table(tm
     rows = results["engine"]
     assert [(r["model"], r["variant"]) for r in rows] == [(m, v) for m in MODELS for v in VARIANTS]
     for r in rows:
-        if VARIANTS[r["variant"]][1]:  # compiled: --quick leaves it out
-            assert "--quick" in r["skipped"]
+        if VARIANTS[r["variant"]][1] or r["model"] not in DEFAULT_MODELS:  # compiled, 6L: --full only
+            assert r["skipped"] == "--full only"
         else:
             assert r["batch1_tok_s"] > 0 and r["batch32_tok_s"] > 0, r
             assert len(r["tokens"]) == r["new_tokens"]
         assert f"| {r['label']} | {r['variant']} |" in table
+    assert results["http_compiled"] == {"skipped": "--full only"}
     http = results["http"]
     assert http["startup_s"] > 0 and [s["clients"] for s in http["streams"]] == [1, 4]
     assert all(s["aggregate_tok_s"] > 0 and s["ttft_p99_ms"] > 0 for s in http["streams"])
     loss = results["val_loss"]
     assert math.isfinite(loss["float32"]) and abs(loss["delta"]) < 0.05  # bfloat16 weights: about the same loss
     assert "## Over HTTP" in table and "| bfloat16 |" in table
+    assert f"torch {torch.__version__} (the image pins " in table
 
 
 @pytest.mark.slow
 def test_gpu_benchmark_past_its_budget_skips_every_row_and_says_so(tmp_path):
-    results, table = run_gpu_benchmark(tmp_path, "--budget-s", "0")
+    results, table = run_gpu_benchmark(tmp_path, "--budget-s", "0", "--full")
     assert all("time budget" in r["skipped"] or "--quick" in r["skipped"] for r in results["engine"])
     assert "time budget" in results["http"]["skipped"] and "time budget" in results["val_loss"]["skipped"]
+    assert results["http_compiled"]["skipped"] == "--quick: not compiled"
     assert table.count("time budget") == 2 * len(MODELS) + 2
 
 
