@@ -139,7 +139,8 @@ def bind(host, port):
         sock.listen(2048)  # uvicorn's backlog
     except OSError as e:
         sock.close()
-        hint = "; is another server running? choose another with --port" if e.errno == errno.EADDRINUSE else ""
+        in_use = "; is another server running? choose another with --port (or QUILL_PORT)"
+        hint = in_use if e.errno == errno.EADDRINUSE else ""
         raise SystemExit(f"python -m app: cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
     return sock
 

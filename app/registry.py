@@ -46,6 +46,8 @@ def checkpoint_files(configured, default=None):
                 f"{path}: no such checkpoint (a run directory holding model.safetensors, or a .safetensors file)"
             )
         name = model_name(weights)
+        if files.get(name) == weights:
+            raise ValueError(f"{path} is listed twice: name each checkpoint once")
         if name in files:
             raise ValueError(
                 f"two checkpoints are both named {name!r} ({files[name]} and {weights}); rename a run directory"
@@ -96,7 +98,11 @@ def load_served_model(
     sha = file_sha256(weights)
     threads = threads or engine_threads(model)
     if process:
-        kept = {"compiled": compiled, "compile_folder": compile_folder, **(supervision or {})}
+        kept = {
+            "compiled": compiled and isinstance(model, GPT),
+            "compile_folder": compile_folder,
+            **(supervision or {}),
+        }
         context = model.config.context_size if isinstance(model, GPT) else None
         engine = EngineProcess(
             weights, device, dtype, max_batch, on_step=on_step, threads=threads, name=name, context=context, **kept

@@ -27,4 +27,6 @@ def install_docs(app: FastAPI):
             swagger_js_url=f"{root}{ASSETS_URL}/swagger-ui-bundle.js",
             swagger_css_url=f"{root}{ASSETS_URL}/swagger-ui.css",
             swagger_favicon_url=f"{root}{ASSETS_URL}/favicon.png",
+            # Swagger UI would ask validator.swagger.io about the schema (with its address) from any host but localhost
+            swagger_ui_parameters={"validatorUrl": None},
         )

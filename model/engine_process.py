@@ -235,7 +235,8 @@ class EngineProcess:
             return "died", child.exit_status() if child.proc.exitcode is not None else "closed its pipe"
         silent = time.monotonic() - self.heard
         if (self.tracked or self.pinged) and silent > self.timeout:
-            return "hung", f"sent nothing for {silent:.0f} s with work waiting (QUILL_ENGINE_TIMEOUT {self.timeout:g})"
+            waiting = "work waiting" if self.tracked else "a ping waiting"
+            return "hung", f"sent nothing for {silent:.0f} s with {waiting} (QUILL_ENGINE_TIMEOUT {self.timeout:g})"
         return None
 
     def _restart(self, kind, why):

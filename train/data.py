@@ -51,6 +51,12 @@ def read_corpus(data):
     try:
         raw = path.read_bytes()
         text = raw.decode("utf-8")
+    except IsADirectoryError:
+        raise SystemExit(
+            f"--data {path} is a folder that python -m train.prepare did not make: prepare it first, e.g. "
+            f"python -m train.prepare --data {path} --out data/{path.name or 'prepared'}, then --data data/"
+            f"{path.name or 'prepared'}"
+        ) from None
     except OSError as e:
         raise SystemExit(f"cannot read --data {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:

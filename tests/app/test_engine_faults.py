@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from service_helpers import metric, parse_sse, wait_until
 
 from app.main import create_app
+from app.registry import load_served_model
 from app.settings import Settings
 
 pytestmark = pytest.mark.slow  # each app starts a child process per model
@@ -131,3 +132,13 @@ def test_a_crash_loop_turns_health_503_and_refuses_requests_naming_why(checkpoin
         assert client.get("/ready").status_code == 503
         refused = client.post("/generate", json={"prompt": "Hi", "stream": False})
         assert refused.status_code == 503 and "failed 5 times" in refused.json()["error"]["message"]
+
+
+def test_an_lstm_served_with_compile_plans_no_compiled_batch_sizes(checkpoints):
+    """It is never compiled: /ready's progress must not list batch sizes for it."""
+    served = load_served_model(
+        checkpoints["tiny-lstm"] / "model.safetensors", "cpu", 4, None, compiled=True, process=True
+    )
+    assert served.engine.compiled_sizes() is None
+    gpt = load_served_model(checkpoints["tiny-gpt"] / "model.safetensors", "cpu", 4, None, compiled=True, process=True)
+    assert gpt.engine.compiled_sizes() == ([], [1, 2, 4])

@@ -61,6 +61,11 @@ def test_two_checkpoints_of_one_name_fail_in_one_line_like_every_start_up_failur
     assert err.startswith("python -m app: two checkpoints are both named 'tiny-gpt'") and LOADING not in err
 
 
+def test_one_checkpoint_listed_twice_says_so_in_one_line(checkpoints):
+    err = assert_short_failure(start("--checkpoint", checkpoints["tiny-gpt"], checkpoints["tiny-gpt"]))
+    assert err.strip() == f"python -m app: {checkpoints['tiny-gpt']} is listed twice: name each checkpoint once"
+
+
 def test_a_default_model_that_is_not_served_fails_in_one_line_before_anything_loads(checkpoints):
     err = assert_short_failure(start("--checkpoint", checkpoints["tiny-gpt"], env={"QUILL_DEFAULT_MODEL": "nope"}))
     assert err.startswith("python -m app: QUILL_DEFAULT_MODEL='nope' is not served") and LOADING not in err

@@ -167,11 +167,12 @@ def test_a_child_that_dies_or_hangs_is_replaced_and_its_stream_ends_with_its_fau
         engine.stop()
 
 
-def test_an_idle_child_that_hangs_is_noticed_before_any_request_comes(weights):
+def test_an_idle_child_that_hangs_is_noticed_before_any_request_comes(weights, caplog):
     engine, seen = supervised(weights, timeout=2)
     try:
         os.kill(engine.child.proc.pid, signal.SIGSTOP)
         assert wait_until(lambda: seen["restarts"] == ["hung"], timeout=30)
+        assert "with a ping waiting" in caplog.text
         assert wait_until(lambda: engine.down is None, timeout=60)
         assert len(engine.generate([5], 3)) == 3
     finally:

@@ -125,6 +125,12 @@ def test_trainer_when_data_is_missing_says_so(tmp_path):
         train(config(tmp_path / "nope.txt", tmp_path / "run", "--max-iters", 1))
 
 
+def test_trainer_given_a_folder_that_is_not_prepared_says_how_to_prepare_it(tmp_path):
+    (tmp_path / "books").mkdir()
+    with pytest.raises(SystemExit, match=r"is a folder that python -m train.prepare did not make: prepare it first"):
+        train(config(tmp_path / "books", tmp_path / "run", "--max-iters", 1))
+
+
 @pytest.mark.parametrize("problem", ["missing", "not utf-8", "too small"])
 def test_trainer_that_fails_to_start_leaves_no_run_folder(tmp_path, problem):
     data = tmp_path / "data.txt"
