@@ -6,6 +6,7 @@ import multiprocessing
 import queue
 import signal
 import threading
+import time
 import traceback
 from functools import partial
 
@@ -113,18 +114,22 @@ class Child:
         self.gone = threading.Event()  # set once the pipe has closed
         self.threads = []
 
-    def start(self, stopping):
-        """Start the process; return once it has loaded and warmed up; RuntimeError if it could not, or if
-        `stopping()` turns true meanwhile."""
+    def start(self, stopping, silence=None):
+        """Start the process; return once it has loaded and warmed up; RuntimeError if it could not, if
+        `stopping()` turns true meanwhile, or if it says nothing for `silence` seconds (loading, or compiling one
+        batch size)."""
         self.proc.start()
         self.theirs.close()  # the child's end is the child's: its death then closes the pipe here
-        kind = "built"
+        kind, heard = "built", time.monotonic()
         while kind == "built":
             while not self.conn.poll(TICK):
-                if stopping() or not self.proc.is_alive():
+                hung = silence is not None and time.monotonic() - heard > silence
+                if stopping() or hung or not self.proc.is_alive():
                     why = "was stopped" if stopping() else self.exit_status()
+                    why = f"sent nothing for {silence:g} s while starting" if hung else why
                     self.kill()
                     raise RuntimeError(f"the engine process {why}")
+            heard = time.monotonic()
             try:
                 kind, detail = self.conn.recv()
             except EOFError:

@@ -255,8 +255,8 @@ class EngineProcess:
                 self.deaths.popleft()
             if len(self.deaths) >= CRASH_LOOP:
                 return self._give_up(f"the engine process failed {len(self.deaths)} times within {CRASH_WINDOW:g} s")
-            try:
-                child = self._spawn()
+            try:  # a new child that hangs as it starts is a death too (the first start has no limit: it may compile)
+                child = self._spawn(silence=self.timeout)
                 break
             except RuntimeError as e:
                 if self.stopping:
@@ -310,9 +310,9 @@ class EngineProcess:
             with contextlib.suppress(Exception):  # a broken listener: nothing more to tell it
                 req.emit(end)
 
-    def _spawn(self):
+    def _spawn(self, silence=None):
         child = Child(self.args, self._received)
         with self.lock:
             self.child = child  # its messages count from now
-        child.start(lambda: self.stopping)
+        child.start(lambda: self.stopping, silence)
         return child

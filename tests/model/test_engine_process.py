@@ -253,3 +253,29 @@ def test_stop_warns_of_a_child_that_would_not_stop_only_after_the_time_it_names(
     engine.stop(timeout=20)
     assert "did not stop" not in caplog.text
     assert time.monotonic() - began < 20
+
+
+def test_a_new_child_that_hangs_as_it_starts_is_a_death_too(weights, caplog):
+    """A restarted child that says nothing for the timeout while it loads is killed and counted, so a server whose
+    engines cannot come back gives up rather than staying down with /health at 200."""
+    engine, seen = supervised(weights, timeout=2)
+    first, stopped = engine.child, []
+
+    def stop_each_new_child():  # each is stopped while it imports torch, long before it could say it is ready
+        while not seen["gave_up"]:
+            child = engine.child
+            if child is not first and child not in stopped and child.proc.pid:
+                os.kill(child.proc.pid, signal.SIGSTOP)
+                stopped.append(child)
+            time.sleep(0.002)
+
+    stopper = threading.Thread(target=stop_each_new_child)
+    stopper.start()
+    try:
+        os.kill(first.proc.pid, signal.SIGKILL)
+        assert wait_until(lambda: seen["gave_up"], timeout=120)
+        assert seen["restarts"] == ["died"] * 5 and len(stopped) == 4
+        assert caplog.text.count("the engine process sent nothing for 2 s while starting") == 4
+    finally:
+        stopper.join()
+        engine.stop()
