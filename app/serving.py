@@ -4,7 +4,6 @@ import asyncio
 import logging
 import math
 import time
-from collections import deque
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -12,6 +11,7 @@ from app.errors import APIError
 from app.logprobs import TokenLogprob, prompt_logprobs, scored
 from app.protocol import choice_seeds
 from app.registry import checkpoint_files, load_served_model
+from app.relay import EventRelay
 from app.textstream import TextStream
 from model.device import pick_device, pick_dtype
 from model.engine import Finished, Request
@@ -73,33 +73,6 @@ class Job:
 
     req: Request
     events: asyncio.Queue
-
-
-class EventRelay:
-    """Carries engine events into the event loop with one wake-up per burst instead of one per
-    token: each call_soon_threadsafe writes the loop's self-pipe, and at 32 streams those
-    syscalls and wake-ups, not the model, limited the tokens/s."""
-
-    def __init__(self, loop):
-        self.loop = loop
-        self.pending = deque()
-        self.scheduled = False
-
-    def send(self, queue, event):  # engine thread
-        self.pending.append((queue, (event, time.perf_counter())))
-        if not self.scheduled:
-            self.scheduled = True
-            try:
-                self.loop.call_soon_threadsafe(self._deliver)
-            except RuntimeError:  # the loop is closed: the engine's emit cancels the request
-                self.scheduled = False
-                raise
-
-    def _deliver(self):  # event loop; the flag is cleared first, so a send racing with us schedules anew
-        self.scheduled = False
-        while self.pending:
-            queue, item = self.pending.popleft()
-            queue.put_nowait(item)
 
 
 class Service:

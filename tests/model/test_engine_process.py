@@ -13,7 +13,7 @@ from helpers import tiny_gpt
 from service_helpers import wait_until
 
 from model import save_checkpoint
-from model.engine import Engine, Finished, Request, Token
+from model.engine import Engine, Finished, Outcome, Request, Token
 from model.engine_process import EngineProcess
 from model.sampling import SamplingParams
 from model.tokenizer import ByteTokenizer
@@ -25,14 +25,8 @@ JOBS = [
 ]
 
 
-class Recorder:
-    def __init__(self):
-        self.events, self.done = [], threading.Event()
-
-    def __call__(self, event):
-        self.events.append(event)
-        if isinstance(event, Finished):
-            self.done.set()
+class Recorder(Outcome):
+    """The events of one request, and `done` once it has finished."""
 
     @property
     def tokens(self):
