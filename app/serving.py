@@ -128,7 +128,10 @@ class Service:
             served.engine.generate([0], 2, temperature=0.0)  # waits for the warm-up: one prefill and decode step
         self.starting, self.ready = None, True
         log.info("serving %s", ", ".join(f"{m.name} ({m.path})" for m in self.models.values()))
-        log.info("default model: %s (requests that name none; QUILL_DEFAULT_MODEL names another)", self.get(None).name)
+        s, name = self.settings, self.get(None).name
+        why = "QUILL_DEFAULT_MODEL" if s.default_model else "the first checkpoint named" if s.checkpoints else None
+        why = why or ("the bundled GPT" if name == "shakespeare-gpt" else "the first run under checkpoints/")
+        log.info("default model: %s (%s; requests that name none get it)", name, why)
 
     async def start_in_background(self):
         """start(), while the port already answers (/ready: 503 with each model's progress, status()); a model

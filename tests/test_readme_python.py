@@ -133,7 +133,7 @@ def test_serving_a_run_next_to_the_bundled_ones_runs_as_printed(tmp_path):
     (words,) = block("runs/my-run")
     port = free_port()
     run(words, tmp_path, user_env(QUILL_PORT=str(port)), tmp_path / "log")
-    assert "INFO quill: default model: shakespeare-gpt" in (tmp_path / "log").read_text()
+    assert "INFO quill: default model: shakespeare-gpt (the first checkpoint named;" in (tmp_path / "log").read_text()
 
 
 def test_importing_a_gpt2_and_serving_it_runs_as_printed(tmp_path):

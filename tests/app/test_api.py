@@ -563,7 +563,7 @@ def test_the_first_configured_checkpoint_is_the_default_model_and_the_log_says_s
         TestClient(create_app(settings(checkpoints, ("tiny-lstm", "tiny-gpt")))) as c,
     ):
         assert complete(c, prompt="Hi", max_new_tokens=2)["model"] == "tiny-lstm"
-    assert "default model: tiny-lstm" in caplog.text
+    assert "default model: tiny-lstm (the first checkpoint named; requests that name none get it)" in caplog.text
 
 
 def test_a_default_model_that_is_not_served_is_refused_naming_the_served_ones(checkpoints):
