@@ -178,17 +178,16 @@ class Engine:
                 self._emit(req, Finished("cancelled"))
                 continue
             req.started_at = req.started_at or self.clock()
-            if req.params.prompt_logprobs is None and req.max_new_tokens > 0:
+            # in the next place before it leaves the queue (a scoring, the batch): counts() never misses it
+            queued = req.params.prompt_logprobs is not None and self._queue_scoring(req)
+            if not queued and req.max_new_tokens > 0:
                 req.sampler = Sampler(req.params, req.prompt, req.resumed)
                 req.tokens, req.generated = req.prompt + req.resumed, len(req.resumed)
-                # active before it leaves the queue: counts() may see it twice, never zero times
                 self.active.append(req)
                 admitted += 1
             with self.cond:
                 self.waiting.popleft()
-            if req.params.prompt_logprobs is not None:
-                self._queue_scoring(req)
-            elif req.max_new_tokens == 0:  # nothing asked: over at once
+            if not queued and req.max_new_tokens == 0:  # nothing (more) asked: over at once
                 self._emit(req, Finished("length"))
         if admitted:
             self._prefill(len(self.active) - admitted)
@@ -268,15 +267,19 @@ class Engine:
         return [i for i, ok in enumerate(finite) if ok]
 
     def _queue_scoring(self, req):
-        """Start scoring req's prompt, or join the scoring of the same prompt under way or just finished."""
+        """Join the scoring of req's prompt under way, or start one (True); or, when the last one finished scored
+        the same prompt, send that at once (False: the request goes on as one that asked for no scoring)."""
         key = (tuple(req.prompt), req.params.prompt_logprobs)
         if self.scored and self.scored[0] == key:
-            return self._scored([req], self.scored[1])
-        for job in self.scoring:
-            if job.key == key:
-                return job.reqs.append(req)
-        windows = score_windows(self.model, self.cache.context, req.prompt, req.params.prompt_logprobs)
-        self.scoring.append(Scoring(key, windows, [req]))
+            self._emit(req, self.scored[1])
+            req.params = replace(req.params, prompt_logprobs=None)
+            return False
+        job = next((job for job in self.scoring if job.key == key), None)
+        if job is None:
+            windows = score_windows(self.model, self.cache.context, req.prompt, req.params.prompt_logprobs)
+            self.scoring.append(job := Scoring(key, windows, []))
+        job.reqs.append(req)
+        return True
 
     def _score(self):
         """Advance the first scoring by one window; once whole, send it to each request that asked for it."""

@@ -17,6 +17,7 @@ from model.request import Finished, Request
 log = logging.getLogger("quill")
 
 STEP = -1  # the request id under which a message carries the decode step's batch size (for on_step)
+STARTED = -2  # ... and the ids of the requests the engine has begun (admitted to its batch or its scoring)
 TICK = 0.25  # how often a waiting side looks again
 
 
@@ -27,7 +28,10 @@ def serve(conn, weights, device, dtype, max_batch, threads, compiled, compile_fo
     from model import load_checkpoint
     from model.engine import Engine
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server handles it
+    # Ctrl-C, or a SIGTERM to the process group (make serve, systemd), is the server's to handle: it drains, then
+    # stops this process over the pipe; if the server dies, the pipe's end stops it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     level, formatter, name = logs
     log.addFilter(lambda record: setattr(record, "msg", f"model {name}: {record.msg}") or True)
     if formatter:
@@ -49,7 +53,13 @@ def serve(conn, weights, device, dtype, max_batch, threads, compiled, compile_fo
         return
     conn.send(("ready", None))
 
+    announced = set()
+
     def flush():  # after each piece of work, even with nothing to say: the watchdog hears the child is alive
+        started = [rid for rid, req in requests.items() if req.started_at and rid not in announced]
+        if started:
+            announced.update(started)
+            out.append((STARTED, started, None))
         conn.send(("events", out[:]))
         out.clear()
 
@@ -60,6 +70,7 @@ def serve(conn, weights, device, dtype, max_batch, threads, compiled, compile_fo
         out.append((rid, event, req and req.started_at))
         if isinstance(event, Finished):
             requests.pop(rid, None)
+            announced.discard(rid)
 
     def take_commands(block):
         """Submit and cancel what the pipe holds (waiting for the first if `block`); False once told to stop."""
@@ -157,7 +168,7 @@ class Child:
         """Kill the process and reap it; the writer ends now, the reader at the pipe's end. Neither is waited
         for: a process the child started may hold the pipe open, and what they carry now is ignored."""
         self.proc.kill()
-        self.proc.join()
+        self.proc.join(10)  # a process in uninterruptible sleep (a wedged driver) is left behind, not waited for
         self.outbox.put(None)
 
     def _read(self):

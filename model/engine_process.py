@@ -23,6 +23,7 @@ within CRASH_WINDOW seconds and it gives up: every request ends with that error 
 import contextlib
 import itertools
 import logging
+import multiprocessing.connection
 import threading
 import time
 from collections import deque
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 
 from model.cache import batch_buckets
-from model.engine_child import STEP, TICK, Child, server_logs
+from model.engine_child import STARTED, STEP, TICK, Child, server_logs
 from model.request import Finished, Outcome, Request, Token
 from model.sampling import SamplingParams
 from model.scoring import PromptLogprobs
@@ -51,7 +52,8 @@ class Tracked:
     req: Request
     tokens: list = field(default_factory=list)
     scored: bool = False  # its PromptLogprobs were delivered: not asked for again
-    progress_at_death: int | None = None  # its progress when the last death it saw happened
+    started: bool = False  # the child has begun it (admitted to its batch or its scoring)
+    progress_at_death: int | None = None  # its progress at the last death it saw, when it had been begun
 
     @property
     def progress(self):
@@ -109,13 +111,17 @@ class EngineProcess:
             self.child = self._spawn()
         finally:
             self.settled.set()
-        self.down, self.heard = None, time.monotonic()
+        with self.lock:  # and what was submitted meanwhile
+            self.down, self.heard = None, time.monotonic()
+            for rid in sorted(self.tracked):
+                self._send_submit(rid)
         self.watchdog = threading.Thread(target=self._watch, name="quill-engine-watchdog", daemon=True)
         self.watchdog.start()
 
     def stop(self, timeout=30):
         """Tell the child to end its requests and exit; one that has not within `timeout` s is killed."""
-        self.stopping = True
+        with self.lock:
+            self.stopping, self.down = True, "engine stopped"
         self.wake.set()
         if self.child:  # a start under way in another thread sees `stopping`, kills its child and raises
             self.settled.wait()
@@ -124,9 +130,8 @@ class EngineProcess:
         child = self.child
         if child and self.failed is None:
             child.send("stop", None)
-            since = time.monotonic()
-            child.proc.join(timeout)
-            if child.proc.exitcode is None:
+            since = time.monotonic()  # its sentinel, not its exit code: another thread's Process.start() reaps
+            if not multiprocessing.connection.wait([child.proc.sentinel], timeout):  # any exited child it finds
                 log.warning("the engine process did not stop within %.0f s; killing it", time.monotonic() - since)
             child.kill()
         self._fail_all(Finished("error", "engine stopped"))
@@ -134,16 +139,18 @@ class EngineProcess:
     def submit(self, req):
         if not req.prompt:
             raise ValueError("prompt must hold at least one token")
-        if self.failed:
-            return req.emit(Finished("error", self.failed, "engine_failed"))
         rid = next(self.ids)
         req.on_cancel = partial(self._cancel, rid)
         with self.lock:
-            if not self.tracked:  # the time without a word counts from the first work it is given
-                self.heard = time.monotonic()
-            self.tracked[rid] = Tracked(req)
-            if self.down is None:  # else it goes to the next child with the others
-                self._send_submit(rid)
+            refused = self.failed or (self.stopping and "engine stopped")
+            if not refused:
+                if not self.tracked:  # the time without a word counts from the first work it is given
+                    self.heard = time.monotonic()
+                self.tracked[rid] = Tracked(req)
+                if self.down is None:  # else it goes to the next child with the others
+                    self._send_submit(rid)
+        if refused:
+            req.emit(Finished("error", refused, "engine_failed" if self.failed else None))
 
     def counts(self):
         """(active, waiting): all requests not yet finished, the first max_batch of them counted as active."""
@@ -197,6 +204,10 @@ class EngineProcess:
                     if self.on_step:
                         self.on_step(event)
                     continue
+                if rid == STARTED:
+                    for t in filter(None, map(self.tracked.get, event)):
+                        t.started = True
+                    continue
                 t = self.tracked.get(rid)
                 if t is None:
                     continue
@@ -215,17 +226,22 @@ class EngineProcess:
     # -- the watchdog --
 
     def _watch(self):
-        while True:
-            self.wake.wait(TICK)
-            self.wake.clear()
-            if self.stopping:
-                return
-            fault = self._fault()
-            if fault and not self._restart(*fault):
-                return
-            if not fault and not self.tracked and not self.pinged and time.monotonic() - self.heard > self.timeout / 2:
-                self.pinged, self.heard = True, time.monotonic()  # idle: is it still there? (a hang is then
-                self.child.send("ping", None)  # noticed before the next request comes)
+        try:
+            while not self.stopping:
+                self.wake.wait(TICK)
+                self.wake.clear()
+                if self.stopping:
+                    return
+                fault = self._fault()
+                if fault and not self._restart(*fault):
+                    return
+                idle = not fault and not self.tracked and not self.pinged
+                if idle and time.monotonic() - self.heard > self.timeout / 2:
+                    self.pinged, self.heard = True, time.monotonic()  # is it still there? (a hang is then
+                    self.child.send("ping", None)  # noticed before the next request comes)
+        except Exception as e:  # the supervisor's own fault: give up, never leave the engine down unseen
+            log.exception("model %s: the engine's watchdog failed", self.name)
+            self._give_up(f"the engine's watchdog failed: {type(e).__name__}: {e}")
 
     def _fault(self):
         """("died", why) or ("hung", why) when the child is no more good; else None."""
@@ -258,7 +274,7 @@ class EngineProcess:
             try:  # a new child that hangs as it starts is a death too (the first start has no limit: it may compile)
                 child = self._spawn(silence=self.timeout)
                 break
-            except RuntimeError as e:
+            except Exception as e:  # RuntimeError from the child; OSError (no memory, no file descriptors) here
                 if self.stopping:
                     return False
                 kind, why = "died", str(e).strip().splitlines()[0]
@@ -266,9 +282,13 @@ class EngineProcess:
                 log.debug("model %s: %s", self.name, e)
         with self.lock:
             self.child, self.down, self.heard, self.pinged = child, None, time.monotonic(), False
+            cancelled = [self.tracked.pop(rid).req for rid in list(self.tracked) if self.tracked[rid].req.cancelled]
             for rid in sorted(self.tracked):
                 self._send_submit(rid)
             resumed = len(self.tracked)
+        for req in cancelled:  # their cancel went to the child that died: they end here
+            with contextlib.suppress(Exception):
+                req.emit(Finished("cancelled"))
         log.info(
             "model %s: engine process restarted in %.1f s, %d request%s resumed",
             self.name,
@@ -279,20 +299,19 @@ class EngineProcess:
         return True
 
     def _blame(self, why):
-        """A request that made no progress between this death and the last one it saw ends: it may be the cause."""
+        """A request the child had begun at this death and at the last one it saw, with no progress between, ends:
+        it may be the cause. One that had delivered all it asked for ends as it would have."""
         failed = []
         with self.lock:
             for rid, t in list(self.tracked.items()):
-                done = t.req.max_new_tokens == len(t.tokens)  # all delivered, only its Finished was lost
-                if done or t.progress_at_death == t.progress:
+                done = t.req.max_new_tokens == len(t.tokens) and (t.scored or t.req.params.prompt_logprobs is None)
+                if done or (t.started and t.progress_at_death == t.progress):
                     failed.append((self.tracked.pop(rid).req, done))
-                t.progress_at_death = t.progress
+                t.progress_at_death, t.started = t.progress if t.started else None, False  # the next child says
         for req, done in failed:
-            end = Finished("length") if done else None
-            req.emit(
-                end
-                or Finished("error", f"the engine process failed twice running this request: {why}", "engine_failed")
-            )
+            why_this = f"the engine process failed twice running this request: {why}"
+            with contextlib.suppress(Exception):  # a broken listener: nothing more to tell it
+                req.emit(Finished("length") if done else Finished("error", why_this, "engine_failed"))
 
     def _give_up(self, why):
         log.critical("model %s: %s; giving up (the server's /health now answers 503)", self.name, why)

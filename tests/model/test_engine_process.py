@@ -173,22 +173,49 @@ def test_an_idle_child_that_hangs_is_noticed_before_any_request_comes(weights, c
         engine.stop()
 
 
-def test_a_request_that_makes_no_progress_between_two_deaths_ends_as_engine_failed_and_the_other_goes_on(weights):
-    engine, seen = supervised(weights, max_batch=1)
+def kill_and_wait_for_the_next(engine):
+    old = engine.child
+    os.kill(old.proc.pid, signal.SIGKILL)
+    assert wait_until(lambda: engine.child is not old and engine.down is None, timeout=60)
+
+
+def test_a_request_begun_at_two_deaths_with_no_progress_between_ends_as_engine_failed(weights):
+    engine, seen = supervised(weights)
+    try:
+        # a long prompt to score: begun at once, and it makes no progress a client sees until it is whole
+        scoring = Request([7] * 40_000, SamplingParams(max_new_tokens=0, prompt_logprobs=1), Recorder())
+        engine.submit(scoring)
+        (tracked,) = engine.tracked.values()
+        for _ in range(2):
+            assert wait_until(lambda: tracked.started, timeout=60)
+            kill_and_wait_for_the_next(engine)
+        assert scoring.emit.done.wait(30)
+        assert len(scoring.emit.events) == 1 and scoring.emit.events[0].code == "engine_failed"
+        assert "failed twice" in scoring.emit.events[0].error
+        assert seen["restarts"] == ["died", "died"]
+        assert len(engine.generate([5], 3)) == 3  # and the engine serves
+    finally:
+        engine.stop()
+
+
+def test_requests_that_wait_their_turn_or_were_cancelled_through_deaths_are_not_blamed(weights):
+    engine, _ = supervised(weights, max_batch=1)
     try:
         running = started(engine, 100_000, **FAULT_FREE)
-        stuck = Request([3], SamplingParams(max_new_tokens=5), Recorder())  # waits behind it: no progress
-        engine.submit(stuck)
+        waiting = Request([1, 2], SamplingParams(max_new_tokens=40, **FAULT_FREE), Recorder())  # behind it
+        engine.submit(waiting)
         for _ in range(2):
             progress = len(running.emit.tokens)
-            os.kill(engine.child.proc.pid, signal.SIGKILL)
-            assert wait_until(lambda n=progress: engine.down is None and len(running.emit.tokens) > n + 2, timeout=60)
-        assert len(stuck.emit.events) == 1 and stuck.emit.events[0].code == "engine_failed"
-        assert "failed twice" in stuck.emit.events[0].error
+            kill_and_wait_for_the_next(engine)
+            assert wait_until(lambda n=progress: len(running.emit.tokens) > n + 2, timeout=60)
+        assert not waiting.emit.done.is_set()  # still waiting its turn, not failed
+        os.kill(engine.child.proc.pid, signal.SIGSTOP)  # a cancel the child never reads, then its death
         running.cancel()
-        assert running.emit.done.wait(30) and running.emit.events[-1].reason == "cancelled"
+        kill_and_wait_for_the_next(engine)
+        assert running.emit.done.wait(30) and running.emit.events[-1] == Finished("cancelled")
         assert running.emit.tokens == fault_free(len(running.emit.tokens))
-        assert seen["restarts"] == ["died", "died"]
+        assert waiting.emit.done.wait(60) and waiting.emit.events[-1] == Finished("length")
+        assert waiting.emit.tokens == fault_free(40)
     finally:
         engine.stop()
 
@@ -273,3 +300,36 @@ def test_a_new_child_that_hangs_as_it_starts_is_a_death_too(weights, caplog):
     finally:
         stopper.join()
         engine.stop()
+
+
+def test_a_prompt_being_scored_when_the_child_dies_is_scored_anew_and_delivered(weights):
+    engine, _ = supervised(weights)
+    try:
+        scoring = Request([7] * 20_000, SamplingParams(max_new_tokens=0, prompt_logprobs=1), Recorder())
+        engine.submit(scoring)
+        (tracked,) = engine.tracked.values()
+        assert wait_until(lambda: tracked.started, timeout=60)
+        kill_and_wait_for_the_next(engine)
+        assert scoring.emit.done.wait(60) and scoring.emit.events[-1] == Finished("length")
+        assert len(scoring.emit.events[0].logprobs) == 20_000  # its PromptLogprobs, not lost with the child
+    finally:
+        engine.stop()
+
+
+def test_a_sigterm_to_the_process_group_leaves_the_child_to_the_server(weights):
+    """make serve and systemd send SIGTERM to the whole group: the server drains, then stops the child itself."""
+    engine, seen = supervised(weights)
+    try:
+        os.kill(engine.child.proc.pid, signal.SIGTERM)
+        time.sleep(1)
+        assert engine.child.proc.is_alive() and seen["restarts"] == [] and len(engine.generate([5], 3)) == 3
+    finally:
+        engine.stop()
+
+
+def test_a_request_submitted_after_stop_ends_at_once(weights):
+    engine, _ = supervised(weights)
+    engine.stop()
+    late = Request([1], SamplingParams(max_new_tokens=3), Recorder())
+    engine.submit(late)
+    assert late.emit.events == [Finished("error", "engine stopped")]
