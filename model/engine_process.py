@@ -15,8 +15,8 @@ when it has sent nothing for `timeout` seconds while work (or a ping, sent when 
 way it is killed and a new child started: compiled steps load from the kept folder, so that takes seconds.
 Every request not yet finished is sent to the new child with the tokens it has already delivered
 (Request.resumed): it is prefilled again and goes on, and with counter-based sampling (model/sampling.py)
-its text is the one it would have had. A request that made no progress between two deaths it was in ends
-with an `engine_failed` error, so that one bad request cannot crash-loop the server; CRASH_LOOP deaths
+its text is the one it would have had. A request the child had begun at two deaths, with no progress between,
+ends with an `engine_failed` error, so that one bad request cannot crash-loop the server; CRASH_LOOP deaths
 within CRASH_WINDOW seconds and it gives up: every request ends with that error and `on_give_up` is told.
 """
 
