@@ -44,12 +44,12 @@ def adopt_architecture(cfg, meta):
     return dataclasses.replace(cfg, model=meta["model_type"], **shape)
 
 
-def encode_for_fine_tuning(tokenizer, text, sha, source):
+def encode_for_fine_tuning(tokenizer, text, sha, source, data):
     try:
         return encode_text(tokenizer, text, sha)
     except ValueError as e:  # a character vocabulary that lacks some of the new text's characters
         raise SystemExit(
-            f"cannot fine-tune {source} on --data: the text has {e}; a character model can only learn "
+            f"cannot fine-tune {source} on {data}: the text has {e}; a character model can only learn "
             "text made of its characters: train a byte or BPE model instead (--tokenizer byte or bpe)"
         ) from None
 
@@ -92,7 +92,7 @@ def read_corpus_for(cfg, resume_state=None, init_meta=None):
         elif resume_state:
             corpus = encode_text(tokenizer, text, sha)
         else:
-            corpus = encode_for_fine_tuning(tokenizer, text, sha, cfg.init_from)
+            corpus = encode_for_fine_tuning(tokenizer, text, sha, cfg.init_from, cfg.data)
         if cfg.bpe_dropout:
             corpus = with_bpe_dropout(corpus, text, cfg.bpe_dropout)
     corpus.check_context(cfg.context_size)

@@ -111,6 +111,7 @@ def test_init_from_refuses_text_with_characters_the_vocabulary_lacks_and_writes_
         train(config(new, out, "--init-from", base_run, "--max-iters", 2, tiny=False))
     message = str(err.value)
     assert "'ë'" in message and "'⚡'" in message and "byte or BPE" in message
+    assert f"on {new}:" in message  # the file, not the option's name
     assert not out.exists()
 
 
