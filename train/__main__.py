@@ -1,5 +1,6 @@
 """python -m train --data PATH --out checkpoints/NAME [options]; see --help."""
 
+import os
 import sys
 
 
@@ -10,12 +11,20 @@ def stopped(message):
     raise SystemExit(130)
 
 
+def stopped_importing():
+    """Ctrl-C while torch imports: nothing was written, so leave at once. Not through SystemExit: an interrupt that
+    landed in Python code that torch's extension ran for itself leaves the interpreter marked to end by SIGINT at
+    exit (-2, not 130; seen once in CI)."""
+    print("python -m train: interrupted before training started; --out is as it was", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
 def main():
     try:  # imported here, inside the try: torch takes a second or more to import, and Ctrl-C meanwhile is no error
         from train.config import parse_config
         from train.loop import Interrupted, train
     except KeyboardInterrupt:
-        stopped("interrupted before training started; --out is as it was")
+        stopped_importing()
     cfg = parse_config()
     try:
         train(cfg)
