@@ -122,10 +122,14 @@ class Sampler:
         self.made = False
 
     @property
+    def penalizes(self):
+        p = self.params
+        return p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
+
+    @property
     def only_argmax(self):
         """Whether the next token is the argmax of the logits alone, with nothing to update: greedy, no penalty."""
-        p = self.params
-        return p.greedy and p.repetition_penalty == 1.0 and not (p.presence_penalty or p.frequency_penalty)
+        return self.params.greedy and not self.penalizes
 
     def adjust(self, logits):
         """This request's (V,) logits after its penalties."""
@@ -136,7 +140,8 @@ class Sampler:
                 self.seen[torch.tensor(self.prompt + self.generated, dtype=torch.long, device=device)] = True
             if p.presence_penalty or p.frequency_penalty:  # float32: exact past 256
                 self.counts = torch.zeros(logits.size(-1), device=device)
-                self.counts.index_put_((torch.tensor(self.generated, dtype=torch.long),), torch.tensor(1.0), True)
+                generated = torch.tensor(self.generated, dtype=torch.long, device=device)
+                self.counts.index_put_((generated,), torch.tensor(1.0, device=device), accumulate=True)
         return penalized(logits, self.params, self.seen, self.counts)
 
     def took(self, token):
@@ -154,12 +159,14 @@ class Sampler:
 def sample(samplers, logits):
     """The next token of each row of (B, V) logits, row i for samplers[i] (which counts it): penalties row by row
     where set, then the greedy rows by argmax and the others in one batched draw."""
-    logits = torch.stack([s.adjust(row) for s, row in zip(samplers, logits)])
+    if any(s.penalizes for s in samplers):  # else the rows as they are: no (B, V) copy a step
+        logits = torch.stack([s.adjust(row) for s, row in zip(samplers, logits)])
     tokens = logits.argmax(-1).tolist()
     drawn = [i for i, s in enumerate(samplers) if not s.params.greedy]
     if drawn:
         u = torch.tensor([uniform(samplers[i].params.seed, samplers[i].position) for i in drawn], dtype=torch.float64)
-        for i, token in zip(drawn, draw(logits[drawn], [samplers[i].params for i in drawn], u)):
+        rows = logits if len(drawn) == len(samplers) else logits[drawn]
+        for i, token in zip(drawn, draw(rows, [samplers[i].params for i in drawn], u)):
             tokens[i] = token
     for s, token in zip(samplers, tokens):
         s.took(token)
