@@ -1,4 +1,4 @@
-"""python -m app [--checkpoint PATH [PATH ...]] [--host H] [--port P] [--device D] [--dtype T] [--compile]
+"""python -m app [--checkpoint PATH [PATH ...]] [--host H] [--port P] [--device D] [--dtype T] [--no-compile]
 
 Start-up checks what it can before loading any model (the settings, that each checkpoint exists, that
 the port is free), and a failure to start is one line on stderr and exit 1, never a traceback.
@@ -119,10 +119,10 @@ def parse_args(argv):
     )
     p.add_argument(
         "--compile",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="compile the decode step at start-up: faster decoding; the first start compiles for minutes, later "
-        "ones load the kept steps in seconds (QUILL_COMPILE=1; kept in QUILL_COMPILE_CACHE)",
+        help="compile the decode step in the background while serving eagerly (the default; kept in "
+        "QUILL_COMPILE_CACHE, so later starts load it in seconds); --no-compile: never (QUILL_COMPILE=0)",
     )
     return p.parse_args(argv)
 

@@ -34,7 +34,10 @@ async def ready(request: Request):
     why = "draining" if service.draining else service.unavailable()
     if why:
         return error_response(503, f"not ready: {why}", "unavailable", headers={"Retry-After": "5"})
-    return {"status": "ready", "models": list(service.models)}
+    # and each GPT's compiled decode step: the batch sizes built so far (in the background) and planned
+    compiled = {m.name: m.engine.compiled_sizes() for m in service.models.values()}
+    compiled = {name: {"compiled_batch_sizes": c[0], "batch_sizes": c[1]} for name, c in compiled.items() if c}
+    return {"status": "ready", "models": list(service.models), "compiled": compiled}
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse, responses=error_responses(401))

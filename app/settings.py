@@ -21,10 +21,11 @@ class Settings(BaseSettings):
     # torch's threads for each engine; 0: one per core for a model of 5M parameters or more, else one per core
     # but one, which is left to the server's own per-token work (app/registry.py, engine_threads)
     torch_threads: int = Field(0, ge=0)
-    # compile each model's decode step at start-up (AOTInductor, model/compiled.py; needs a C++ compiler on a
-    # CPU): several times the tokens/s at batch 1; the first start compiles for minutes, later ones load the
-    # kept packages in seconds; a failed compile serves eagerly
-    compile: bool = False
+    # compile each GPT's decode step (AOTInductor, model/compiled.py; needs a C++ compiler) in the background
+    # while serving eagerly, switching to each batch size's step once it is built: about twice the tokens/s at
+    # batch 1; later starts load the kept packages in seconds; without a compiler, or if compiling fails, it
+    # serves eagerly (one line in the log says why); 0: never compile
+    compile: bool = True
     # where compiled steps are kept; unset: $XDG_CACHE_HOME/quill/compiled, else ~/.cache/quill/compiled
     compile_cache: Path | None = None
     # run each model's engine in a child process of its own, so that its Python and the event loop's never

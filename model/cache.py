@@ -36,11 +36,12 @@ class GPTCache:
     """Storage for the GPT's cached forward: preallocated keys and values for max_batch rows, one tensor
     per layer, and a length per row. The model reads and writes them (GPT.forward's kv_cache); this class
     only slots them. With `compiled`, decode steps run a step compiled ahead of time (model/compiled.py)
-    for each batch size in batch_buckets, a batch padded to the next one; its attention reads the first
-    max(length) + 1 positions, masked past each row's length. Packages are kept in `compile_folder`.
-    Prefills stay eager."""
+    for each batch size in batch_buckets, a batch padded to the next one built (eagerly while none is);
+    its attention reads the first max(length) + 1 positions, masked past each row's length. Packages are
+    kept in `compile_folder`, and compiled in the background from `weights` (the model's checkpoint file)
+    when there is one. Prefills stay eager."""
 
-    def __init__(self, model: GPT, max_batch, compiled=False, compile_folder=None):
+    def __init__(self, model: GPT, max_batch, compiled=False, compile_folder=None, weights=None):
         self.model = model
         cfg = model.config
         self.context = cfg.context_size
@@ -54,7 +55,7 @@ class GPTCache:
         self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(cfg.n_layer)]
         self.length = [0] * max_batch
         self.buckets = batch_buckets(max_batch)
-        self.step = CompiledSteps(model, self.k, self.v, compile_folder) if compiled else None
+        self.step = CompiledSteps(model, self.k, self.v, compile_folder, weights) if compiled else None
 
     def room(self, slot):
         return self.context - self.length[slot]
@@ -73,10 +74,11 @@ class GPTCache:
 
     def decode(self, ids):
         """Append one token to each of rows 0..B-1 and return their next-token logits (B, V)."""
-        if self.step is None:
-            return self._forward(0, [[t] for t in ids])[:, -1]
         B = len(ids)
-        n = next(b for b in self.buckets if b >= B)
+        built = self.step.runs if self.step else ()
+        n = next((b for b in self.buckets if b >= B and b in built), None)
+        if n is None:
+            return self._forward(0, [[t] for t in ids])[:, -1]
         held = self.length[:B]
         # rows B..n-1 are free slots: they compute a junk token at position 0, which a prefill overwrites
         tokens = torch.tensor(ids + [0] * (n - B), device=self.device).view(n, 1)
@@ -86,21 +88,28 @@ class GPTCache:
         return logits
 
     def compiled_sizes(self):
-        """(batch sizes whose compiled step is built, those planned), or None when decoding eagerly."""
-        return None if self.step is None else (list(self.step.runs), self.buckets)
+        """(batch sizes whose compiled step is built, those planned), or None when decoding eagerly only."""
+        if self.step is None or self.step.failed:
+            return None
+        return sorted(self.step.runs), self.buckets
 
     @torch.no_grad()
-    def warm_up(self, on_built=None):
-        """Compile (or load) the step for every bucket now, not in a user's request (`on_built(sizes)` after
-        each). If that fails, say so in one line and decode eagerly: a slower server, never a broken one."""
+    def warm_up(self, on_built=None, background=False, threads=None):
+        """Compile (or load) the step for every bucket: here and now, or in the background (from the weights
+        file, with `threads` torch threads) while decoding eagerly. `on_built(sizes)` after each. If that
+        fails, say so in one line and decode eagerly: a slower server, never a broken one."""
         if self.step is None:
             return
+        if background and self.step.weights:
+            return self.step.build_in_background(self.buckets, threads, on_built)
         try:
             self.step.build(self.buckets, on_built)
         except Exception as e:  # inductor's messages run to many lines: the first says what failed
-            why = (str(e).strip().splitlines() or [""])[0]
-            log.warning("compiling the decode step failed, decoding without it: %s: %s", type(e).__name__, why)
-            self.step = None
+            self.step.fail(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
+
+    def stop(self):
+        if self.step:
+            self.step.stop()
 
     def _forward(self, first, ids):
         """The model's forward over rows first.. with ids (N, T) as their new tokens; logits (N, T, V)."""
@@ -122,6 +131,7 @@ class LSTMState:
     """Storage for the LSTM's carried (h, c) of max_batch rows: no context limit, nothing to slide."""
 
     context = None
+    step = None  # no compiled step
 
     def __init__(self, model, max_batch):
         self.model = model
@@ -130,11 +140,14 @@ class LSTMState:
     def room(self, slot):
         return math.inf
 
-    def warm_up(self, on_built=None):
+    def warm_up(self, on_built=None, background=False, threads=None):
         pass  # nothing to compile
 
     def compiled_sizes(self):
         return None
+
+    def stop(self):
+        pass
 
     def prefill(self, first, seqs):
         """As GPTCache.prefill, one row at a time: the state after padding would not be the prompt's."""

@@ -59,11 +59,13 @@ class Engine:
         compile_folder=None,
         on_progress=None,
         exit_on_device_error=False,
+        weights=None,
     ):
         self.model = model.eval()
         self.max_batch = max_batch
         is_gpt = isinstance(model, GPT)
-        self.cache = GPTCache(model, max_batch, compiled, compile_folder) if is_gpt else LSTMState(model, max_batch)
+        kept = (compiled, compile_folder, weights)  # weights: the model's checkpoint file, compiled from (GPTCache)
+        self.cache = GPTCache(model, max_batch, *kept) if is_gpt else LSTMState(model, max_batch)
         # tokens in one batched prefill: at least a whole context, and logits of at most PREFILL_LOGITS
         self.prefill_tokens = max(self.cache.context or 1, PREFILL_LOGITS // model.config.vocab_size)
         self.on_step = on_step  # called after each decode step with the batch size (metrics)
@@ -92,11 +94,11 @@ class Engine:
             self.waiting.append(req)
             self.cond.notify()
 
-    def warm_up(self, on_built=None):
-        """For an engine stepped in the caller's thread (not start()ed): compile the decode step if asked
-        (see GPTCache), then run one prefill and one decode step. A started engine does this itself, in
-        its own thread: a compiled step is only good for the torch thread count it was compiled under."""
-        self.cache.warm_up(on_built)
+    def warm_up(self, on_built=None, background=False):
+        """For an engine stepped in the caller's thread (not start()ed): compile the decode step if asked (see
+        GPTCache), then run one prefill and one decode step. A started engine does this itself, in its own
+        thread: a compiled step is only good for the torch thread count it was compiled under."""
+        self.cache.warm_up(on_built, background, torch.get_num_threads())
         self.generate([0], 2, temperature=0.0)
 
     def compiled_sizes(self):
@@ -120,6 +122,7 @@ class Engine:
             self.cond.notify()
         if self.thread:
             self.thread.join()
+        self.cache.stop()
 
     def generate(self, prompt, max_new_tokens, **sampling):
         """Blocking helper (tests, benchmarks, warm-up): run one request to the end, return its ids.
@@ -140,7 +143,7 @@ class Engine:
     def _loop(self):
         if self.threads:
             torch.set_num_threads(self.threads)
-        self.cache.warm_up()  # requests submitted meanwhile wait in the queue
+        self.cache.warm_up(background=True, threads=torch.get_num_threads())  # requests meanwhile wait their turn
         while True:
             with self.cond:
                 while self.running and not self.busy():

@@ -22,9 +22,10 @@ TICK = 0.25  # how often a waiting side looks again
 
 
 def serve(conn, weights, device, dtype, max_batch, threads, compiled, compile_folder, logs):
-    """The child process: load, warm up (saying ("built", batch sizes) after each compiled step), say ("ready",
-    None) (or ("failed", why)), then step until told to stop. `logs`: (level, formatter, model name) of the
-    server's log, so that the engine's lines read as the server's own, each naming its model."""
+    """The child process: load, warm up, say ("ready", None) (or ("failed", why)), then step until told to stop,
+    while its decode step compiles in the background (saying ("built", (batch sizes built, planned)) as each is
+    loaded, or ("built", None) once compiling has failed). `logs`: (level, formatter, model name) of the server's
+    log, so that the engine's lines read as the server's own, each naming its model."""
     from model import load_checkpoint
     from model.engine import Engine
 
@@ -45,9 +46,9 @@ def serve(conn, weights, device, dtype, max_batch, threads, compiled, compile_fo
             torch.set_num_threads(threads)
         model = load_checkpoint(weights, device=device)[0].to(dtype)
         on_step = lambda n: out.append((STEP, n, None))  # noqa: E731
-        kept = {"compiled": compiled, "compile_folder": compile_folder}
+        kept = {"compiled": compiled, "compile_folder": compile_folder, "weights": weights}
         engine = Engine(model, max_batch, on_step=on_step, exit_on_device_error=True, **kept)
-        engine.warm_up(on_built=lambda sizes: conn.send(("built", sizes)))
+        engine.warm_up(background=True)
     except Exception as e:
         conn.send(("failed", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
         return
@@ -72,9 +73,16 @@ def serve(conn, weights, device, dtype, max_batch, threads, compiled, compile_fo
             requests.pop(rid, None)
             announced.discard(rid)
 
+    compiled = [None]
+
     def take_commands(block):
-        """Submit and cancel what the pipe holds (waiting for the first if `block`); False once told to stop."""
-        while conn.poll(None if block else 0):
+        """Submit and cancel what the pipe holds (waiting for the first if `block`, and while a background compile
+        runs, a TICK at most, to tell its progress); False once told to stop."""
+        building = engine.cache.step is not None and engine.cache.step.building  # read first: then no size is missed
+        if engine.compiled_sizes() != compiled[0]:
+            compiled[0] = engine.compiled_sizes()
+            conn.send(("built", compiled[0]))
+        while conn.poll((TICK if building else None) if block else 0):
             block = False
             try:
                 command, rid, *args = conn.recv()
@@ -102,6 +110,8 @@ def serve(conn, weights, device, dtype, max_batch, threads, compiled, compile_fo
         flush()
     except (BrokenPipeError, ConnectionResetError):  # the server is gone (killed) while we stepped
         pass
+    finally:
+        engine.cache.stop()  # a background compile's builder
 
 
 def server_logs(name):

@@ -12,7 +12,7 @@ no caller ever blocks on a child busy with a long step.
 
 Supervision (a watchdog thread): the child is dead when its pipe closes or its process has exited, and hung
 when it has sent nothing for `timeout` seconds while work (or a ping, sent when idle) waits on it. Either
-way it is killed and a new child started: compiled steps load from the kept folder, so that takes seconds.
+way it is killed and a new child started, which serves in seconds (its compiled steps load in the background).
 Every request not yet finished is sent to the new child with the tokens it has already delivered
 (Request.resumed): it is prefilled again and goes on, and with counter-based sampling (model/sampling.py)
 its text is the one it would have had. A request the child had begun at two deaths, with no progress between,
@@ -85,8 +85,8 @@ class EngineProcess:
         on_give_up=None,
     ):
         self.args = (str(weights), str(device), dtype, max_batch, threads, compiled, compile_folder, server_logs(name))
-        self.planned = batch_buckets(max_batch) if compiled else None
-        self.built = []  # the batch sizes whose compiled step the child has built
+        # (batch sizes whose compiled step the child has loaded, those planned); None: it decodes eagerly only
+        self.compiled = ([], batch_buckets(max_batch)) if compiled else None
         self.name, self.max_batch, self.context, self.timeout = name, max_batch, context, timeout
         self.on_step, self.on_restart, self.on_give_up = on_step, on_restart, on_give_up
         self.tracked = {}  # request id -> Tracked, until its Finished arrives
@@ -166,7 +166,7 @@ class EngineProcess:
 
     def compiled_sizes(self):
         """As Engine.compiled_sizes: (batch sizes built, those planned), or None without compiling."""
-        return None if self.planned is None else (self.built, self.planned)
+        return self.compiled
 
     def _send_submit(self, rid):
         t = self.tracked[rid]
@@ -196,7 +196,7 @@ class EngineProcess:
             if kind == "pong":
                 self.pinged = False
             if kind == "built":
-                self.built = events
+                self.compiled = events
             if kind != "events":
                 return self.wake.set() if kind == "gone" else None
             for rid, event, started_at in events:

@@ -15,6 +15,9 @@ torch.set_num_threads(1)
 # The apps that tests build in this process run their engines in a thread of it (quick to start, and their
 # internals can be patched); the servers tests start as a user would keep the default, a child process.
 os.environ["QUILL_ENGINE_PROCESS"] = "0"
+# ... and decode eagerly: a background compile per app (a builder process each) would cost every test seconds of
+# CPU. The servers tests start as a user would compile in the background, as a user's do (service_helpers).
+os.environ["QUILL_COMPILE"] = "0"
 # Compiled decode steps are kept under $XDG_CACHE_HOME (model/compiled.py): the tests' own, never the user's.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="quill-test-cache-")
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)

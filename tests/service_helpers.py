@@ -92,8 +92,9 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # the server's engine where a user's would be (a child process), unless this test says otherwise:
-        # tests/conftest.py sets QUILL_ENGINE_PROCESS=0 for the apps that tests build in their own process
-        inherited = {k: v for k, v in os.environ.items() if k != "QUILL_ENGINE_PROCESS"}
+        # tests/conftest.py sets QUILL_ENGINE_PROCESS=0 and QUILL_COMPILE=0 for the apps that tests build in their
+        # own process; a server keeps the defaults (packages kept in the session's XDG_CACHE_HOME)
+        inherited = {k: v for k, v in os.environ.items() if k not in ("QUILL_ENGINE_PROCESS", "QUILL_COMPILE")}
         env = {**inherited, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
         self.log = open(log_path or os.devnull, "wb")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(

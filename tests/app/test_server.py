@@ -194,50 +194,45 @@ def test_uvicorn_serves_app_main_with_settings_from_the_environment(checkpoints,
         assert [m["id"] for m in r.json()["data"]] == ["tiny-lstm", "tiny-gpt"]
 
 
-def readiness_until_ready(server, timeout=300):
-    """Each /ready answer while the server starts (JSON bodies), polled until one is 200."""
+def progress_until_built(server, sizes):
+    """Each /ready answer's progress of tiny-gpt's compile, polled until every batch size is built."""
     seen = []
 
-    def ready():
-        assert server.proc.poll() is None, f"server exited with {server.proc.returncode}"
-        try:
-            r = httpx.get(server.url + "/ready", timeout=5)
-        except httpx.TransportError:
-            return False
-        seen.append(r.json())
-        return r.status_code == 200
+    def built():
+        seen.append(httpx.get(server.url + "/ready", timeout=5).json()["compiled"]["tiny-gpt"])
+        return seen[-1]["compiled_batch_sizes"] == sizes
 
-    assert wait_until(ready, timeout, interval=0.1), "server not ready in time"
+    assert wait_until(built, timeout=600, interval=0.2), seen[-1:]
     return seen
 
 
-def test_compiled_server_answers_ready_with_its_progress_and_writes_the_eager_servers_text(
+def test_a_default_server_serves_at_once_compiles_in_the_background_and_keeps_what_it_built(
     server, checkpoints, tmp_path
 ):
-    """The port answers while the first start compiles each bucket: /ready is 503 and says which batch sizes are
-    built; a second start loads what the first kept. A line per bucket names the model and how far it is."""
+    """No settings: the server is ready once its models are loaded and serves eagerly while each batch size's
+    decode step compiles in the background; /ready says which are built so far; the text is the same before
+    and after; a second start loads the kept packages and compiles nothing."""
     body = {"prompt": "Hello there", "max_new_tokens": 40, "temperature": 0, "stream": False}
-    eager = httpx.post(server.url + "/generate", json=body, timeout=60).json()["text"]
-    env = {"QUILL_MAX_RUNNING": "2", "QUILL_COMPILE_CACHE": str(tmp_path / "kept")}  # buckets 1 and 2
-    for start, says in enumerate(["compiling the decode step", "loaded the compiled decode step"]):
+    expected = httpx.post(server.url + "/generate", json=body, timeout=60).json()["text"]
+    env = {"QUILL_MAX_RUNNING": "2", "QUILL_COMPILE_CACHE": str(tmp_path / "kept")}  # batch sizes 1 and 2
+    first = ["compiling the decode step for batch sizes 1, 2 in the background"]  # ("compiled ..." when it ends)
+    for start, says in enumerate([first, ["loaded the compiled decode step for batch sizes 1, 2"]]):
         log = tmp_path / f"server-{start}.log"
-        s = Server([*app_command([checkpoints["tiny-gpt"]]), "--compile"], env, log)
+        s = Server(app_command([checkpoints["tiny-gpt"]]), env, log).wait_ready()
         try:
-            seen = readiness_until_ready(s)
-            lines = [line for line in log.read_text().splitlines() if "decode step" in line]
-            # the first start compiles both, the second loads both; neither fails nor does the other
-            assert [line[line.index("model tiny-gpt: ") :].split(",")[0].rstrip(")") for line in lines] == [
-                f"model tiny-gpt: {says} for batch size {n} ({i} of 2" for i, n in enumerate((1, 2), 1)
-            ]
-            assert httpx.post(s.url + "/generate", json=body, timeout=60).json()["text"] == eager
+            during = httpx.post(s.url + "/generate", json=body, timeout=60).json()["text"]
+            seen = progress_until_built(s, [1, 2])
+            after = httpx.post(s.url + "/generate", json=body, timeout=60).json()["text"]
         finally:
             s.close()
-        if start == 0:  # compiling takes long enough that /ready answered 503 with each step of it
-            progress = [b["models"]["tiny-gpt"] for b in seen if "models" in b and isinstance(b["models"], dict)]
-            assert {"state": "starting", "compiled_batch_sizes": [], "batch_sizes": [1, 2]} in progress
-            assert {"state": "starting", "compiled_batch_sizes": [1], "batch_sizes": [1, 2]} in progress
-            assert all(b["error"]["message"] == "not ready: starting" for b in seen[:-1])
-            assert seen[-1] == {"status": "ready", "models": ["tiny-gpt"]}
+        lines = [line.split("model tiny-gpt: ", 1)[1] for line in log.read_text().splitlines() if "decode step" in line]
+        lines = [line for line in lines if not line.startswith("compiled the")]  # the builder's end: maybe not yet
+        assert [line.split(" for batch sizes 1, 2")[0] for line in lines] == [line.split(" for")[0] for line in says]
+        assert during == after == expected
+        assert seen[-1] == {"compiled_batch_sizes": [1, 2], "batch_sizes": [1, 2]}
+        if start == 0:  # ready before its steps were built, which /ready then told one by one
+            assert seen[0]["compiled_batch_sizes"] != [1, 2]
+            assert {"compiled_batch_sizes": [1], "batch_sizes": [1, 2]} in seen
 
 
 def test_the_engine_in_a_process_streams_what_the_engine_in_a_thread_does(server, thread_server):

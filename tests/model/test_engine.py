@@ -402,7 +402,7 @@ def compiled_engine(tmp_path_factory):
     model, folder = gpt64(), tmp_path_factory.mktemp("compiled")
     engine = Engine(model, max_batch=3, compiled=True, compile_folder=folder)
     engine.warm_up()
-    assert engine.cache.step is not None, "compiling the decode step failed (see the log)"
+    assert engine.compiled_sizes() == ([1, 2, 3], [1, 2, 3]), "compiling the decode step failed (see the log)"
     return model, engine, folder
 
 
@@ -476,7 +476,7 @@ def test_a_failed_compile_decodes_eagerly_after_one_warning_and_leaves_no_file(m
     engine = Engine(model, max_batch=2, compiled=True, compile_folder=tmp_path)
     with caplog.at_level("WARNING", logger="quill"):
         engine.warm_up()
-    assert engine.cache.step is None
+    assert engine.compiled_sizes() is None
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         "compiling the decode step failed, decoding without it: RuntimeError: no C++ compiler"
     ]

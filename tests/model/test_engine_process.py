@@ -70,13 +70,15 @@ def test_the_child_generates_what_the_engine_in_this_process_does_alone_and_toge
 
 @pytest.mark.slow
 def test_a_compiled_child_picks_the_right_bucket_for_each_batch_size(weights):
-    """The child runs one compiled package a batch size: batches of 3, then 2, then 1 as the jobs finish
-    must each run their own, over the right rows of the cache."""
+    """The child runs one compiled package a batch size, once its background compile has built them: batches of
+    3, then 2, then 1 as the jobs finish must each run their own, over the right rows of the cache."""
     model = tiny_gpt(256, context_size=32)
     here = [Engine(model, max_batch=1).generate(p, n, **s) for p, n, s in JOBS]
     engine = EngineProcess(weights, "cpu", torch.float32, max_batch=3, threads=1, compiled=True)
-    engine.start()
+    engine.start()  # serving at once, eagerly, while its steps compile in the background
     try:
+        assert engine.compiled_sizes() == ([], [1, 2, 3])
+        assert wait_until(lambda: engine.compiled_sizes() == ([1, 2, 3], [1, 2, 3]), timeout=600)
         reqs = all_jobs_together(engine)
         assert [req.emit.tokens for req in reqs] == here
         assert [engine.generate(p, n, **s) for p, n, s in JOBS] == here
