@@ -80,10 +80,11 @@ class GPTCache:
         if n is None:
             return self._forward(0, [[t] for t in ids])[:, -1]
         held = self.length[:B]
-        # rows B..n-1 are free slots: they compute a junk token at position 0, which a prefill overwrites
-        tokens = torch.tensor(ids + [0] * (n - B), device=self.device).view(n, 1)
-        lengths = torch.tensor(held + [0] * (n - B), device=self.device)
-        logits = self.step(tokens, lengths, max(held))[:B]
+        # rows B..n-1 are free slots: they compute a junk token at position 0, which a prefill overwrites. Tokens
+        # and lengths go to the device in one copy, each starting 16-byte aligned (as the compiled step assumes)
+        pad = [0] * (n - B + n % 2)
+        both = torch.tensor([ids + pad, held + pad], device=self.device)
+        logits = self.step(both[0, :n].view(n, 1), both[1, :n], max(held))[:B]
         self.length[:B] = [h + 1 for h in held]
         return logits
 

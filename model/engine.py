@@ -32,7 +32,7 @@ from model.cache import GPTCache, LSTMState, window_start
 from model.gpt import GPT
 from model.request import Finished, Outcome, Request, Token
 from model.sampling import Sampler, SamplingParams
-from model.scoring import PromptLogprobs, Scoring, score_windows, top_logprobs
+from model.scoring import PromptLogprobs, Scoring, score_windows, token_logprobs
 
 __all__ = ["Engine", "Finished", "Outcome", "Request", "Token"]  # the request's types, for the engine's users
 
@@ -220,9 +220,10 @@ class Engine:
             try:
                 logits = self.cache.prefill(first + start, seqs[start:end])
                 rows = self._finite(group, logits)
-                tokens = sampling.sample([group[i].sampler for i in rows], logits[rows])
-                for i, token in zip(rows, tokens):
-                    self._append(group[i], token, logits[i])
+                tokens = dict(zip(rows, sampling.sample([group[i].sampler for i in rows], logits[rows])))
+                scored = token_logprobs(group, rows, logits, tokens)
+                for i in rows:
+                    self._append(group[i], tokens[i], scored.get(i, (None, ())))
             except Exception as e:  # leaves at the next _leave, before any decode step reads its row
                 if poisoned(e):
                     raise
@@ -249,9 +250,9 @@ class Engine:
             rows = logits if len(rest) == len(plain) else logits[rest]
             for i, token in zip(rest, sampling.sample([self.active[i].sampler for i in rest], rows)):
                 tokens[i] = token
-        for i in good:  # no need of a plain row's logits: not even a view of them
-            req = self.active[i]
-            self._append(req, tokens[i], logits[i] if req.params.logprobs is not None else None)
+        scored = token_logprobs(self.active, good, logits, tokens)
+        for i in good:
+            self._append(self.active[i], tokens[i], scored.get(i, (None, ())))
         if self.on_step:
             self.on_step(len(self.active))
         self.on_progress()
@@ -319,15 +320,11 @@ class Engine:
         with self.cond:
             self.waiting.extendleft(reversed(go_on))
 
-    def _append(self, req, token, logits=None):
-        """Send `token` as req's next, with its logprobs from its (V,) `logits` when the request asked."""
+    def _append(self, req, token, scored=(None, ())):
+        """Send `token` as req's next, with (its logprob, the likeliest tokens) when the request asked for them."""
         req.tokens.append(token)
         req.generated += 1
-        logprob, top = None, ()
-        if req.params.logprobs is not None:  # the model's own distribution: before temperature and penalties
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            logprob, top = float(logprobs[token]), top_logprobs(logprobs[None], req.params.logprobs)[0]
-        self._emit(req, Token(token, req.generated == req.max_new_tokens, logprob, top))
+        self._emit(req, Token(token, req.generated == req.max_new_tokens, *scored))
 
     def _leave(self):
         """Finished, failed and cancelled requests leave; the last active row moves into each freed slot."""
