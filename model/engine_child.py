@@ -5,6 +5,7 @@ import logging
 import multiprocessing
 import queue
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -123,6 +124,19 @@ def server_logs(name):
     return log.getEffectiveLevel(), formatter if type(formatter) is logging.Formatter else None, name
 
 
+def unguarded_script():
+    """Why a child may have ended before its own code ran, when this process runs a script (python script.py, not
+    python -m): spawn runs the script again in the child, and one that starts the server there unguarded fails."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path is None or getattr(main, "__spec__", None) is not None:
+        return ""
+    return (
+        f". The engine process runs {path} again as it starts: if that script starts the server (TestClient(app), "
+        'uvicorn.run(app)), put that code under `if __name__ == "__main__":` (the engine process\'s own error is above)'
+    )
+
+
 class Child:
     """One engine process, and the two threads of this process that talk to it."""
 
@@ -137,27 +151,22 @@ class Child:
 
     def start(self, stopping, silence=None):
         """Start the process; return once it has loaded and warmed up; RuntimeError if it could not, if
-        `stopping()` turns true meanwhile, or if it says nothing for `silence` seconds (loading, or compiling one
-        batch size)."""
+        `stopping()` turns true meanwhile, or if it says nothing for `silence` seconds."""
         self.proc.start()
         self.theirs.close()  # the child's end is the child's: its death then closes the pipe here
-        kind, heard = "built", time.monotonic()
-        while kind == "built":
-            while not self.conn.poll(TICK):
-                hung = silence is not None and time.monotonic() - heard > silence
-                if stopping() or hung or not self.proc.is_alive():
-                    why = "was stopped" if stopping() else self.exit_status()
-                    why = f"sent nothing for {silence:g} s while starting" if hung else why
-                    self.kill()
-                    raise RuntimeError(f"the engine process {why}")
-            heard = time.monotonic()
-            try:
-                kind, detail = self.conn.recv()
-            except EOFError:
-                self.proc.join(5)
-                kind, detail = "failed", f"the engine process {self.exit_status()}"
-            if kind == "built":
-                self.on_message(self, kind, detail)
+        begun = time.monotonic()
+        while not self.conn.poll(TICK):
+            hung = silence is not None and time.monotonic() - begun > silence
+            if stopping() or hung or not self.proc.is_alive():
+                why = "was stopped" if stopping() else self.exit_status() + unguarded_script()
+                why = f"sent nothing for {silence:g} s while starting" if hung else why
+                self.kill()
+                raise RuntimeError(f"the engine process {why}")
+        try:
+            kind, detail = self.conn.recv()
+        except EOFError:  # gone before a word: not even its own start-up ran
+            self.proc.join(5)
+            kind, detail = "failed", f"the engine process {self.exit_status()}{unguarded_script()}"
         if kind != "ready":
             self.kill()
             raise RuntimeError(f"the engine process could not start: {detail}")

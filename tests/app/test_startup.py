@@ -213,3 +213,32 @@ def test_a_model_that_cannot_start_after_the_port_opened_ends_the_server_in_one_
         "CUDA out of memory; exiting so that a supervisor restarts the server"
     )
     assert "Traceback" not in proc.stderr
+
+
+EMBEDDING = """
+from fastapi.testclient import TestClient
+from app.main import app
+{guard}
+    with TestClient(app) as client:
+        print(client.get("/ready").json()["status"])
+"""
+
+
+@pytest.mark.parametrize("guard", ["if True:", 'if __name__ == "__main__":'], ids=["unguarded", "guarded"])
+def test_a_script_that_embeds_the_app_is_told_the_guard_it_lacks(checkpoints, tmp_path, guard):
+    """The engine process (spawned) runs the user's script again as it starts: without the guard, the script's
+    server start fails there; the error says so and names the guard, and with the guard the script serves."""
+    script = tmp_path / "serve_it.py"
+    script.write_text(EMBEDDING.format(guard=guard))
+    inherited = {k: v for k, v in os.environ.items() if k != "QUILL_ENGINE_PROCESS"}  # the default engine
+    env = {**inherited, "PYTHONPATH": str(REPO), "QUILL_CHECKPOINTS": str(checkpoints["tiny-gpt"])}
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    if guard.startswith("if __name__"):
+        assert (proc.returncode, proc.stdout) == (0, "ready\n"), proc.stderr[-2000:]
+        return
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError: the engine process could not start: the engine process exited with code 1.")
+    assert f"runs {script} again as it starts" in last and 'if __name__ == "__main__":' in last
