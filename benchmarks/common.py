@@ -1,9 +1,10 @@
-"""Shared by the benchmark scripts: the machine's description, medians, and result files."""
+"""Shared by the benchmark scripts: the machine's description, medians, result files and generated blocks."""
 
 import json
 import os
 import platform
 import statistics
+import textwrap
 import time
 from pathlib import Path
 
@@ -52,6 +53,18 @@ def write_results(name, results, table):
     (DOCS / f"bench-{name}.json").write_text(json.dumps({"machine": machine(), "results": results}, indent=2) + "\n")
     (DOCS / f"bench-{name}.md").write_text(table + "\n")
     print(table)
+
+
+def write_between_markers(path, name, paragraph):
+    """Put `paragraph` (wrapped) between the lines `<!-- name:start -->` and `<!-- name:end -->` of the file at
+    `path`, so that a page quotes generated figures beside its own words."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    page = path.read_text()
+    if page.count(start) != 1 or page.count(end) != 1 or page.index(start) > page.index(end):
+        raise SystemExit(f"{path}: no single {start} ... {end} pair to write between")
+    head, rest = page.split(start)
+    text = textwrap.fill(paragraph.strip(), 110, break_long_words=False, break_on_hyphens=False)
+    path.write_text(f"{head}{start}\n{text}\n{end}{rest.split(end)[1]}")
 
 
 def markdown_table(header, rows):

@@ -35,10 +35,13 @@ def free_port():
 
 
 def start_server(checkpoint, port, max_running, compiled=False, ready_within=120, env=None, log=subprocess.DEVNULL):
-    """`env`: more variables for the server (QUILL_DEVICE, ...); `log`: a file for its output."""
+    """`compiled`: QUILL_COMPILE, or None to leave it to `env` (the server's default when unset there); `env`:
+    more variables for the server (QUILL_DEVICE, ...), a None value unsets one; `log`: a file for its output."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # keep the caller's packages
     env = {**os.environ, "QUILL_MAX_RUNNING": str(max_running), "QUILL_MAX_QUEUED": "256", **(env or {})}
-    env.update(PYTHONPATH=path, QUILL_COMPILE="1" if compiled else "0")
+    if compiled is not None:
+        env["QUILL_COMPILE"] = "1" if compiled else "0"
+    env = {k: v for k, v in env.items() if v is not None} | {"PYTHONPATH": path}
     proc = subprocess.Popen(
         [sys.executable, "-m", "app", "--checkpoint", str(checkpoint), "--port", str(port)],
         env=env,

