@@ -8,7 +8,14 @@ from pathlib import Path
 import torch
 
 from model import GPT, CheckpointError, load_checkpoint
-from model.checkpoint import BUNDLED, default_checkpoints, file_sha256, model_name, resolve_checkpoint_path
+from model.checkpoint import (
+    BUNDLED,
+    default_checkpoints,
+    describe_checkpoint,
+    file_sha256,
+    model_name,
+    resolve_checkpoint_path,
+)
 from model.engine import Engine
 from model.engine_process import EngineProcess
 
@@ -87,13 +94,13 @@ def load_served_model(
     supervision=None,
 ):
     """`threads`: the engine's torch threads (None: engine_threads). `process`: run the engine in a child process
-    of its own (EngineProcess), which loads the weights again; `supervision`: its timeout, on_restart and
-    on_give_up (EngineProcess's arguments). `compile_folder`: where compiled decode steps are kept
-    (model/compiled.py)."""
+    of its own (EngineProcess), which alone holds the weights: the model here is then on the meta device, read from
+    the checkpoint's header, and only describes it (config, type, parameter count, dtype); `supervision`: its
+    timeout, on_restart and on_give_up (EngineProcess's arguments). `compile_folder`: where compiled decode steps
+    are kept (model/compiled.py)."""
     weights = Path(weights)
-    # with the engine in a child process, the copy here only describes the model: it stays off the GPU
-    model, tokenizer, meta = load_checkpoint(weights, device="cpu" if process else device)
-    model.to(dtype)  # once, here: the engine's caches and steps take the weights' dtype
+    model, tokenizer, meta = describe_checkpoint(weights) if process else load_checkpoint(weights, device=device)
+    model.to(dtype)  # once, here: the engine's caches and steps take the weights' dtype (and the model card says it)
     name = model_name(weights)
     sha = file_sha256(weights)
     threads = threads or engine_threads(model)

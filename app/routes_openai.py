@@ -50,7 +50,8 @@ def json_safe(value):
 def describe(m):
     """OpenAI's model object, and what a user needs to judge the model: its size, context, tokenizer, and
     how well it did on its validation text (bits per byte compare across tokenizers; absent in
-    checkpoints saved before they were recorded)."""
+    checkpoints saved before they were recorded). `m.model` holds no weights when the engine has a process of its
+    own (on the meta device): its config, parameters' count and dtype are all this reads."""
     context = getattr(m.model.config, "context_size", None)  # the LSTM has no fixed context
     return {
         "id": m.name,

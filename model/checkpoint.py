@@ -16,8 +16,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
+from torch.overrides import TorchFunctionMode
 
 from model.gpt import GPT
 from model.lstm import LSTM
@@ -131,13 +133,18 @@ def _check_safetensors_file(path):
         raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)")
 
 
-def read_safetensors(path):
-    """Return (tensors, meta) from a file written by write_safetensors, or raise CheckpointError."""
+def read_safetensors(path, shapes_only=False):
+    """Return (tensors, meta) from a file written by write_safetensors, or raise CheckpointError. `shapes_only`:
+    the tensors are float32 ones on the meta device, of the header's names and shapes: nothing is read or held."""
     _check_safetensors_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             raw_meta = (f.metadata() or {}).get(META_KEY)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has keys(), not iteration)
+            names = f.keys()  # safe_open has keys(), not iteration
+            if shapes_only:
+                tensors = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in names}
+            else:
+                tensors = {k: f.get_tensor(k) for k in names}
     except Exception as e:  # the library raises several types for a damaged file
         raise CheckpointError(f"{path}: corrupted safetensors file: {e}") from None
     if raw_meta is None:
@@ -164,9 +171,26 @@ def model_tensors(model):
     return sd
 
 
-def load_model_tensors(model, tensors, where):
+class _SkipInit(TorchFunctionMode):
+    """torch.nn.init's functions do nothing: for a module built on the meta device, which has no values to fill, and
+    where normal_ is a Python reference op whose first call imports torch._dynamo and sympy (70 MB here, seconds)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]  # each returns the tensor it fills
+        return func(*args, **kwargs)
+
+
+def load_model_tensors(model, tensors, where, assign=False):
+    """Copy `tensors` into `model`'s parameters, or raise CheckpointError if their names or shapes disagree with it.
+    `assign`: the tensors become the parameters (cast to their dtype), for a model built on the meta device, so
+    that the weights are held once and never copied over a random initialisation."""
+    if assign:
+        own = model.state_dict()
+        tensors = {k: v.to(own[k].dtype) if k in own else v for k, v in tensors.items()}
     try:
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=assign)
     except RuntimeError as e:  # shapes that disagree with the config
         raise CheckpointError(f"{where}: weights do not match the config: {str(e)[:500]}") from None
     missing = [k for k in missing if not (isinstance(model, GPT) and k == "lm_head.weight")]
@@ -174,6 +198,8 @@ def load_model_tensors(model, tensors, where):
         raise CheckpointError(
             f"{where}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
+    if isinstance(model, GPT):
+        model.lm_head.weight = model.tok_emb.weight  # assign gave tok_emb a new matrix: tie lm_head to it again
 
 
 def save_checkpoint(path, model, tokenizer, meta):
@@ -203,21 +229,37 @@ def default_checkpoints(root=None):
     return sorted(found, key=lambda p: p.name != BUNDLED_DEFAULT)  # a stable sort: the others stay by name
 
 
-def load_checkpoint(path, device="cpu"):
-    """Load (model in eval mode, tokenizer, metadata) from a run directory or a .safetensors file."""
-    path = resolve_checkpoint_path(path)
-    tensors, meta = read_safetensors(path)
+def _checked_model(path, shapes_only):
+    """(model, tokenizer, metadata) from the file, each checked against the others; the model is built on the meta
+    device and given the file's tensors (or, with `shapes_only`, meta tensors of their shapes)."""
+    tensors, meta = read_safetensors(path, shapes_only)
     for key in ("model_type", "config", "tokenizer"):
         if key not in meta:
             raise CheckpointError(f"{path}: metadata lacks '{key}'")
     try:
         tokenizer = tokenizer_from_dict(meta["tokenizer"])
-        model = build_model(meta["model_type"], meta["config"])
+        with torch.device("meta"), _SkipInit():  # no random initialisation to allocate, then overwrite
+            model = build_model(meta["model_type"], meta["config"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad metadata: {e}") from None
     if tokenizer.vocab_size != model.config.vocab_size:
         raise CheckpointError(
             f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model expects {model.config.vocab_size}"
         )
-    load_model_tensors(model, tensors, path)
-    return model.to(device).eval(), tokenizer, meta
+    load_model_tensors(model, tensors, path, assign=True)
+    return model.eval(), tokenizer, meta
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load (model in eval mode, tokenizer, metadata) from a run directory or a .safetensors file. On the CPU, in the
+    file's dtype, the parameters are the file's own tensors, which safetensors maps from it copy-on-write: one copy,
+    pages shared with the page cache. A file replaced by a rename (as atomic_path does) leaves them be; a model in
+    use must not have its file overwritten in place."""
+    model, tokenizer, meta = _checked_model(resolve_checkpoint_path(path), shapes_only=False)
+    return model.to(device), tokenizer, meta
+
+
+def describe_checkpoint(path):
+    """load_checkpoint's (model, tokenizer, metadata), checked as it checks them, but from the file's header alone:
+    the model is on the meta device, so its config, type and parameter count hold no weights in memory."""
+    return _checked_model(resolve_checkpoint_path(path), shapes_only=True)
