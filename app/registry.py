@@ -115,7 +115,6 @@ def load_served_model(
             weights, device, dtype, max_batch, on_step=on_step, threads=threads, name=name, context=context, **kept
         )
     else:
-        engine = Engine(
-            model, max_batch, on_step=on_step, threads=threads, compiled=compiled, compile_folder=compile_folder
-        )
+        kept = {"compiled": compiled, "compile_folder": compile_folder, "weights": weights}  # compiled from weights
+        engine = Engine(model, max_batch, on_step=on_step, threads=threads, **kept)
     return ServedModel(name, weights, model, tokenizer, meta, sha, engine)

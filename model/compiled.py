@@ -209,9 +209,8 @@ class CompiledSteps:
     def build_in_background(self, sizes, threads, on_built=None):
         """As build, in a thread of its own, compiling in a builder process (a step compiled in this one would
         hold its GIL for seconds at a time); return at once. The engine meanwhile decodes eagerly."""
-        why = missing_tools(self.device) or (None if self.weights else "no checkpoint file to compile from")
-        if why:
-            return self.fail(why)
+        if not self.weights:
+            return self.fail("no checkpoint file to compile from")
         self.building = True
         args = (sizes, threads, on_built)
         threading.Thread(target=self._background, args=args, name="quill-compile", daemon=True).start()
@@ -275,11 +274,12 @@ class CompiledSteps:
         (not strict: it is compiled anew)."""
         try:
             index = self.device.index if self.device.type == "cuda" and self.device.index is not None else -1
-            package = torch._inductor.aoti_load_package(str(path), device_index=index)
+            # torch's C++ loader itself: aoti_load_package's Python wrapper imports inductor (70 MB resident)
+            package = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
             weights = {f"model.{name}": t.detach() for name, t in self.model.state_dict(keep_vars=True).items()}
             constants = {name: weights[name] for name in package.get_constant_fqns()}
             # user-managed: the package reads these tensors where they are (the model holds them), not a copy
-            package.load_constants(constants, check_full_update=True, user_managed=True)
+            package.load_constants(constants, False, True, True)  # (inactive buffer, check every one, user-managed)
         except Exception as e:
             if strict:
                 raise
@@ -287,7 +287,7 @@ class CompiledSteps:
             path.unlink(missing_ok=True)
             return False
         views = [x[:n] for x in self.k] + [x[:n] for x in self.v]
-        self.runs[n] = (package.loader.boxed_run, views)
+        self.runs[n] = (package.boxed_run, views)
         return True
 
     def __call__(self, tokens, lengths, longest):
@@ -320,6 +320,9 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     try:
+        if why := missing_tools(torch.device(args.device)):
+            print(why, flush=True)
+            return 1
         model = load_checkpoint(args.weights, device=args.device)[0].to(getattr(torch, args.dtype))
         sizes = [int(n) for n in args.sizes.split(",")]
         for n, path in package_paths(model, sizes, args.folder or default_folder(), args.threads).items():
