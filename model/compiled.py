@@ -146,6 +146,7 @@ def quiet_compiler():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated")
         warnings.filterwarnings("ignore", message=".*torch.jit.script_method. is deprecated")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.* is deprecated")
         yield
 
 
@@ -240,7 +241,9 @@ class CompiledSteps:
     def _build(self, sizes, paths, threads, on_built):
         """Run the builder for `sizes`, loading each package it reports."""
         dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
-        command = [sys.executable, "-m", "model.compiled", str(self.weights), "--device", str(self.device)]
+        # niced from its first instruction (importing torch takes seconds of CPU): serving comes first
+        nice = ["nice", "-n", "10"] if shutil.which("nice") else []
+        command = [*nice, sys.executable, "-m", "model.compiled", str(self.weights), "--device", str(self.device)]
         command += ["--dtype", dtype, "--threads", str(threads), "--folder", str(paths[sizes[0]].parent)]
         command += ["--sizes", ",".join(map(str, sizes)), "--child"]
         root = str(Path(__file__).resolve().parent.parent)  # where `model` is imported from, wherever the cwd
@@ -314,18 +317,18 @@ def main(argv=None):
         threading.Thread(target=lambda: sys.stdin.read() or os._exit(0), daemon=True).start()
         for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or a SIGTERM to the process group
             signal.signal(sig, signal.SIG_IGN)
-    with contextlib.suppress(OSError):  # a step in the background: serving comes first
-        os.nice(10)
     from model.checkpoint import load_checkpoint
 
     torch.set_num_threads(args.threads)
+    torch._inductor.config.compile_threads = 1  # no pool of compile workers (a process, and torch, each)
     try:
         if why := missing_tools(torch.device(args.device)):
             print(why, flush=True)
             return 1
         model = load_checkpoint(args.weights, device=args.device)[0].to(getattr(torch, args.dtype))
         sizes = [int(n) for n in args.sizes.split(",")]
-        for n, path in package_paths(model, sizes, args.folder or default_folder(), args.threads).items():
+        folder = writable_folder(args.folder or default_folder())
+        for n, path in package_paths(model, sizes, folder, args.threads).items():
             if not path.exists():
                 compile_step(model, n, path)
             print(f"built {n}", flush=True)
