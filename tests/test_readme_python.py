@@ -144,3 +144,15 @@ def test_importing_a_gpt2_and_serving_it_runs_as_printed(tmp_path):
     for line in words:
         run(line, tmp_path, env, tmp_path / "log")
     assert "serving gpt2 (" in (tmp_path / "log").read_text()
+
+
+def test_building_the_compiled_steps_ahead_runs_as_printed(tmp_path):
+    """The README's builder command (for an image, or before a deploy) compiles every batch size it names into
+    the user's cache folder, saying so for each."""
+    (words,) = block("python -m model.compiled")
+    (tmp_path / "checkpoints").symlink_to(REPO / "checkpoints")
+    env = user_env(XDG_CACHE_HOME=str(tmp_path / "cache"))
+    printed = run(words, tmp_path, env, tmp_path / "log")
+    sizes = words[words.index("--sizes") + 1].split(",")
+    assert [line for line in printed.splitlines() if line.startswith("built")] == [f"built {n}" for n in sizes]
+    assert len(list((tmp_path / "cache" / "quill" / "compiled").glob("decode-*.pt2"))) == len(sizes)
