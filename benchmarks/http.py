@@ -48,15 +48,19 @@ def start_server(checkpoint, port, max_running, compiled=False, ready_within=120
         stdout=log,
         stderr=log,
     )
-    return wait_ready(proc, f"http://127.0.0.1:{port}/ready", ready_within, "the server")
+    return wait_ready(proc, f"http://127.0.0.1:{port}/ready", ready_within, "the server", compiled=bool(compiled))
 
 
-def wait_ready(proc, url, within, name):
-    """`proc` once `url` answers 200; killed, and the benchmark stopped, if it exits or takes over `within` s."""
+def wait_ready(proc, url, within, name, compiled=False):
+    """`proc` once `url` answers 200 (with `compiled`, once its body also says every model's decode step is compiled
+    for every batch size, or that one is not compiling: it failed); killed, and the benchmark stopped, if it exits
+    or takes over `within` s."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if httpx.get(url, timeout=1).status_code == 200:
+            r = httpx.get(url, timeout=1)
+            steps = r.json().get("compiled", {}).values() if compiled and r.status_code == 200 else ()
+            if r.status_code == 200 and all(s["compiled_batch_sizes"] == s["batch_sizes"] for s in steps):
                 return proc
         except httpx.HTTPError:
             pass
