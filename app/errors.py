@@ -1,5 +1,8 @@
-"""One error shape for the whole API (OpenAI's, so its clients read it):
-{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}"""
+"""One error shape for the whole API, HTTP or in a stream (OpenAI's, so its clients read it):
+{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}. `code` is a string a client may act on, or
+null: "invalid_api_key", "model_not_found", "rate_limit_exceeded", "server_starting", "server_shutdown",
+"model_unavailable", "engine_failed". A client never sees a Python exception's text: the log has it, with the
+request id that the client gets too (the X-Request-ID header, and the message)."""
 
 import logging
 
@@ -29,7 +32,7 @@ class ErrorDetail(BaseModel):
     message: str
     type: str
     param: str | None
-    code: int
+    code: str | None
 
 
 class ErrorBody(BaseModel):
@@ -42,17 +45,35 @@ def error_responses(*statuses):
 
 
 class APIError(Exception):
-    def __init__(self, status, message, type="invalid_request_error", param=None, headers=None):
+    """An error for the client. `detail`, when given, is what went wrong for the log only (an exception's text):
+    the client's message then names the request id that the log line has."""
+
+    def __init__(self, status, message, type="invalid_request_error", param=None, headers=None, code=None, detail=None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.headers = status, message, type, param, headers
+        self.code, self.detail = code, detail
 
 
 def error_body(message, type, param=None, code=None):
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def error_response(status, message, type, param=None, headers=None):
-    return JSONResponse(error_body(message, type, param, status), status_code=status, headers=headers)
+def error_response(status, message, type, param=None, headers=None, code=None):
+    return JSONResponse(error_body(message, type, param, code), status_code=status, headers=headers)
+
+
+def request_id(request):
+    """The id app.middleware.RequestIDMiddleware gave this request (and sent back as X-Request-ID)."""
+    return getattr(request.state, "request_id", None)
+
+
+def client_message(exc: APIError, request):
+    """exc's message for the client; with a detail, the detail is logged and the message names the request id."""
+    if exc.detail is None:
+        return exc.message
+    rid = request_id(request)
+    log.error("request %s: %s: %s", rid, exc.message, exc.detail)
+    return f"{exc.message}; request id {rid}"
 
 
 def _field(loc):
@@ -106,7 +127,7 @@ def install_error_handlers(app: FastAPI):
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.headers)
+        return error_response(exc.status, client_message(exc, request), exc.type, exc.param, exc.headers, exc.code)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -116,5 +137,8 @@ def install_error_handlers(app: FastAPI):
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        return error_response(500, "internal server error", "server_error")
+        # Starlette sends this response outside the app's middleware, so the id's header is added here.
+        rid = request_id(request)
+        log.exception("request %s: unhandled error on %s", rid, request.url.path)
+        headers = {"X-Request-ID": rid} if rid else None
+        return error_response(500, f"internal server error; request id {rid}", "server_error", headers=headers)

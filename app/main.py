@@ -16,6 +16,7 @@ from app.middleware import (
     HeaderLimitMiddleware,
     JSONBodyMiddleware,
     MetricsMiddleware,
+    RequestIDMiddleware,
     SendTimeoutMiddleware,
 )
 from app.routes_docs import install_docs
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.add_middleware(HeaderLimitMiddleware, count=settings.max_headers, size=settings.max_header_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestIDMiddleware)  # outermost: every response has its id
     return app
 
 

@@ -1,9 +1,12 @@
-"""Pure ASGI middleware: API key, JSON bodies, header and body size, send timeout, and request metrics."""
+"""Pure ASGI middleware: request ids, API key, JSON bodies, header and body size, send timeout, and request
+metrics."""
 
 import asyncio
 import hmac
 import json
 import logging
+import re
+import secrets
 
 from starlette.exceptions import HTTPException
 
@@ -12,10 +15,11 @@ from app.routes_playground import PLAYGROUND_PATHS
 
 log = logging.getLogger("quill")
 OPEN_PATHS = {"/health", "/ready", *PLAYGROUND_PATHS}
+SAFE_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")  # a caller's id goes into the log: nothing that could forge a line
 
 
-async def send_error(send, status, message, type, headers=()):
-    body = json.dumps(error_body(message, type, code=status)).encode()
+async def send_error(send, status, message, type, headers=(), code=None):
+    body = json.dumps(error_body(message, type, code=code)).encode()
     await send(
         {
             "type": "http.response.start",
@@ -24,6 +28,28 @@ async def send_error(send, status, message, type, headers=()):
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+class RequestIDMiddleware:
+    """Each request's id: the caller's X-Request-ID when it sends a plain one (a proxy's), else a new one. It is
+    on request.state.request_id, in the X-Request-ID response header, and in the log lines of a failure."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"")
+        rid = given.decode() if SAFE_ID.fullmatch(given) else secrets.token_hex(8)
+        scope.setdefault("state", {})["request_id"] = rid  # in place: the app's 500 handler reads this scope too
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 class APIKeyMiddleware:
@@ -42,6 +68,7 @@ class APIKeyMiddleware:
                     "missing or wrong API key: send Authorization: Bearer KEY",
                     "authentication_error",
                     [(b"www-authenticate", b"Bearer")],
+                    "invalid_api_key",
                 )
         await self.app(scope, receive, send)
 

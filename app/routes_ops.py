@@ -15,7 +15,7 @@ router = APIRouter()
 async def health(request: Request):
     failed = request.app.state.service.failed
     if failed:  # a crash loop: restarting the whole server (compose's restart policy, Kubernetes) is what is left
-        return error_response(503, f"unhealthy: {failed}", "unavailable")
+        return error_response(503, f"unhealthy: {failed}", "unavailable", code="engine_failed")
     return {"status": "ok"}
 
 
@@ -27,13 +27,15 @@ async def health(request: Request):
 async def ready(request: Request):
     service = request.app.state.service
     if service.failed:
-        return error_response(503, f"not ready: {service.failed}", "unavailable", headers={"Retry-After": "5"})
+        retry = {"Retry-After": "5"}
+        return error_response(503, f"not ready: {service.failed}", "unavailable", headers=retry, code="engine_failed")
     if not service.ready and not service.draining:  # starting: each model's progress beside the error
-        body = error_body("not ready: starting", "unavailable", code=503) | {"models": service.status()}
+        body = error_body("not ready: starting", "unavailable", code="server_starting") | {"models": service.status()}
         return JSONResponse(body, 503, headers={"Retry-After": "5"})
     why = "draining" if service.draining else service.unavailable()
     if why:
-        return error_response(503, f"not ready: {why}", "unavailable", headers={"Retry-After": "5"})
+        code = "server_shutdown" if service.draining else "model_unavailable"
+        return error_response(503, f"not ready: {why}", "unavailable", headers={"Retry-After": "5"}, code=code)
     # and each GPT's compiled decode step: the batch sizes built so far (in the background) and planned
     compiled = {m.name: m.engine.compiled_sizes() for m in service.models.values()}
     compiled = {name: {"compiled_batch_sizes": c[0], "batch_sizes": c[1]} for name, c in compiled.items() if c}

@@ -55,16 +55,26 @@ class GenerationFailed(APIError):
     """A generation ended before its end: its batch failed (500), or the server is shutting down (503).
     A stream already under way ends with an `error` event of this message, type and code."""
 
-    def __init__(self, message, status=500, type="server_error", code=None):
-        super().__init__(status, message, type=type, headers={"Retry-After": "5"} if status == 503 else None)
-        self.code = code
+    def __init__(self, message, status=500, type="server_error", code=None, detail=None):
+        retry = {"Retry-After": "5"} if status == 503 else None
+        super().__init__(status, message, type=type, headers=retry, code=code, detail=detail)
 
 
 SHUTTING_DOWN = "the server is shutting down"
+# The engine's errors written for users; any other (no code) is an exception's text, which only the log sees.
+USER_FACING = ("engine stopped", "the model's output held NaN")
 
 
 def shutdown_failure():
     return GenerationFailed(SHUTTING_DOWN, 503, "unavailable", code="server_shutdown")
+
+
+def engine_failure(end: Finished):
+    """What a client is told of a request the engine ended with an error: its words when the engine gave it a
+    code or they are USER_FACING; else only that it failed (errors.client_message logs the text)."""
+    if end.code or end.error is None or end.error.startswith(USER_FACING):
+        return GenerationFailed(f"generation failed: {end.error or end.reason}", code=end.code)
+    return GenerationFailed("the generation failed", detail=end.error)
 
 
 @dataclass
@@ -185,6 +195,7 @@ class Service:
                 f"model {name!r} is not served; choose one of {sorted(self.models)}",
                 param="model",
                 type="not_found_error",
+                code="model_not_found",
             )
         return self.models[name]
 
@@ -194,17 +205,14 @@ class Service:
         if self.draining or not self.ready:
             raise APIError(
                 503,
-                "the server is shutting down" if self.draining else "the server is starting",
+                SHUTTING_DOWN if self.draining else "the server is starting",
                 type="unavailable",
                 headers={"Retry-After": "5"},
+                code="server_shutdown" if self.draining else "server_starting",
             )
         if served.engine.down:  # restarting (seconds), or given up (the server is about to exit)
-            raise APIError(
-                503,
-                f"model {served.name!r} is unavailable: {served.engine.down}",
-                "unavailable",
-                headers={"Retry-After": "5"},
-            )
+            why = f"model {served.name!r} is unavailable: {served.engine.down}"
+            raise APIError(503, why, "unavailable", headers={"Retry-After": "5"}, code="model_unavailable")
         try:
             ids = served.tokenizer.encode(prompt)
         except ValueError as e:
@@ -219,6 +227,7 @@ class Service:
                 f"model {served.name!r} is at capacity ({running} running, {queued} queued); retry shortly",
                 type="rate_limit_error",
                 headers={"Retry-After": "1"},
+                code="rate_limit_exceeded",
             )
         # Queued now, not when the response starts streaming: requests that arrive together must
         # each see the ones admitted before them, or a burst would slip past the limit.
@@ -289,11 +298,7 @@ class Service:
                     event = Finished("stop")
                     break
             if event.reason not in ("length", "stop"):
-                raise (
-                    shutdown_failure()
-                    if self.ended
-                    else GenerationFailed(f"generation failed: {event.error or event.reason}", code=event.code)
-                )
+                raise shutdown_failure() if self.ended else engine_failure(event)
             yield self._done(served, req, event.reason, text.text, index, first)
         finally:
             req.cancel()  # the client left, a stop string matched, or we are done: free the slot

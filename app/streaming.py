@@ -4,12 +4,15 @@ OpenAI's). The routes only pick one."""
 
 import asyncio
 import json
+import logging
 
 from sse_starlette import EventSourceResponse
 from starlette.responses import StreamingResponse
 
-from app.errors import error_body
+from app.errors import client_message, error_body, request_id
 from app.serving import GenerationFailed, TokenEvent
+
+log = logging.getLogger("quill")
 
 # Besides JSON, a 200 can be server-sent events (the schema is one event's) or bare text; both are documented.
 SSE_EVENT = {
@@ -23,14 +26,20 @@ STREAMED = {
 
 
 async def until_failure(events, request):
-    """The events; a GenerationFailed becomes the last item (and marks the request failed for the metrics),
-    since a stream under way can only end with an error in its own format."""
+    """The events; a GenerationFailed, or any other exception, becomes the last item (a GenerationFailed whose
+    message is the client's: errors.client_message) and marks the request failed for the metrics, since a stream
+    under way can only end with an error in its own format, never a cut connection."""
     try:
         async for ev in events:
             yield ev
     except GenerationFailed as e:
         request.state.failed = True
-        yield e
+        yield GenerationFailed(client_message(e, request), e.status, e.type, e.code)
+    except Exception:
+        request.state.failed = True
+        rid = request_id(request)
+        log.exception("request %s: the stream failed", rid)
+        yield GenerationFailed(f"internal server error; request id {rid}")
 
 
 def failure_json(e):

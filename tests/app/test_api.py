@@ -71,12 +71,14 @@ def complete(client, **body):
     return r.json()
 
 
-def assert_error(r, status, param=None):
+def assert_error(r, status, param=None, code=None):
+    """The one error shape; `code` is a string a client may act on, or None."""
     assert r.status_code == status, r.text
     body = r.json()
     assert set(body) == {"error"}
     assert set(body["error"]) == ERROR_FIELDS
-    assert body["error"]["code"] == status
+    assert body["error"]["code"] == code
+    assert r.headers["x-request-id"]
     assert body["error"]["message"]
     if param is not None:
         assert body["error"]["param"] == param
@@ -220,18 +222,27 @@ def test_engine_failure_mid_stream_ends_with_an_error_event_and_the_server_keeps
         assert r.status_code == 200  # the stream had started
         events = parse_sse(r.text)
         assert [name for name, _ in events] == ["token"] * 3 + ["error"]
-        assert "injected failure" in events[-1][1]["error"]["message"]
-        assert events[-1][1]["error"]["type"] == "server_error"
+        error = events[-1][1]["error"]
+        assert set(error) == ERROR_FIELDS and error["code"] is None and error["type"] == "server_error"
+        assert "injected failure" not in error["message"]  # an exception's text is for the log only
+        assert error["message"] == f"the generation failed; request id {r.headers['x-request-id']}"
         assert metric(c.get("/metrics").text, "quill_requests_total", route="/generate", status="500") == 1
         assert complete(c, prompt="Hi", max_new_tokens=10)["usage"]["completion_tokens"] == 10
 
 
-def test_engine_failure_without_stream_gives_500_in_the_error_shape(checkpoints, monkeypatch):
+def test_engine_failure_without_stream_gives_500_whose_message_names_the_request_id_the_log_has(
+    checkpoints, monkeypatch, caplog
+):
     app = create_app(settings(checkpoints, ["tiny-gpt"]))
     with serving(app) as c:
         monkeypatch.setattr(app.state.service.models["tiny-gpt"].engine.cache, "decode", lambda ids: 1 / 0)
-        error = assert_error(c.post("/generate", json={"prompt": "Hi", "max_new_tokens": 10, "stream": False}), 500)
-        assert "ZeroDivisionError" in error["message"]
+        r = c.post("/generate", json={"prompt": "Hi", "max_new_tokens": 10, "stream": False})
+        error = assert_error(r, 500)
+        assert "ZeroDivisionError" not in error["message"]
+        rid = r.headers["x-request-id"]
+        assert error["message"] == f"the generation failed; request id {rid}"
+        (line,) = [rec for rec in caplog.records if rid in rec.getMessage()]
+        assert line.levelname == "ERROR" and "ZeroDivisionError: division by zero" in line.getMessage()
 
 
 # -- bad input: 422, one error shape, naming the field --
@@ -469,7 +480,7 @@ def test_server_keeps_serving_after_every_bad_request(client):
 
 @pytest.mark.parametrize("route", ["/generate", "/v1/completions"])
 def test_unknown_model_gives_404_in_the_error_shape(client, route):
-    error = assert_error(client.post(route, json={"prompt": "Hi", "model": "nope"}), 404, "model")
+    error = assert_error(client.post(route, json={"prompt": "Hi", "model": "nope"}), 404, "model", "model_not_found")
     assert "tiny-gpt" in error["message"]  # says what is served
 
 
@@ -517,6 +528,7 @@ def test_ready_is_503_before_the_models_are_loaded(checkpoints):
     assert r.status_code == 503 and "Retry-After" in r.headers
     body = r.json()
     assert set(body["error"]) == ERROR_FIELDS and body["error"]["message"] == "not ready: starting"
+    assert body["error"]["code"] == "server_starting"
     assert body["models"] == {}  # none loaded yet (python -m app loads them first, then reports each one's start)
 
 
@@ -691,7 +703,7 @@ def test_api_key_when_set_is_required_on_every_route_but_health_ready_and_the_pl
                 if open_path:
                     assert r.status_code == 200, (method, path)
                 else:
-                    assert_error(r, 401)
+                    assert_error(r, 401, code="invalid_api_key")
                     assert r.headers["www-authenticate"] == "Bearer"
             r = c.request(method, path, json=body, headers={"Authorization": "Bearer s3cret"})
             assert r.status_code == 200, (method, path, r.text)
@@ -763,7 +775,7 @@ def test_request_beyond_running_and_queued_limits_gets_429_with_retry_after_at_o
             return refused, after
 
     refused, after = asyncio.run(run())
-    error = assert_error(refused, 429)
+    error = assert_error(refused, 429, code="rate_limit_exceeded")
     assert error["type"] == "rate_limit_error"
     assert int(refused.headers["Retry-After"]) >= 1
     assert after.status_code == 200
@@ -791,5 +803,5 @@ def test_draining_service_refuses_new_requests_with_503(checkpoints):
             return await c.post("/generate", json={"prompt": "Hi"}), await c.get("/ready")
 
     refused, ready = asyncio.run(run())
-    assert_error(refused, 503)
-    assert assert_error(ready, 503)["message"] == "not ready: draining"
+    assert_error(refused, 503, code="server_shutdown")
+    assert assert_error(ready, 503, code="server_shutdown")["message"] == "not ready: draining"

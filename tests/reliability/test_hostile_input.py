@@ -35,7 +35,7 @@ def assert_error(r, status):
     assert r.status_code == status, r.text
     body = r.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
-    assert body["error"]["code"] == status and body["error"]["message"]
+    assert body["error"]["code"] in (None, "model_not_found") and body["error"]["message"]
     return body["error"]
 
 
@@ -176,5 +176,5 @@ def test_header_flood_gets_431_in_the_error_shape_over_the_network(server, heade
     status, body = raw_request(server.port, get_with_headers(headers), pieces)
     assert status == 431
     error = json.loads(body)["error"]
-    assert error["code"] == 431 and "header" in error["message"]
+    assert error["code"] is None and "header" in error["message"]
     assert raw_request(server.port, get_with_headers([]))[0] == 200
