@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -185,3 +186,10 @@ def test_dockerfile_copies_only_what_dockerignore_lets_in():
         if line.startswith("COPY ")
     ]
     assert copied and set(copied) <= allowed, copied
+
+
+def test_the_image_has_what_the_compiled_step_needs_a_compiler_and_pythons_headers():
+    """The server compiles its decode step in the background by default (g++), and on CUDA Triton builds its
+    launcher against Python.h: without them the image would serve eagerly, and `train --compile` would fail."""
+    installs = re.search(r"apt-get install ([^&]+)&&", (REPO / "Dockerfile").read_text())
+    assert installs and {"g++", "python3-dev"} <= set(installs[1].replace("\\", " ").split())
