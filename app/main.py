@@ -7,7 +7,7 @@ import logging
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from app import routes_generate, routes_openai, routes_ops, routes_playground
+from app import routes_generate, routes_openai, routes_ops, routes_playground, routes_tokenize
 from app.errors import error_responses, install_error_handlers
 from app.metrics import Metrics
 from app.middleware import (
@@ -56,7 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings, app.state.metrics, app.state.service = settings, metrics, service
     app.state.start_in_background = False
     install_error_handlers(app)
-    for module in (routes_generate, routes_openai, routes_ops, routes_playground):
+    for module in (routes_generate, routes_openai, routes_ops, routes_playground, routes_tokenize):
         app.include_router(module.router)
     install_docs(app)
     # added innermost first: metrics sees every response, including refusals by the others

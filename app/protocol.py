@@ -237,3 +237,24 @@ class ChatRequest(OpenAIRequest):
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,
         )
         return dataclasses.replace(params, stop=params.stop + tuple(s for s in stop if s not in params.stop))
+
+
+# POST /tokenize and /detokenize: llama.cpp's server's fields (content, add_special, with_pieces, tokens) and vLLM's
+# (prompt, add_special_tokens), so that either's clients count tokens here as there
+class TokenizeRequest(Strict):
+    model: str | None = None
+    content: str | None = Field(None, description="the text (llama.cpp's name)")
+    prompt: str | None = Field(None, description="the text (vLLM's name); give one of content and prompt")
+    add_special: bool = Field(False, description="accepted: Quill adds no special tokens to a prompt")
+    add_special_tokens: bool = Field(False, description="vLLM's name for add_special")
+    with_pieces: bool = Field(False, description="each token as {id, piece}: its text, or its bytes if not UTF-8")
+
+    def text(self):
+        if (self.content is None) == (self.prompt is None):
+            raise ValueError("give the text as one of content and prompt")
+        return check_unicode(self.content if self.content is not None else self.prompt, "the text")
+
+
+class DetokenizeRequest(Strict):
+    model: str | None = None
+    tokens: list[int] = Field(description="token ids of the model's vocabulary")

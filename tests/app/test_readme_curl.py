@@ -97,6 +97,10 @@ def test_readme_curl_command_works_as_printed(bundled_server, words, tmp_path):
         if data and body.get("max_tokens") == 0:  # a text scored: echoed, one log-probability per character
             assert choice["text"] == body["prompt"] and result["usage"]["completion_tokens"] == 0
             assert len(choice["logprobs"]["token_logprobs"]) == len(body["prompt"])
+        elif url.endswith("/tokenize"):  # a text's ids in the default model's vocabulary
+            assert result["count"] == len(result["tokens"]) > 0 and result["model"] == "shakespeare-gpt"
+        elif url.endswith("/detokenize"):  # one character a token in the bundled GPT's vocabulary
+            assert len(result["content"]) == len(body["tokens"]) and result["prompt"] == result["content"]
         elif data and "messages" in body:  # a chat's reply (it may end at once, at the next turn)
             assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
             assert result["usage"]["completion_tokens"] > 0

@@ -24,6 +24,7 @@ REFUSALS_BY_MEANING = (
     "lone surrogate",
     "max_tokens is 0 without echo",
     "top_logprobs needs logprobs: true",
+    "one of content and prompt",  # /tokenize: either's name for the text, which the schema cannot say
 )
 LONG_RUN_REQUESTS = 5000
 
