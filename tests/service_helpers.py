@@ -129,6 +129,17 @@ class Server:
         self.log.close()
 
 
+def wait_compiled(server, timeout=600):
+    """Wait until /ready says every model's decode step is compiled for every batch size (compiling runs in the
+    background after the server is ready); False if it did not in `timeout` seconds."""
+
+    def compiled():
+        steps = httpx.get(server.url + "/ready", timeout=5).json().get("compiled", {}).values()
+        return all(s["compiled_batch_sizes"] == s["batch_sizes"] for s in steps)
+
+    return wait_until(compiled, timeout, interval=0.5)
+
+
 @contextlib.contextmanager
 def running_server(command, env=None, log_path=None, ready_within=90):
     server = Server(command, env, log_path)

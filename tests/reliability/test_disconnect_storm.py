@@ -7,7 +7,7 @@ import httpx
 import pytest
 from load_helpers import LONG, SSEReader, open_stream, real_server, server_errors, wait_idle
 from process_tree import engine_children, tree_rss_mib
-from service_helpers import app_command
+from service_helpers import app_command, wait_compiled
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -76,6 +76,8 @@ def check_storms(server, seeds):
     assert server_errors(metrics) == 0
     engines = engine_children(server.proc.pid)
     assert len(engines) == 2  # one per model: their memory is counted too
+    # the background compile's builder process and the packages it adds are not what this measures: done first
+    assert wait_compiled(server)
     before = tree_rss_mib(server.proc.pid)
     peak, after = asyncio.run(storms(server, seeds))
     idle, after_storm, metrics = asyncio.run(served_normally(server.url))

@@ -51,7 +51,9 @@ def test_engine_failure_mid_batch_ends_that_batch_with_error_events_and_serves_t
     errors = [data for name, data in ends if name == "error"]
     done = [data for name, data in ends if name == "done"]
     assert len(errors) == RUNNING  # the batch that failed
-    assert all("injected failure" in e["error"]["message"] and e["error"]["type"] == "server_error" for e in errors)
+    # the exception's text is for the log: the client is told the generation failed, and the request id to ask with
+    assert all(e["error"]["message"].startswith("the generation failed; request id ") for e in errors)
+    assert all("injected" not in e["error"]["message"] and e["error"]["type"] == "server_error" for e in errors)
     assert len(done) == WAITING and all(d["usage"]["completion_tokens"] == 40 for d in done)  # they ran after it
     assert metric(metrics, "quill_requests_total", route="/generate", status="500") == RUNNING
     assert after.status_code == 200 and after.json()["finish_reason"] == "length"
