@@ -677,6 +677,8 @@ def route_requests(app):
         "/generate": {"prompt": "Hi", "max_new_tokens": 2},
         "/v1/completions": {"prompt": "Hi", "max_tokens": 2},
         "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+        "/tokenize": {"content": "Hi"},
+        "/detokenize": {"tokens": [1, 2]},
     }
     routes = {path: {m.upper() for m in ops} for path, ops in app.openapi()["paths"].items()}
     for route in app.routes:  # the documentation page and its files, which the schema leaves out
