@@ -154,8 +154,8 @@ def compile_step(model: GPT, n, path):
     """Export the step for batch size n and compile it into the package at `path` (written whole, or not at
     all: another process may be loading it). Its cache inputs are never read (export traces with fake tensors),
     so they are allocated, not filled."""
-    cfg, device = model.config, next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    cfg, p = model.config, next(model.parameters())
+    device, dtype = p.device, p.dtype
     shape = (n, cfg.n_head, cfg.context_size + 1, cfg.hidden_size // cfg.n_head)
     k, v = ([torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)] for _ in range(2))
     tokens = torch.zeros(n, 1, dtype=torch.long, device=device)
@@ -179,7 +179,7 @@ class CompiledSteps:
     rows, never reallocated: a batch of n rows reads views of their first n). build(sizes) loads or compiles
     one package per batch size here and now; build_in_background(sizes) does it while the engine serves, from
     `weights` (the checkpoint the model was loaded from), for a builder process to load. Then
-    `runs` holds each size built so far, and steps(tokens, lengths, longest) runs the one for len(tokens)."""
+    `runs` holds each size built so far, and calling this with (tokens, lengths, longest) runs len(tokens)'s."""
 
     def __init__(self, model: GPT, k, v, folder=None, weights=None):
         self.model, self.k, self.v, self.weights = model, k, v, weights
@@ -229,10 +229,10 @@ class CompiledSteps:
                 if path.exists() and self._load(n, path) and on_built:
                     on_built(sorted(self.runs))
             missing = [n for n in sizes if n not in self.runs]
-            if missing and self.building:
-                self._build(missing, paths, threads, on_built)
-            else:
+            if not missing:
                 log.info("loaded the compiled decode step for batch sizes %s", ", ".join(map(str, sizes)))
+            elif self.building:  # not stopped meanwhile
+                self._build(missing, paths, threads, on_built)
         except Exception as e:  # inductor's messages run to many lines: the first says what failed
             self.fail(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
         finally:

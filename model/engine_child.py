@@ -74,15 +74,17 @@ def serve(conn, weights, device, dtype, max_batch, threads, compiled, compile_fo
             requests.pop(rid, None)
             announced.discard(rid)
 
-    compiled = [None]
+    told = {"sizes": "nothing yet", "building": True}  # what the server last heard of the compile
 
     def take_commands(block):
         """Submit and cancel what the pipe holds (waiting for the first if `block`, and while a background compile
         runs, a TICK at most, to tell its progress); False once told to stop."""
         building = engine.cache.step is not None and engine.cache.step.building  # read first: then no size is missed
-        if engine.compiled_sizes() != compiled[0]:
-            compiled[0] = engine.compiled_sizes()
-            conn.send(("built", compiled[0]))
+        if told["building"]:  # while it compiles, and once after: not a cost of every step for the server's life
+            told["building"] = building
+            if (sizes := engine.compiled_sizes()) != told["sizes"]:
+                told["sizes"] = sizes
+                conn.send(("built", sizes))
         while conn.poll((TICK if building else None) if block else 0):
             block = False
             try:
