@@ -63,14 +63,15 @@ class GPTCache:
     def prefill(self, first, seqs):
         """Fill rows first.. from scratch, one with each of `seqs` (token id lists of at most context_size,
         any lengths), in one forward: a shorter one is padded at its end, and what the padding writes lies
-        past the row's length, where no later token looks and the next ones overwrite it. The last
-        logits of each, (N, V)."""
+        past the row's length, where no later token looks and the next ones overwrite it. The logits after
+        each one's last token, (N, V): the only ones computed (a prompt's others would be T x V floats)."""
         lengths = [len(ids) for ids in seqs]
         longest = max(lengths)
         self.length[first : first + len(seqs)] = [0] * len(seqs)
-        logits = self._forward(first, [ids + [0] * (longest - len(ids)) for ids in seqs])
+        last = torch.tensor(lengths, device=self.device) - 1
+        logits = self._forward(first, [ids + [0] * (longest - len(ids)) for ids in seqs], last)
         self.length[first : first + len(seqs)] = lengths
-        return logits[torch.arange(len(seqs)), torch.tensor(lengths) - 1]
+        return logits[:, 0]
 
     def decode(self, ids):
         """Append one token to each of rows 0..B-1 and return their next-token logits (B, V)."""
@@ -112,12 +113,13 @@ class GPTCache:
         if self.step:
             self.step.stop()
 
-    def _forward(self, first, ids):
-        """The model's forward over rows first.. with ids (N, T) as their new tokens; logits (N, T, V)."""
+    def _forward(self, first, ids, last=None):
+        """The model's forward over rows first.. with ids (N, T) as their new tokens; logits (N, T, V), or
+        (N, 1, V) at each row's position `last` (see KVCache)."""
         rows = slice(first, first + len(ids))
         held = self.length[rows]
         lengths = torch.tensor(held, device=self.device)
-        cache = KVCache([k[rows] for k in self.k], [v[rows] for v in self.v], lengths, max(held))  # views
+        cache = KVCache([k[rows] for k in self.k], [v[rows] for v in self.v], lengths, max(held), last)  # views
         logits, _ = self.model(torch.tensor(ids, device=self.device), kv_cache=cache)
         self.length[rows] = [n + len(ids[0]) for n in held]
         return logits

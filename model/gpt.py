@@ -26,6 +26,8 @@ class KVCache:
     longest: how many cached positions the attention reads, as a Python int so that sizing the attention
     never waits on the device: max(lengths), or up to context_size - T, which gives every step the same
     shapes (positions past a row's length are masked either way).
+    last: optional (N,) long, for each row the one of its T new tokens whose logits the caller wants (a prefill
+    samples only after a prompt's last token): GPT.forward then returns (N, 1, V), not (N, T, V) logits.
     One KVCache serves one forward: what all its layers need is worked out once (`where`).
     """
 
@@ -33,6 +35,7 @@ class KVCache:
     v: torch.Tensor
     lengths: torch.Tensor
     longest: int
+    last: torch.Tensor | None = None
 
     def __post_init__(self):
         self._shared = {}  # where(T), worked out by the first layer and read by the others
@@ -192,6 +195,8 @@ class GPT(nn.Module):
         h = self.drop(self.tok_emb(x) + self.pos_emb(pos))  # (N, T, D)
         for i, block in enumerate(self.blocks):
             h = block(h, kv_cache=None if kv_cache is None else kv_cache.layer(i))
+        if kv_cache is not None and kv_cache.last is not None:
+            h = h[torch.arange(N, device=h.device), kv_cache.last][:, None]  # (N, 1, D): the only logits wanted
         logits = self.lm_head(self.ln_f(h))  # (N, T, V)
         if y is None:
             return logits, None

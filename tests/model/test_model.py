@@ -513,6 +513,18 @@ def test_gpt_cached_forward_of_rows_with_different_lengths_equals_each_row_alone
         torch.testing.assert_close(last[i, 0], gpt(row)[0][0, -1], rtol=1e-5, atol=1e-5)
 
 
+def test_gpt_cached_forward_with_last_computes_only_those_positions_logits(monkeypatch):
+    gpt, x = tiny_gpt().eval(), torch.randint(0, 40, (3, 7))
+    full, _ = gpt(x)
+    heads = []
+    monkeypatch.setattr(gpt.lm_head, "forward", lambda h: heads.append(h.shape) or F.linear(h, gpt.lm_head.weight))
+    k, v = storage(gpt, 3)
+    last = torch.tensor([6, 2, 0])  # rows padded past these: a prefill of prompts of lengths 7, 3 and 1
+    logits, _ = gpt(x, kv_cache=KVCache(k, v, torch.zeros(3, dtype=torch.long), 0, last))
+    assert logits.shape == (3, 1, 40) and heads == [(3, 1, 32)]  # the head saw 3 positions, not 21
+    torch.testing.assert_close(logits[:, 0], full[torch.arange(3), last], rtol=1e-5, atol=1e-5)
+
+
 def test_gpt_cached_forward_writes_each_rows_keys_at_its_own_length_only():
     gpt, lengths = tiny_gpt().eval(), [2, 5]
     k, v = storage(gpt, len(lengths))
