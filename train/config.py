@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 
 from train.data import DEFAULT_BPE_VOCAB
 
+# a model's shape: with its type, what a resumed or fine-tuned run takes from the run or checkpoint it starts from
+SHAPE = ("n_layer", "n_head", "hidden_size", "context_size")
 # what --init-from takes from the checkpoint, so they cannot be given with it
-FROM_CHECKPOINT = ("model", "tokenizer", "vocab_size", "n_layer", "n_head", "hidden_size", "context_size")
+FROM_CHECKPOINT = ("model", "tokenizer", "vocab_size", *SHAPE)
 # what each command says afresh, never taken from the run it resumes
 COMMAND_ONLY = ("data", "out", "resume", "overwrite", "given")
 
@@ -187,7 +189,7 @@ def run_shape(state):
     """What a resumed run cannot change, as its resume state records it: the model, its shape, its tokenizer."""
     tokenizer, config = state.get("tokenizer", {}), state.get("config", {})
     shape = {"model": state.get("model_type"), "tokenizer": tokenizer.get("kind")}
-    shape |= {"vocab_size": tokenizer.get("vocab_size"), **{k: config.get(k) for k in FROM_CHECKPOINT[3:]}}
+    shape |= {"vocab_size": tokenizer.get("vocab_size"), **{k: config.get(k) for k in SHAPE}}
     return {k: v for k, v in shape.items() if v is not None}  # an LSTM has no n_head; a char vocabulary no size
 
 

@@ -1,5 +1,5 @@
-"""Corpus loading, the 90/10 split, tokenized corpora in memory or prepared on disk, random batches, and
-the Tiny Shakespeare download."""
+"""Corpus loading, the 90/10 split, tokenized corpora in memory or prepared on disk, a run's corpus as its
+plan says, random batches, and the Tiny Shakespeare download."""
 
 import hashlib
 import json
@@ -233,6 +233,56 @@ def load_prepared(directory):
                 f"--data {directory}: {ids.path.name} is missing or not {expected} bytes; prepare it again"
             )
     return Corpus(sha256, tokenizer, splits, sizes)
+
+
+def corpus_for(plan):
+    """The Corpus of the run that `plan` (a train.inputs.Plan) describes, read and encoded in one pass. Its
+    tokenizer is the plan's (the resumed run's or the fine-tuned checkpoint's), else the prepared folder's,
+    else a new one of --tokenizer's kind."""
+    cfg, fixed, resumed = plan.cfg, plan.tokenizer, plan.resume_state
+    if plan.prepared:
+        corpus = load_prepared(cfg.data)
+        check_resumed_corpus(resumed, corpus.sha256)
+        prepared = corpus.tokenizer
+        if (cfg.tokenizer and cfg.tokenizer != prepared.kind) or cfg.vocab_size not in (None, prepared.vocab_size):
+            raise SystemExit(
+                f"--data {cfg.data} was prepared with a {prepared.kind} tokenizer of {prepared.vocab_size} tokens: "
+                "drop --tokenizer and --vocab-size, or prepare it again"
+            )
+        if fixed is not None and fixed.to_dict() != prepared.to_dict():
+            source = "the resumed run's" if resumed else "the checkpoint's"
+            raise SystemExit(
+                f"--data {cfg.data} was prepared with another tokenizer than {source}: prepare it again with "
+                f"python -m train.prepare --tokenizer {cfg.out if resumed else cfg.init_from}"
+            )
+    else:
+        text, sha = read_corpus(cfg.data)
+        check_resumed_corpus(resumed, sha)
+        if fixed is None:
+            corpus = encode_text(make_tokenizer(cfg.tokenizer or "char", text, cfg.vocab_size), text, sha)
+        elif resumed:
+            corpus = encode_text(fixed, text, sha)
+        else:
+            corpus = encode_for_fine_tuning(fixed, text, sha, cfg.init_from, cfg.data)
+        if cfg.bpe_dropout:
+            corpus = with_bpe_dropout(corpus, text, cfg.bpe_dropout)
+    corpus.check_context(cfg.context_size)
+    return corpus
+
+
+def check_resumed_corpus(resume_state, sha256):
+    if resume_state and resume_state["corpus_sha256"] != sha256:
+        raise SystemExit("cannot resume: --data is not the corpus this run was trained on")
+
+
+def encode_for_fine_tuning(tokenizer, text, sha, source, data):
+    try:
+        return encode_text(tokenizer, text, sha)
+    except ValueError as e:  # a character vocabulary that lacks some of the new text's characters
+        raise SystemExit(
+            f"cannot fine-tune {source} on {data}: the text has {e}; a character model can only learn "
+            "text made of its characters: train a byte or BPE model instead (--tokenizer byte or bpe)"
+        ) from None
 
 
 def get_batch(data, batch_size, context_size, generator, device="cpu"):

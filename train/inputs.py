@@ -1,29 +1,46 @@
-"""What a run reads before it starts: the corpus, its tokenizer (new, the resumed run's, or the
-fine-tuned checkpoint's) and, for fine-tuning, the checkpoint's architecture. Everything here that
-can fail on bad input fails before the run folder is made."""
+"""What a run is, decided once before anything is built: a Plan. It says where the corpus comes from (a text
+file or a prepared folder), which tokenizer encodes it (the resumed run's, the fine-tuned checkpoint's, or
+else the prepared folder's or a new one), which model is built (the options' shape, the resumed run's, or
+the checkpoint's), and whether the run resumes or starts from a checkpoint's weights. The corpus, then the
+model and its optimizer, are built from it (train.data.corpus_for, train.loop.start_model). Everything
+here that can fail on bad input fails before the run folder is made."""
 
 import dataclasses
+from dataclasses import dataclass
 
 from model.checkpoint import CheckpointError, file_sha256, read_safetensors, resolve_checkpoint_path
 from model.gpt import GPTConfig
 from model.lstm import LSTMConfig
 from model.tokenizer import tokenizer_from_dict
-from train.data import encode_text, is_prepared, load_prepared, make_tokenizer, read_corpus, with_bpe_dropout
+from train.config import SHAPE
+from train.data import is_prepared
 
-ARCHITECTURE = ("model", "n_layer", "n_head", "hidden_size", "context_size")  # what --init-from decides
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run is. `cfg`'s model type and shape are the ones built: the options', or the resumed
+    run's, or the fine-tuned checkpoint's."""
+
+    cfg: object  # train.config.TrainConfig
+    architecture: dict  # the model's constructor arguments but its vocabulary size, which the tokenizer sets
+    prepared: bool  # --data is a folder that python -m train.prepare made, not a text file
+    tokenizer: object = None  # the resumed run's or the checkpoint's; None: the prepared folder's, or a new one
+    resume_state: dict = None  # the state the resumed run left; None when the run starts afresh
+    init_weights: dict = None  # fine-tuning: the checkpoint's tensors, which the new model starts from
+    origin: dict = None  # the checkpoint the run was fine-tuned from ({"path", "sha256"}), if it was
 
 
-def model_config(cfg, vocab_size, init_config=None):
-    """The model's constructor arguments: the trainer's settings of the same names, and the vocabulary.
-    A field the trainer has no option for (the GELU form) comes from the fine-tuned checkpoint's config
-    (an imported GPT-2 keeps its tanh GELU), or is left to its default."""
-    config = {"vocab_size": vocab_size}
+def model_arguments(cfg, recorded=None):
+    """The model's constructor arguments but vocab_size: the trainer's settings of the same names. A field
+    the trainer has no option for (the GELU form) comes from the `recorded` config (the fine-tuned
+    checkpoint's or the resumed run's: an imported GPT-2 keeps its tanh GELU), or is left to its default."""
+    arguments = {}
     for f in dataclasses.fields(GPTConfig if cfg.model == "gpt" else LSTMConfig):
         if f.name != "vocab_size" and hasattr(cfg, f.name):
-            config[f.name] = getattr(cfg, f.name)
-        elif f.name != "vocab_size" and f.name in (init_config or {}):
-            config[f.name] = init_config[f.name]
-    return config
+            arguments[f.name] = getattr(cfg, f.name)
+        elif f.name != "vocab_size" and f.name in (recorded or {}):
+            arguments[f.name] = recorded[f.name]
+    return arguments
 
 
 def read_init_checkpoint(path):
@@ -38,82 +55,31 @@ def read_init_checkpoint(path):
     return tensors, meta, {"path": str(weights.resolve()), "sha256": file_sha256(weights)}
 
 
-def adopt_architecture(cfg, meta):
-    """`cfg` with the fine-tuned checkpoint's model type and shape in place of its own."""
-    shape = {k: meta["config"][k] for k in ARCHITECTURE[1:] if k in meta["config"]}
-    return dataclasses.replace(cfg, model=meta["model_type"], **shape)
-
-
-def encode_for_fine_tuning(tokenizer, text, sha, source, data):
-    try:
-        return encode_text(tokenizer, text, sha)
-    except ValueError as e:  # a character vocabulary that lacks some of the new text's characters
-        raise SystemExit(
-            f"cannot fine-tune {source} on {data}: the text has {e}; a character model can only learn "
-            "text made of its characters: train a byte or BPE model instead (--tokenizer byte or bpe)"
-        ) from None
-
-
-def check_resumed_corpus(resume_state, sha256):
-    if resume_state and resume_state["corpus_sha256"] != sha256:
-        raise SystemExit("cannot resume: --data is not the corpus this run was trained on")
-
-
-def read_corpus_for(cfg, resume_state=None, init_meta=None):
-    """The run's Corpus. The tokenizer is the resumed run's, else the fine-tuned checkpoint's, else the
-    prepared folder's, else a new one of --tokenizer's kind."""
-    fixed = resume_state or init_meta
-    tokenizer = tokenizer_from_dict(fixed["tokenizer"]) if fixed else None
-    if is_prepared(cfg.data):
-        if cfg.bpe_dropout:
-            raise SystemExit(
-                f"--bpe-dropout re-encodes text in memory, and --data {cfg.data} is a prepared (tokenized) folder: "
-                "pass the text file instead"
-            )
-        corpus = load_prepared(cfg.data)
-        check_resumed_corpus(resume_state, corpus.sha256)
-        prepared = corpus.tokenizer
-        if (cfg.tokenizer and cfg.tokenizer != prepared.kind) or cfg.vocab_size not in (None, prepared.vocab_size):
-            raise SystemExit(
-                f"--data {cfg.data} was prepared with a {prepared.kind} tokenizer of {prepared.vocab_size} tokens: "
-                "drop --tokenizer and --vocab-size, or prepare it again"
-            )
-        if tokenizer is not None and tokenizer.to_dict() != prepared.to_dict():
-            source = "the resumed run's" if resume_state else "the checkpoint's"
-            raise SystemExit(
-                f"--data {cfg.data} was prepared with another tokenizer than {source}: prepare it again with "
-                f"python -m train.prepare --tokenizer {cfg.out if resume_state else cfg.init_from}"
-            )
-    else:
-        text, sha = read_corpus(cfg.data)
-        check_resumed_corpus(resume_state, sha)
-        if tokenizer is None:
-            corpus = encode_text(make_tokenizer(cfg.tokenizer or "char", text, cfg.vocab_size), text, sha)
-        elif resume_state:
-            corpus = encode_text(tokenizer, text, sha)
-        else:
-            corpus = encode_for_fine_tuning(tokenizer, text, sha, cfg.init_from, cfg.data)
-        if cfg.bpe_dropout:
-            corpus = with_bpe_dropout(corpus, text, cfg.bpe_dropout)
-    corpus.check_context(cfg.context_size)
-    return corpus
-
-
-def read_resume_state(path):
-    try:
-        return read_safetensors(path)[1]
-    except CheckpointError as e:
-        raise SystemExit(f"cannot resume: {e}") from None
-
-
-def run_origin(cfg, resume_state):
-    """(cfg, init, shape) before anything is built. A resumed run keeps the model it was started with
-    (its resume state records the model's config: the fine-tuned checkpoint is not read again, and may
-    have moved); a fine-tuning run takes the checkpoint's model and its weights (`init`: its (tensors,
-    meta, source)). `shape` is the metadata whose model type and config the run adopts."""
+def plan_run(cfg, resume_state=None):
+    """The Plan of a run of `cfg`, resumed from `resume_state` if given. A resumed run keeps the model and
+    tokenizer it was started with, as its resume state records them (the checkpoint it was fine-tuned from
+    is not read again, and may have moved); a fine-tuning run takes the checkpoint's model, tokenizer and
+    weights."""
+    init = tensors = origin = None
     if resume_state and "config" in resume_state:
-        return adopt_architecture(cfg, resume_state), None, resume_state
-    init = read_init_checkpoint(cfg.init_from) if cfg.init_from else None
+        recorded = resume_state  # the metadata whose model the run builds
+    else:
+        init = read_init_checkpoint(cfg.init_from) if cfg.init_from else None
+        recorded = init[1] if init else None
+    if recorded:
+        shape = {k: recorded["config"][k] for k in SHAPE if k in recorded["config"]}
+        cfg = dataclasses.replace(cfg, model=recorded["model_type"], **shape)
+    with_tokenizer = resume_state or recorded
+    tokenizer = tokenizer_from_dict(with_tokenizer["tokenizer"]) if with_tokenizer else None
     if init:
-        return adopt_architecture(cfg, init[1]), init, init[1]
-    return cfg, None, None
+        tensors, _, origin = init
+    elif resume_state:
+        origin = resume_state.get("init_from")
+    prepared = is_prepared(cfg.data)
+    if prepared and cfg.bpe_dropout:
+        raise SystemExit(
+            f"--bpe-dropout re-encodes text in memory, and --data {cfg.data} is a prepared (tokenized) folder: "
+            "pass the text file instead"
+        )
+    arguments = model_arguments(cfg, recorded["config"] if recorded else None)
+    return Plan(cfg, arguments, prepared, tokenizer, resume_state, tensors, origin)

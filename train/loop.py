@@ -24,9 +24,9 @@ from model.checkpoint import (
 )
 from model.device import pick_device, pick_dtype
 from train.config import resumed_config
-from train.data import get_batch
-from train.inputs import model_config, read_corpus_for, read_resume_state, run_origin
-from train.resume import finished, load_resume, save_resume
+from train.data import corpus_for, get_batch
+from train.inputs import plan_run
+from train.resume import finished, load_resume, read_resume_state, save_resume
 from train.runlog import plot_losses, trim_log, write_row
 
 RESUME_NAME = "resume.safetensors"
@@ -147,20 +147,20 @@ def interrupted_message(out, it, saved):
     )
 
 
-def start_model(cfg, vocab_size, device, rank, resume_path, init=None, shape=None):
-    """(model, optimizer, batch generator, first iteration, progress): fresh (from the weights of `init`, a
-    checkpoint's (tensors, meta, source), when fine-tuning), or as the resume state left them. `shape`: the
-    metadata whose model config the run keeps (the resumed run's, or the fine-tuned checkpoint's)."""
+def start_model(plan, vocab_size, device, rank, out):
+    """(model, optimizer, batch generator, first iteration, progress), as `plan` says: fresh (from the weights
+    of the fine-tuned checkpoint, if any), or as the resumed run's resume state in `out` left them."""
+    cfg = plan.cfg
     torch.manual_seed(cfg.seed + rank)
     data_gen = torch.Generator().manual_seed(cfg.seed + rank)
-    model = build_model(cfg.model, model_config(cfg, vocab_size, shape["config"] if shape else None)).to(device)
+    model = build_model(cfg.model, {"vocab_size": vocab_size, **plan.architecture}).to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
-    if resume_path is None:
-        if init:
-            load_model_tensors(model, init[0], init[2]["path"])
+    if plan.resume_state is None:
+        if plan.init_weights is not None:
+            load_model_tensors(model, plan.init_weights, plan.origin["path"])
         return model, optimizer, data_gen, 0, Progress()
     try:
-        state = load_resume(resume_path, model, optimizer, data_gen)
+        state = load_resume(out / RESUME_NAME, model, optimizer, data_gen)
     except CheckpointError as e:
         raise SystemExit(f"cannot resume: {e}") from None
     start_iter = state["iter"]
@@ -220,13 +220,12 @@ def train_step(run, model, world):
 
 
 def start_run(cfg, resume_state, out, device, rank, world):
-    """(run, first iteration, resuming): the run's pieces, fresh or as its resume state left them. All
-    that can fail on bad input (the corpus, the resume state) is read before the run folder is made."""
-    cfg, init, shape = run_origin(cfg, resume_state)
-    corpus = read_corpus_for(cfg, resume_state, init[1] if init else None)
-    model, optimizer, data_gen, start_iter, progress = start_model(
-        cfg, corpus.tokenizer.vocab_size, device, rank, out / RESUME_NAME if cfg.resume else None, init, shape
-    )
+    """(run, first iteration, resuming): the run's pieces, built from its plan, fresh or as its resume state
+    left them. All that can fail on bad input (the corpus, the resume state) is read before the run folder
+    is made."""
+    plan = plan_run(cfg, resume_state)
+    cfg, corpus = plan.cfg, corpus_for(plan)
+    model, optimizer, data_gen, start_iter, progress = start_model(plan, corpus.tokenizer.vocab_size, device, rank, out)
     about = {
         "corpus_sha256": corpus.sha256,
         "code_version": code_version(),  # the code this run started with, not whatever HEAD is at save time
@@ -237,13 +236,12 @@ def start_run(cfg, resume_state, out, device, rank, world):
         "model_type": cfg.model,
         "config": dataclasses.asdict(model.config),  # so that --resume rebuilds this model, GELU form included
     }
-    origin = init[2] if init else (resume_state or {}).get("init_from")
-    if origin:
-        about["init_from"] = origin
+    if plan.origin:
+        about["init_from"] = plan.origin
     autocast = make_autocast(cfg.dtype, device)
     parts = dict(model=model, optimizer=optimizer, data_gen=data_gen, corpus=corpus)
     run = Run(cfg, out, device, **parts, progress=progress, about=about, autocast=autocast)
-    return run, start_iter, cfg.resume
+    return run, start_iter, plan.resume_state is not None
 
 
 def open_run_folder(run, start_iter, resuming, tokens_per_iter, world):

@@ -3,7 +3,7 @@ whether a resumed run has anything left to train."""
 
 import torch
 
-from model.checkpoint import load_model_tensors, model_tensors, read_safetensors, write_safetensors
+from model.checkpoint import CheckpointError, load_model_tensors, model_tensors, read_safetensors, write_safetensors
 
 
 def save_resume(path, model, optimizer, data_gen, state):
@@ -18,6 +18,14 @@ def save_resume(path, model, optimizer, data_gen, state):
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     groups = [{k: v for k, v in g.items()} for g in opt["param_groups"]]
     write_safetensors(path, tensors, {**state, "param_groups": groups})
+
+
+def read_resume_state(path):
+    """The metadata of the resume state at `path`: the run's progress, settings, model and tokenizer."""
+    try:
+        return read_safetensors(path)[1]
+    except CheckpointError as e:
+        raise SystemExit(f"cannot resume: {e}") from None
 
 
 def load_resume(path, model, optimizer, data_gen):
