@@ -13,6 +13,10 @@ from model.gpt import GPT, KVCache
 log = logging.getLogger("quill")
 
 
+REUSED = 16  # tokens: a shorter prefix held by a row is computed again rather than copied
+LEADER = 64  # tokens: a prefix that prompts prefilled together share is computed once (a forward of its own)
+
+
 def window_start(prompt_length, length, context):
     """Where the row of a request holding `length` tokens (its prompt's first) starts, by the sliding window of
     model/engine.py's docstring: what a restarted request prefills, so that it reads what it read before."""
@@ -24,11 +28,14 @@ def window_start(prompt_length, length, context):
 
 
 def batch_buckets(max_batch):
-    """The batch sizes a compiled decode step is built for: powers of two below max_batch, and max_batch.
-    A step pads its batch to the next one, so a handful of fixed shapes serve every batch size."""
-    sizes = [1]
-    while sizes[-1] * 2 < max_batch:
-        sizes.append(sizes[-1] * 2)
+    """The batch sizes a compiled decode step is built for: the powers of two and the halfway sizes between
+    them (1, 2, 3, 4, 6, 8, 12, ...) below max_batch, and max_batch. A step pads its batch to the next one
+    built: at most a third of a step's rows are padding (17 streams compute 24 rows, not 32), for twice
+    the handful of fixed shapes that powers of two alone would compile."""
+    sizes, p = [1], 2
+    while p < max_batch:
+        sizes += [n for n in (p, p + p // 2) if n < max_batch]
+        p *= 2
     return sizes + [max_batch] if max_batch > 1 else sizes
 
 
@@ -54,6 +61,7 @@ class GPTCache:
         self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(cfg.n_layer)]
         self.length = [0] * max_batch
+        self.held = [[] for _ in range(max_batch)]  # the tokens whose keys and values each row holds (prefill)
         self.buckets = batch_buckets(max_batch)
         self.step = CompiledSteps(model, self.k, self.v, compile_folder, weights) if compiled else None
 
@@ -61,21 +69,81 @@ class GPTCache:
         return self.context - self.length[slot]
 
     def prefill(self, first, seqs):
-        """Fill rows first.. from scratch, one with each of `seqs` (token id lists of at most context_size,
-        any lengths), in one forward: a shorter one is padded at its end, and what the padding writes lies
-        past the row's length, where no later token looks and the next ones overwrite it. The logits after
-        each one's last token, (N, V): the only ones computed (a prompt's others would be T x V floats)."""
-        lengths = [len(ids) for ids in seqs]
-        longest = max(lengths)
-        self.length[first : first + len(seqs)] = [0] * len(seqs)
-        last = torch.tensor(lengths, device=self.device) - 1
-        logits = self._forward(first, [ids + [0] * (longest - len(ids)) for ids in seqs], last)
-        self.length[first : first + len(seqs)] = lengths
+        """Fill rows first.., one with each of `seqs` (token id lists of at most context_size, any lengths), and
+        return the logits after each one's last token, (N, V): the only ones computed (a prompt's others would be
+        T x V floats). A row starts from the longest prefix of its tokens, REUSED or more, that a row holds: its
+        own, a running request's, or a finished one's (a free row keeps its keys and values until something
+        overwrites them), copied; a prefix of LEADER or more that several of `seqs` share is computed once, in a
+        forward of its own, first. Then one forward computes the rest of every row: a shorter one is padded at
+        its end, and what the padding writes lies past the row's length, where no later token looks and the
+        next ones overwrite it."""
+        fill = list(range(first, first + len(seqs)))
+        plan, leaders = self._plan(fill, seqs)
+        for row in fill:
+            self.held[row] = []  # until the forward below has written it
+        for row in leaders:
+            ids = seqs[row - first][:-1]
+            self.length[row] = 0
+            self._forward(row, [ids], torch.tensor([len(ids) - 1], device=self.device))
+            self.held[row] = ids
+        self._copy({row: src for row, src in zip(fill, plan) if src[0] != row})
+        shared = [n for _, n in plan]
+        self.length[first : first + len(seqs)] = shared
+        todo = [ids[n:] for ids, n in zip(seqs, shared)]
+        longest = max(map(len, todo))
+        last = torch.tensor([len(ids) - 1 for ids in todo], device=self.device)
+        logits = self._forward(first, [ids + [0] * (longest - len(ids)) for ids in todo], last)
+        self.length[first : first + len(seqs)] = [len(ids) for ids in seqs]
+        for row, ids in zip(fill, seqs):
+            self.held[row] = list(ids)
         return logits[:, 0]
+
+    def _plan(self, fill, seqs):
+        """For each of fill's rows (seqs' order), (the row to take its prefix from, how many tokens), (itself, 0)
+        for none; and the rows of `fill` to compute first, whose prefix (all but their last token) others take."""
+        others = [r for r in range(len(self.held)) if r not in fill and len(self.held[r]) >= REUSED]
+        # the table: what each of the others and of fill holds, then each of seqs but its last token (as a leader)
+        held = [self.held[r] for r in others + fill] + [ids[:-1] for ids in seqs]
+        width = min(max(map(len, seqs)) - 1, max(map(len, held)))
+        plan, leaders = [(row, 0) for row in fill], []
+        if width < REUSED:
+            return plan, leaders
+        table = torch.tensor([(ids[:width] + [-1] * width)[:width] for ids in held])  # -1 matches no token
+        base = len(others) + len(fill)
+        for i, ids in enumerate(seqs):
+            n = min(len(ids) - 1, width)  # the last token is always computed: its logits are the point
+            if n < REUSED:
+                continue
+            rows = [*range(len(others)), len(others) + i, *range(base, base + i)]  # held ones, its own, earlier
+            same = (table[rows, :n] == torch.tensor(ids[:n])).int().cumprod(1).sum(1).tolist()
+            held_best = max(range(len(rows) - i), key=same.__getitem__)
+            lead_best = max(range(len(rows) - i, len(rows)), key=same.__getitem__, default=None)
+            if lead_best is not None and same[lead_best] >= LEADER and same[lead_best] > same[held_best]:
+                j = rows[lead_best] - base
+                if fill[j] not in leaders:
+                    leaders.append(fill[j])
+                    plan[j] = (fill[j], len(seqs[j]) - 1)
+                plan[i] = (fill[j], same[lead_best])
+            elif same[held_best] >= REUSED:
+                plan[i] = ((others + fill)[rows[held_best]], same[held_best])
+        return plan, leaders
+
+    def _copy(self, sources):
+        """Copy into each row its prefix from another: {row: (source row, tokens)}."""
+        groups = {}
+        for row, source in sources.items():
+            groups.setdefault(source, []).append(row)
+        for (source, n), rows in groups.items():
+            to = torch.tensor(rows, device=self.device)
+            for k, v in zip(self.k, self.v):
+                k[to, :, :n] = k[source, :, :n]
+                v[to, :, :n] = v[source, :, :n]
 
     def decode(self, ids):
         """Append one token to each of rows 0..B-1 and return their next-token logits (B, V)."""
         B = len(ids)
+        for row, token in enumerate(ids):
+            self.held[row].append(token)
         built = self.step.runs if self.step else ()
         n = next((b for b in self.buckets if b >= B and b in built), None)
         if n is None:
@@ -83,6 +151,7 @@ class GPTCache:
         held = self.length[:B]
         # rows B..n-1 are free slots: they compute a junk token at position 0, which a prefill overwrites. Tokens
         # and lengths go to the device in one copy, each starting 16-byte aligned (as the compiled step assumes)
+        self.held[B:n] = [[] for _ in range(B, n)]
         pad = [0] * (n - B + n % 2)
         both = torch.tensor([ids + pad, held + pad], device=self.device)
         logits = self.step(both[0, :n].view(n, 1), both[1, :n], max(held))[:B]
@@ -128,6 +197,7 @@ class GPTCache:
         for k, v in zip(self.k, self.v):
             k[dst], v[dst] = k[src], v[src]
         self.length[dst] = self.length[src]
+        self.held[dst] = list(self.held[src])
 
 
 class LSTMState:

@@ -388,10 +388,18 @@ def test_engine_marks_only_the_last_token_of_a_length_finish_as_last():
 # the compiled decode step (QUILL_COMPILE)
 
 
-def test_batch_buckets_are_powers_of_two_then_max_batch():
+def test_batch_buckets_are_powers_of_two_and_halfway_sizes_then_max_batch():
     assert batch_buckets(1) == [1]
-    assert batch_buckets(32) == [1, 2, 4, 8, 16, 32]
-    assert batch_buckets(12) == [1, 2, 4, 8, 12]
+    assert batch_buckets(2) == [1, 2]
+    assert batch_buckets(32) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
+    assert batch_buckets(12) == [1, 2, 3, 4, 6, 8, 12]
+    assert batch_buckets(20) == [1, 2, 3, 4, 6, 8, 12, 16, 20]
+    for n in range(1, 200):  # at most a third of any batch size's bucket is padding
+        buckets = batch_buckets(n)
+        assert buckets == sorted(set(buckets)) and buckets[-1] == n
+        assert all(
+            min(b for b in buckets if b >= B) - B <= min(b for b in buckets if b >= B) // 3 for B in range(1, n + 1)
+        )
 
 
 @pytest.fixture(scope="module")

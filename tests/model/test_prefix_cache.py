@@ -1,0 +1,144 @@
+"""Prefix reuse in the GPT's cache (model/cache.py): a prompt starts from the longest prefix of it that a row holds,
+and a prefix that prompts admitted together share is computed once. The text must be what it is without reuse."""
+
+import pytest
+import torch
+from helpers import tiny_gpt
+
+from model import cache as cache_module
+from model.cache import GPTCache
+from model.engine import Engine, Finished, Request, Token
+from model.sampling import SamplingParams
+
+VOCAB, CONTEXT = 40, 160
+
+
+class Recorder:
+    def __init__(self):
+        self.events = []
+
+    def __call__(self, event):
+        self.events.append(event)
+
+    @property
+    def tokens(self):
+        return [e.id for e in self.events if isinstance(e, Token)]
+
+
+def model():
+    return tiny_gpt(VOCAB, context_size=CONTEXT).double()  # double: the comparisons are of logic, not float noise
+
+
+def prompts(prefix_length, tails, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(0, VOCAB, (prefix_length,), generator=g).tolist()
+    return [prefix + torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in tails]
+
+
+def counted(engine):
+    """The tokens each forward of the engine's model computes (rows x positions), in a list the test reads."""
+    seen, forward = [], engine.model.forward
+
+    def spy(x, *args, **kwargs):
+        seen.append(x.numel())
+        return forward(x, *args, **kwargs)
+
+    engine.model.forward = spy
+    return seen
+
+
+def run(engine, *reqs, running=()):
+    for req in reqs:
+        engine.submit(req)
+    reqs = [*running, *reqs]
+    while any(not req.emit.events or not isinstance(req.emit.events[-1], Finished) for req in reqs):
+        engine.step()
+    return [req.emit.tokens for req in reqs]
+
+
+def request(prompt, n=6, **sampling):
+    return Request(list(prompt), SamplingParams(max_new_tokens=n, **sampling), Recorder())
+
+
+@pytest.fixture
+def no_reuse(monkeypatch):
+    def off():
+        monkeypatch.setattr(cache_module, "REUSED", 10**9)
+        monkeypatch.setattr(cache_module, "LEADER", 10**9)
+
+    return off
+
+
+def both(no_reuse, script):
+    """script(engine, count) run on an engine with reuse and one without: (texts, tokens computed) of each."""
+    engine = Engine(model(), 8)
+    with_reuse = script(engine, counted(engine))
+    no_reuse()
+    engine = Engine(model(), 8)
+    return with_reuse, script(engine, counted(engine))
+
+
+def test_prompts_admitted_together_compute_their_shared_prefix_once(no_reuse):
+    def script(engine, seen):
+        reqs = [
+            request(p, temperature=t, seed=i) for i, (p, t) in enumerate(zip(prompts(90, [3, 5, 8, 2]), [0, 1, 0, 0.7]))
+        ]
+        texts = run(engine, *reqs)
+        return texts, sum(seen[:2]) if len(seen) > 2 else seen
+
+    (texts, computed), (plain, computed_plain) = both(no_reuse, script)
+    assert texts == plain and all(len(t) == 6 for t in texts)
+    # the leader (the shortest prompt, 92 tokens: the engine sorts them) computes 91 positions, then one forward
+    # each prompt's rest past the shared 90, padded to the longest rest (8): 4 rows of 8
+    assert computed == 91 + 4 * 8
+    assert computed_plain > 3 * computed
+
+
+def test_a_prompt_reuses_the_row_a_finished_request_left(no_reuse):
+    first, second = prompts(50, [4, 7])
+
+    def script(engine, seen):
+        texts = run(engine, request(first))
+        seen.clear()
+        texts += run(engine, request(second))
+        return texts, seen[0]  # the second's prefill
+
+    (texts, computed), (plain, computed_plain) = both(no_reuse, script)
+    assert texts == plain
+    assert computed == 7 and computed_plain == 57  # the shared 50 tokens were copied, not computed
+
+
+def test_a_prompt_reuses_a_running_requests_row(no_reuse):
+    first, second = prompts(40, [2, 3])
+
+    def script(engine, seen):
+        long = request(first, n=30)
+        engine.submit(long)
+        for _ in range(5):
+            engine.step()
+        seen.clear()
+        short = request(second, n=4, temperature=0.9, seed=3)
+        texts = run(engine, short, running=[long])
+        return texts, seen[0]
+
+    (texts, computed), (plain, computed_plain) = both(no_reuse, script)
+    assert texts == plain
+    assert computed == 3 and computed_plain == 43
+
+
+def test_rows_a_padded_compiled_step_writes_at_position_zero_are_no_longer_reused():
+    gpt = model()
+    cache = GPTCache(gpt, 8)
+    cache.prefill(0, prompts(30, [1, 2, 3, 4]))
+    assert [len(h) for h in cache.held[:4]] == [31, 32, 33, 34]
+
+    class Step:  # what a compiled step of batch size 4 looks like to decode: it pads 2 rows to 4
+        runs = {4: None}
+
+        def __call__(self, tokens, lengths, longest):
+            return torch.zeros(len(tokens), VOCAB, dtype=torch.double)
+
+    cache.step = Step()
+    cache.decode([5, 6])
+    assert cache.held[0][-1] == 5 and cache.held[1][-1] == 6 and len(cache.held[1]) == 33
+    assert cache.held[2] == [] and cache.held[3] == []  # their position 0 now holds the padding's junk
