@@ -1,13 +1,19 @@
-"""The models benchmarks/peers.py runs: the bundled GPT, random-weight ones of chosen shapes, and GPT-2 small.
+"""The models benchmarks/peers.py runs: the bundled GPT, random-weight ones of chosen shapes, GPT-2 small and
+GPT-2 medium.
 
-    QUILL_GPT2_DIR=path/to/gpt2 python -m benchmarks.peers --models gpt2-small   # real GPT-2 small on disk
-    python -m benchmarks.peers --models gpt2-small                               # random weights, same shape
+    QUILL_GPT2_DIR=path/to/gpt2 python -m benchmarks.peers --models gpt2-small                 # real GPT-2 small
+    QUILL_GPT2_MEDIUM_DIR=path/to/gpt2-medium python -m benchmarks.peers --models gpt2-medium  # real GPT-2 medium
+    python -m benchmarks.peers --models gpt2-small,gpt2-medium                 # random weights, the same shapes
 
-Decode speed depends on the shape, not on the weight values. So without GPT-2 on disk, `gpt2-small` is
-built as a user would download it: a Hugging Face directory holding a GPT2LMHeadModel of GPT2Config()'s shape
-(12 layers, 12 heads, 768 wide, context 1024, tanh GELU) with seeded random weights, and a byte-level BPE
-of GPT-2's 50,257 tokens (50,256 learned from the Python standard library's source, then <|endoftext|>,
-where GPT-2 has it). Either directory becomes a Quill checkpoint through `python -m model.import_hf`.
+Decode speed depends on the shape, not on the weight values. So without GPT-2 on disk, `gpt2-small` and
+`gpt2-medium` are built as a user would download them: a Hugging Face directory holding a GPT2LMHeadModel of
+the shape (small: GPT2Config()'s 12 layers, 12 heads, 768 wide; medium: 24 layers, 16 heads, 1024 wide; both
+context 1024, tanh GELU) with seeded random weights, and GPT-2's own tokenizer, rebuilt from the ranks the
+openai-whisper sdist carries (benchmarks/gpt2_tokenizer.py; `pip download` fetches it once into
+.tools/gpt2-tokenizer). Where pip cannot fetch it, a byte-level BPE of GPT-2's 50,257 tokens stands in: 50,256
+learned from the Python standard library's source, then <|endoftext|>, where GPT-2 has it (a line says so, and
+the directories are named apart). Either directory becomes a Quill checkpoint through `python -m model.import_hf`,
+and llama.cpp's convert_hf_to_gguf.py converts the same directory (benchmarks/peers.py).
 """
 
 import hashlib
@@ -19,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.gpt2_tokenizer import build_tokenizer, fetch_ranks, read_ranks, save_hf
 from model import GPT, load_checkpoint, save_checkpoint
 from model.checkpoint import WEIGHTS_NAME, default_checkpoints
 from model.tokenizer import BPETokenizer
@@ -31,20 +38,24 @@ MODELS = {
     "bundled": ("bundled GPT", None, 3),
     "6L": ("6L/384/ctx256 (random)", None, 3),
     "gpt2-small": ("GPT-2 small", 128, 1),
+    "gpt2-medium": ("GPT-2 medium", 128, 1),
 }
 GPT2_ENV = "QUILL_GPT2_DIR"  # a local Hugging Face GPT-2 directory (config.json, model.safetensors, tokenizer.json)
 GPT2_SHAPE = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024, "vocab_size": 50257}  # GPT2Config()'s
+GPT2_MEDIUM_SHAPE = GPT2_SHAPE | {"n_layer": 24, "n_head": 16, "n_embd": 1024}  # 355M parameters
+# name: (the variable naming a local Hugging Face directory of its real weights, the shape of the random one)
+GPT2S = {"gpt2-small": (GPT2_ENV, GPT2_SHAPE), "gpt2-medium": ("QUILL_GPT2_MEDIUM_DIR", GPT2_MEDIUM_SHAPE)}
 END_TOKEN = "<|endoftext|>"
 
 
 def checkpoint_for(name, work):
-    """A run directory for `name`: the bundled GPT, a random-weight 6L/384/ctx256 GPT, GPT-2 small, or the
-    path itself. Built ones are kept under `work` for later runs."""
+    """A run directory for `name`: the bundled GPT, a random-weight 6L/384/ctx256 GPT, GPT-2 small or medium,
+    or the path itself. Built ones are kept under `work` for later runs."""
     bundled = next(p for p in default_checkpoints() if "gpt" in p.name)
     if name == "bundled":
         return bundled
-    if name == "gpt2-small":
-        return gpt2_small(work)
+    if name in GPT2S:
+        return gpt2_run(name, work)
     if name != "6L":
         return Path(name)
     path = work / "gpt-6l-384-ctx256"
@@ -75,16 +86,22 @@ def train_tokenizer(vocab_size, texts):
     return tokenizer
 
 
-def write_random_hf(out, shape=GPT2_SHAPE, texts=None, seed=0):
-    """Save a seeded random GPT2LMHeadModel of `shape` and its tokenizer to `out`, as save_pretrained does."""
+def write_random_hf(out, shape=GPT2_SHAPE, texts=None, seed=0, tokenizer=None):
+    """Save a seeded random GPT2LMHeadModel of `shape` and its tokenizer to `out`, as save_pretrained does:
+    `tokenizer` (GPT-2's own, a `tokenizers.Tokenizer`) when given, else a BPE learned from `texts` (default:
+    the standard library)."""
     from transformers import GPT2Config, GPT2LMHeadModel  # slow to import: only when building
 
-    tokenizer = train_tokenizer(shape["vocab_size"], stdlib_sources() if texts is None else texts)
+    if tokenizer is None:
+        tokenizer = train_tokenizer(shape["vocab_size"], stdlib_sources() if texts is None else texts)
+    if tokenizer.get_vocab_size() != shape["vocab_size"]:
+        raise ValueError(f"a tokenizer of {tokenizer.get_vocab_size()} tokens for a vocab_size {shape['vocab_size']}")
     end = shape["vocab_size"] - 1
-    config = GPT2Config(**shape, bos_token_id=end, eos_token_id=end)  # tanh GELU ("gelu_new"), as GPT-2
+    # n_ctx as GPT-2's own config.json has it (transformers 5 no longer writes it; llama.cpp's converter reads it)
+    config = GPT2Config(**shape, n_ctx=shape["n_positions"], bos_token_id=end, eos_token_id=end)  # tanh GELU
     torch.manual_seed(seed)
     GPT2LMHeadModel(config).save_pretrained(out, safe_serialization=True)
-    tokenizer.save(str(Path(out) / "tokenizer.json"))  # last: its presence says the directory is whole
+    save_hf(tokenizer, out, shape["n_positions"])  # last: tokenizer.json's presence says the directory is whole
 
 
 def import_hf(hf_dir, run_dir):
@@ -93,23 +110,41 @@ def import_hf(hf_dir, run_dir):
     return run_dir
 
 
-def gpt2_small(work, hf_dir=None):
-    """A run directory under `work`: GPT-2 imported from `hf_dir` (or $QUILL_GPT2_DIR) when given, else the
-    random-weight one, built once (about two minutes on 2 cores, most of it training the BPE)."""
-    hf_dir = hf_dir or os.environ.get(GPT2_ENV)
+def gpt2_dirs(name, work, hf_dir=None):
+    """(Hugging Face directory, run directory under `work`) of `name` in GPT2S: the real GPT-2 in `hf_dir` (or
+    the directory its variable names) when given; else the random-weight one, whose Hugging Face directory is
+    built here once (seconds with GPT-2's tokenizer; minutes when a BPE must be learned). The run directory
+    may not be imported yet."""
+    env, shape = GPT2S[name]
+    hf_dir = hf_dir or os.environ.get(env)
     if hf_dir:
         weights = Path(hf_dir).resolve() / "model.safetensors"
         if not weights.is_file():
-            raise SystemExit(f"{GPT2_ENV}={hf_dir}: no model.safetensors there (a local Hugging Face GPT-2 directory)")
+            raise SystemExit(f"{env}={hf_dir}: no model.safetensors there (a local Hugging Face GPT-2 directory)")
         # one import per weights file: its path, size and time of change name the run directory
         stat = weights.stat()
         key = hashlib.sha256(f"{weights}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
-        run = work / f"gpt2-small-{key}"
-        return run if (run / WEIGHTS_NAME).exists() else import_hf(weights.parent, run)
-    run = work / "gpt2-small-random"
-    if not (run / WEIGHTS_NAME).exists():
-        hf = work / "gpt2-small-random-hf"
-        if not (hf / "tokenizer.json").exists():
-            write_random_hf(hf)
-        import_hf(hf, run)
-    return run
+        return weights.parent, work / f"{name}-{key}"
+    ranks = fetch_ranks()
+    if ranks is None:
+        print(f"{name}: GPT-2's tokenizer is not to be had; a BPE learned from the standard library stands in")
+    run = work / (f"{name}-gpt2vocab-random" if ranks else f"{name}-random")  # the BPE's: gpt2-small-random
+    hf = run.with_name(f"{run.name}-hf")
+    if not (hf / "tokenizer.json").exists():
+        write_random_hf(hf, shape, tokenizer=build_tokenizer(read_ranks(ranks)) if ranks else None)
+    return hf, run
+
+
+def gpt2_run(name, work, hf_dir=None):
+    """The run directory of `name` (gpt2_dirs), imported once."""
+    hf, run = gpt2_dirs(name, work, hf_dir)
+    return run if (run / WEIGHTS_NAME).exists() else import_hf(hf, run)
+
+
+def gpt2_small(work, hf_dir=None):
+    return gpt2_run("gpt2-small", work, hf_dir)
+
+
+def hf_source(name, work):
+    """The Hugging Face directory `name`'s checkpoint is imported from, or None (the bundled GPT, 6L, paths)."""
+    return gpt2_dirs(name, work)[0] if name in GPT2S else None

