@@ -10,6 +10,8 @@ pre-tokenizer and decoder, <|endoftext|> as id 50256), it encodes as GPT-2's tok
 """
 
 import base64
+import functools
+import hashlib
 import json
 import subprocess
 import sys
@@ -24,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".tools" / "gpt2-tokenizer"
 SDIST = "openai-whisper==20250625"  # pinned: its gpt2.tiktoken is GPT-2's, whatever later releases carry
 RANKS_NAME = "gpt2.tiktoken"
+RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # the file in that sdist
 END_TOKEN = "<|endoftext|>"
 
 
@@ -74,6 +77,7 @@ def build_tokenizer(ranks, end_token=END_TOKEN):
     return tokenizer
 
 
+@functools.cache  # once a run: offline, pip's tries take a while
 def fetch_ranks(cache=CACHE):
     """The path of GPT-2's gpt2.tiktoken under `cache`, taken from the openai-whisper sdist, which
     `pip download` fetches the first time; None (and a line saying why) when pip cannot get it."""
@@ -83,7 +87,8 @@ def fetch_ranks(cache=CACHE):
     cache.mkdir(parents=True, exist_ok=True)
     sdists = sorted(cache.glob("openai_whisper-*.tar.gz"))
     if not sdists:
-        cmd = [sys.executable, "-m", "pip", "download", SDIST, "--no-deps", "--no-binary", ":all:", "-d", str(cache)]
+        cmd = [sys.executable, "-m", "pip", "download", SDIST, "--no-deps", "--no-binary", ":all:", "--retries", "1"]
+        cmd += ["-d", str(cache)]
         run = subprocess.run(cmd, capture_output=True, text=True)
         sdists = sorted(cache.glob("openai_whisper-*.tar.gz"))
         if run.returncode or not sdists:
@@ -95,9 +100,13 @@ def fetch_ranks(cache=CACHE):
         if member is None:
             print(f"GPT-2's tokenizer: {sdists[-1].name} holds no whisper/assets/{RANKS_NAME}", flush=True)
             return None
-        part = ranks.with_suffix(".part")
-        part.write_bytes(tar.extractfile(member).read())
-        part.rename(ranks)
+        data = tar.extractfile(member).read()
+    if hashlib.sha256(data).hexdigest() != RANKS_SHA256:
+        print(f"GPT-2's tokenizer: {sdists[-1].name}'s {RANKS_NAME} is not the one expected (its SHA-256 differs)")
+        return None
+    part = ranks.with_suffix(".part")
+    part.write_bytes(data)
+    part.rename(ranks)
     return ranks
 
 

@@ -1,11 +1,15 @@
 """GPT-2's tokenizer rebuilt from tiktoken-style BPE ranks (benchmarks/gpt2_tokenizer.py), and the peer models."""
 
 import base64
+import hashlib
+import io
 import json
+import tarfile
 
 import pytest
 
-from benchmarks.gpt2_tokenizer import CACHE, RANKS_NAME, build_tokenizer, merge_of, read_ranks, save_hf
+from benchmarks import gpt2_tokenizer
+from benchmarks.gpt2_tokenizer import CACHE, RANKS_NAME, build_tokenizer, fetch_ranks, merge_of, read_ranks, save_hf
 from model.tokenizer import byte_level_chars
 
 # a tiny BPE: the 256 bytes in GPT-2's order (byte_level_chars' printable ones first), then merges by rank
@@ -65,6 +69,20 @@ def test_saved_directory_loads_in_transformers_with_the_same_ids(tmp_path):
     vocab = json.loads((tmp_path / "hf" / "vocab.json").read_text())
     assert len(vocab) == tokenizer.get_vocab_size() and vocab["Ġthe"] == 258
     assert (tmp_path / "hf" / "merges.txt").read_text().splitlines()[:3] == ["#version: 0.2", "Ġ t", "h e"]
+
+
+def test_ranks_come_out_of_a_downloaded_sdist_only_with_the_expected_hash(tmp_path, monkeypatch, capsys):
+    data = b"IQ== 0\n"
+    for cache, expected in ((tmp_path / "good", hashlib.sha256(data).hexdigest()), (tmp_path / "bad", "0" * 64)):
+        cache.mkdir()
+        with tarfile.open(cache / "openai_whisper-1.tar.gz", "w:gz") as tar:  # pip download's file, already there
+            info = tarfile.TarInfo(f"openai_whisper-1/whisper/assets/{RANKS_NAME}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        monkeypatch.setattr(gpt2_tokenizer, "RANKS_SHA256", expected)
+        assert fetch_ranks(cache) == (cache / RANKS_NAME if cache.name == "good" else None)
+    assert (tmp_path / "good" / RANKS_NAME).read_bytes() == data and not (tmp_path / "bad" / RANKS_NAME).exists()
+    assert "SHA-256 differs" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not (CACHE / RANKS_NAME).is_file(), reason="GPT-2's ranks are not in .tools/gpt2-tokenizer")
