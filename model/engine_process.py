@@ -102,15 +102,18 @@ class EngineProcess:
         self.wake = threading.Event()
         self.settled = threading.Event()  # start() has returned or raised
         self.watchdog = None
+        self.first_start = 0.0  # seconds the first child took to start
 
     # -- the server's side --
 
     def start(self):
         """Start the child and return once it has loaded and warmed up; raise RuntimeError if it could not."""
+        begun = time.monotonic()
         try:
             self.child = self._spawn()
         finally:
             self.settled.set()
+        self.first_start = time.monotonic() - begun
         with self.lock:  # and what was submitted meanwhile
             self.down, self.heard = None, time.monotonic()
             for rid in sorted(self.tracked):
@@ -263,7 +266,7 @@ class EngineProcess:
             self.down, old = f"the engine process {why}; restarting it", self.child
         old.kill()
         self._blame(why)
-        while True:  # a death, then each start that fails: each counts towards a crash loop
+        for tries in itertools.count(1):  # a death, then each start that fails: each counts towards a crash loop
             if self.on_restart:
                 self.on_restart(kind, why)
             self.deaths.append(time.monotonic())
@@ -271,8 +274,12 @@ class EngineProcess:
                 self.deaths.popleft()
             if len(self.deaths) >= CRASH_LOOP:
                 return self._give_up(f"the engine process failed {len(self.deaths)} times within {CRASH_WINDOW:g} s")
-            try:  # a new child that hangs as it starts is a death too (the first start has no limit: it may compile)
-                child = self._spawn(silence=self.timeout)
+            if tries >= CRASH_LOOP:  # starts that each hang until the limit below are too slow to crowd the window
+                return self._give_up(f"the engine process failed {tries} times in a row")
+            try:  # a new child that hangs as it starts is a death too (the first start has no limit: it may compile).
+                # A start is one long silence (importing torch, loading): it may take as long as thrice the first did
+                # on a machine that has since got busy, whatever a short QUILL_ENGINE_TIMEOUT says of a step
+                child = self._spawn(silence=max(self.timeout, 3 * self.first_start))
                 break
             except Exception as e:  # RuntimeError from the child; OSError (no memory, no file descriptors) here
                 if self.stopping:

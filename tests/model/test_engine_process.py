@@ -12,7 +12,7 @@ import torch
 from helpers import tiny_gpt
 from service_helpers import wait_until
 
-from model import save_checkpoint
+from model import engine_process, save_checkpoint
 from model.engine import Engine, Finished, Outcome, Request, Token
 from model.engine_process import EngineProcess
 from model.sampling import SamplingParams
@@ -278,9 +278,12 @@ def test_stop_warns_of_a_child_that_would_not_stop_only_after_the_time_it_names(
     assert time.monotonic() - began < 20
 
 
-def test_a_new_child_that_hangs_as_it_starts_is_a_death_too(weights, caplog):
+@pytest.mark.parametrize("window", [60.0, 0.0])
+def test_a_new_child_that_hangs_as_it_starts_is_a_death_too(weights, caplog, monkeypatch, window):
     """A restarted child that says nothing for the timeout while it loads is killed and counted, so a server whose
-    engines cannot come back gives up rather than staying down with /health at 200."""
+    engines cannot come back gives up rather than staying down with /health at 200: within the crash window, or
+    (window 0: starts too slow to crowd it) after as many failures in a row."""
+    monkeypatch.setattr(engine_process, "CRASH_WINDOW", window)
     engine, seen = supervised(weights, timeout=2)
     first, stopped = engine.child, []
 
@@ -298,7 +301,9 @@ def test_a_new_child_that_hangs_as_it_starts_is_a_death_too(weights, caplog):
         os.kill(first.proc.pid, signal.SIGKILL)
         assert wait_until(lambda: seen["gave_up"], timeout=120)
         assert seen["restarts"] == ["died"] * 5 and len(stopped) == 4
-        assert caplog.text.count("the engine process sent nothing for 2 s while starting") == 4
+        limit = max(2, 3 * engine.first_start)  # a restart may take thrice the first start, however short the timeout
+        assert caplog.text.count(f"the engine process sent nothing for {limit:g} s while starting") == 4
+        assert ("failed 5 times" if window else "failed 5 times in a row") in caplog.text  # (within 60 s, if quick)
     finally:
         stopper.join()
         engine.stop()
