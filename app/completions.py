@@ -35,9 +35,9 @@ async def gather(streams):
     return choices
 
 
-def usage(dones):
-    """OpenAI counts the prompt once, however many choices share it."""
-    prompt = dones[0].usage["prompt_tokens"]
+def usage(dones, n):
+    """OpenAI counts each prompt once, however many choices (n of each) share it."""
+    prompt = sum(d.usage["prompt_tokens"] for d in dones) // n
     completion = sum(d.usage["completion_tokens"] for d in dones)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -47,7 +47,7 @@ def head(kind, served):
     return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": served.name}
 
 
-def stream(chunks, request, usage_head=None):
+def stream(chunks, request, n, usage_head=None):
     """Server-sent events of `chunks` (an async iterator of (chunk, the choice's Done or None)); a failure
     becomes an error object; with `usage_head`, a last chunk holds the usage (stream_options.include_usage);
     then [DONE]."""
@@ -65,7 +65,7 @@ def stream(chunks, request, usage_head=None):
                 yield json.dumps(chunk)
         else:
             if usage_head and dones:
-                yield json.dumps({**usage_head, "choices": [], "usage": usage(dones)})
+                yield json.dumps({**usage_head, "choices": [], "usage": usage(dones, n)})
         yield "[DONE]"
 
     return EventSourceResponse(frames())
@@ -82,27 +82,36 @@ def legacy_logprobs(body, choice, prompt_chars):
     return {key: prompt[key] + tokens[key] for key in tokens} if prompt else tokens
 
 
+def prompt_texts(body, served):
+    """Each choice's prompt as text (token ids decoded, as their logprobs' text is), in the choices' order: the n
+    choices of the first prompt, then of the next."""
+    decode = served.tokenizer.decode_bytes
+    texts = [p if isinstance(p, str) else decode(p).decode("utf-8", errors="replace") for p in body.prompts()]
+    return [text for text in texts for _ in range(body.n)]
+
+
 async def completion(body, served, streams):
     choices = await gather(streams)
-    echo = body.prompt if body.echo else ""
+    prompts = prompt_texts(body, served)
     return {
         **head("text_completion", served),
         "choices": [
             {
-                "text": echo + c.done.text,
+                "text": (prompts[i] if body.echo else "") + c.done.text,
                 "index": i,
-                "logprobs": legacy_logprobs(body, c, len(body.prompt)),
+                "logprobs": legacy_logprobs(body, c, len(prompts[i])),
                 "finish_reason": c.done.finish_reason,
             }
             for i, c in enumerate(choices)
         ],
-        "usage": usage([c.done for c in choices]),
+        "usage": usage([c.done for c in choices], body.n),
     }
 
 
 def completion_chunks(body, served, streams, request):
+    """Each chunk holds one choice, by its index (a list of prompts streams its choices interleaved, as n does)."""
     top = head("text_completion", served)
-    base = len(body.prompt) if body.echo else 0
+    prompts = prompt_texts(body, served)
 
     def chunk(i, text, finish_reason=None, logprobs_=None):
         return {**top, "choices": [{"text": text, "index": i, "logprobs": logprobs_, "finish_reason": finish_reason}]}
@@ -110,19 +119,20 @@ def completion_chunks(body, served, streams, request):
     async def chunks():
         if body.echo and body.logprobs is None:  # the echoed prompt comes first (with logprobs: once scored)
             for i in range(len(streams)):
-                yield chunk(i, body.prompt), None
+                yield chunk(i, prompts[i]), None
         async for i, ev in merged(streams):
             if isinstance(ev, PromptEvent):
-                yield chunk(i, body.prompt, logprobs_=logprobs.legacy(ev.tokens)), None
+                yield chunk(i, prompts[i], logprobs_=logprobs.legacy(ev.tokens)), None
             elif isinstance(ev, TokenEvent):
                 if ev.logprob is not None:
+                    base = len(prompts[i]) if body.echo else 0
                     yield chunk(i, ev.text, logprobs_=logprobs.legacy([ev.logprob], base)), None
                 elif ev.text:
                     yield chunk(i, ev.text), None
             else:
                 yield chunk(i, "", ev.finish_reason), ev
 
-    return stream(chunks(), request, top if include_usage(body) else None)
+    return stream(chunks(), request, body.n, top if include_usage(body) else None)
 
 
 def include_usage(body):
@@ -159,7 +169,7 @@ async def chat_completion(body, served, streams):
             }
             for i, c in enumerate(choices)
         ],
-        "usage": usage([c.done for c in choices]),
+        "usage": usage([c.done for c in choices], body.n),
     }
 
 
@@ -183,4 +193,4 @@ def chat_chunks(body, served, streams, request):
             elif not isinstance(ev, PromptEvent):
                 yield chunk(i, {}, ev.finish_reason), ev
 
-    return stream(chunks(), request, top if include_usage(body) else None)
+    return stream(chunks(), request, body.n, top if include_usage(body) else None)

@@ -156,18 +156,69 @@ class OpenAIRequest(Strict):
     _stop = field_validator("stop")(stop_list)
 
 
+PromptText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS)]
+# A list's length is bounded by the body's size (QUILL_MAX_BODY_BYTES: 413) and the server's capacity (prompts x n
+# at most QUILL_MAX_RUNNING + QUILL_MAX_QUEUED: 400), not by the schema.
+PromptTexts = Annotated[list[PromptText], Field(min_length=1)]
+PromptIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+PromptIdLists = Annotated[list[PromptIds], Field(min_length=1)]
+PROMPT_SHAPES = (
+    f"a string of 1..{MAX_PROMPT_CHARS} characters, a list of such strings, a list of token ids (integers "
+    "from 0), or a list of such lists"
+)
+
+
+def prompt_shape(v, handler):
+    """Token ids as whole numbers (16.0 too, as JSON Schema counts it), and one message for a prompt of none of
+    the four shapes (a union's errors name each shape it is not)."""
+    if v == []:
+        raise ValueError("prompt is an empty list: give at least one prompt")
+    if isinstance(v, list):
+        v = [[whole_number(i) for i in p] if isinstance(p, list) else whole_number(p) for p in v]
+    try:
+        return handler(v)
+    except ValueError:
+        raise ValueError(f"prompt must be {PROMPT_SHAPES}") from None
+
+
+def prompt_ids(tokenizer, prompt):
+    """A prompt's token ids: a text's (ValueError: characters the vocabulary lacks), or the ids given, each one
+    in the vocabulary (ValueError: the ones that are not)."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    if bad := [i for i in prompt if i >= tokenizer.vocab_size]:
+        raise ValueError(f"token ids {bad[:5]} not in the vocabulary (0..{tokenizer.vocab_size - 1})")
+    return list(prompt)
+
+
 class CompletionRequest(OpenAIRequest):
     """The subset of OpenAI's legacy /v1/completions that a sampling-only model can honour, with logprobs
-    and echo as evaluation harnesses use them: echo with max_tokens 0 and logprobs scores a text."""
+    and echo as evaluation harnesses use them: echo with max_tokens 0 and logprobs scores a text. `prompt`
+    may be a list of prompts (each prompt's choices follow the one before's) and a prompt may be token ids."""
 
     model: str | None = None
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    prompt: PromptText | PromptTexts | PromptIds | PromptIdLists = Field(
+        description=f"the text to continue, or several; {PROMPT_SHAPES}"
+    )
     echo: bool = Field(False, description="the prompt comes back before the completion (with logprobs: scored)")
     max_tokens: int = Field(16, ge=0, le=MAX_NEW_TOKENS, description="0 only with echo: the prompt alone")
     logprobs: int | None = Logprobs
 
-    _prompt = field_validator("prompt")(check_prompt)
+    _shape = field_validator("prompt", mode="wrap")(prompt_shape)
     _whole = field_validator("max_tokens", "logprobs", mode="before")(whole_number)
+
+    @field_validator("prompt")
+    @classmethod
+    def _texts(cls, v):
+        for prompt in [v] if isinstance(v, str) else v:
+            if isinstance(prompt, str):
+                check_prompt(prompt)
+        return v
+
+    def prompts(self):
+        """The prompts, each a text or a list of token ids."""
+        one = isinstance(self.prompt, str) or isinstance(self.prompt[0], int)
+        return [self.prompt] if one else list(self.prompt)
 
     @field_validator("max_tokens")
     @classmethod

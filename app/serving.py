@@ -9,7 +9,7 @@ from functools import partial
 
 from app.errors import APIError
 from app.logprobs import TokenLogprob, prompt_logprobs, scored
-from app.protocol import choice_seeds
+from app.protocol import choice_seeds, prompt_ids
 from app.registry import checkpoint_files, load_served_model
 from app.relay import EventRelay
 from app.textstream import TextStream
@@ -199,9 +199,10 @@ class Service:
             )
         return self.models[name]
 
-    def admit(self, served, prompt, choices, param="prompt"):
-        """Everything that can refuse a request; then queue one engine request per SamplingParams in
-        `choices` (n > 1: several completions of one prompt), and return their Jobs."""
+    def admit(self, served, prompts, choices, param="prompt"):
+        """Everything that can refuse a request; then queue one engine request per prompt (a text, or token ids)
+        and SamplingParams in `choices` (n > 1: several completions of each), prompt by prompt, and return
+        their Jobs in that order."""
         if self.draining or not self.ready:
             raise APIError(
                 503,
@@ -214,14 +215,15 @@ class Service:
             why = f"model {served.name!r} is unavailable: {served.engine.down}"
             raise APIError(503, why, "unavailable", headers={"Retry-After": "5"}, code="model_unavailable")
         try:
-            ids = served.tokenizer.encode(prompt)
+            work = [(ids, params) for ids in [prompt_ids(served.tokenizer, p) for p in prompts] for params in choices]
         except ValueError as e:
             raise APIError(422, f"{param}: {e} (model {served.name!r})", param=param) from None
         capacity = self.settings.max_running + self.settings.max_queued
-        if len(choices) > capacity:
-            raise APIError(400, f"n: {len(choices)} choices, more than this server holds ({capacity})", param="n")
+        if len(work) > capacity:
+            what, param = ("n", "n") if len(prompts) == 1 else (f"prompt: {len(prompts)} prompts x n", "prompt")
+            raise APIError(400, f"{what}: {len(work)} choices, more than this server holds ({capacity})", param=param)
         running, queued = served.engine.counts()
-        if running + queued + len(choices) > capacity:
+        if running + queued + len(work) > capacity:
             raise APIError(
                 429,
                 f"model {served.name!r} is at capacity ({running} running, {queued} queued); retry shortly",
@@ -235,7 +237,7 @@ class Service:
         if self.relay is None or self.relay.loop is not loop:
             self.relay = EventRelay(loop)
         jobs = []
-        for params in choices:
+        for ids, params in work:
             events = asyncio.Queue()
             req = Request(ids, params, emit=partial(self.relay.send, events))
             served.engine.submit(req)
@@ -246,20 +248,20 @@ class Service:
         """Admit a request body (a GenerateRequest) now, raising what refuses it before any response starts;
         return its model and the async iterator of its TokenEvents and Done."""
         served = self.get(body.model)
-        (job,) = self.admit(served, body.prompt, [body.to_sampling_params()])
+        (job,) = self.admit(served, [body.prompt], [body.to_sampling_params()])
         return served, self._events(served, job)
 
     def generate_choices(self, body, prompt=None, stop=()):
-        """Admit the n choices of an OpenAI request body (its `prompt`, or the one given: a chat's rendered
-        messages; `stop`: strings the chat format adds), one engine request each, seeded seed, seed + 1, ...;
-        return the model and one event iterator per choice."""
+        """Admit the n choices of an OpenAI request body (each of its prompts(), or the one given: a chat's
+        rendered messages; `stop`: strings the chat format adds), one engine request each, seeded seed,
+        seed + 1, ...; return the model and one event iterator per choice, prompt by prompt."""
         served = self.get(body.model)
         extra = {"stop": stop} if stop else {}
         choices = [body.to_sampling_params(seed, **extra) for seed in choice_seeds(body)]
         if prompt is None:
-            jobs = self.admit(served, body.prompt, choices)
+            jobs = self.admit(served, body.prompts(), choices)
         else:  # a chat's: its faults are the messages'
-            jobs = self.admit(served, prompt, choices, param="messages")
+            jobs = self.admit(served, [prompt], choices, param="messages")
         return served, [self._events(served, job) for job in jobs]
 
     async def _events(self, served, job):

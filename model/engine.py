@@ -11,8 +11,8 @@ Active requests always occupy slots 0..B-1, so a step reads the caches as views 
 gathering. A leaving request's slot is filled by moving the last one into it.
 
 A request that asks for its prompt's logprobs (echo, scoring) is scored first, one window of the model's
-context between two steps, so a long text to score never stops the other streams for long; the n choices of
-one prompt are scored once.
+context between two steps (the windows of prompts queued together in one forward), so a long text to score
+never stops the other streams for long; the n choices of one prompt are scored once.
 
 Past the GPT's context: a row whose cache is full is re-prefilled with its last
 context_size // 2 tokens at positions 0.. and continues from there (a sliding window that
@@ -32,7 +32,7 @@ from model.cache import GPTCache, LSTMState, window_start
 from model.gpt import GPT
 from model.request import Finished, Outcome, Request, Token
 from model.sampling import Sampler, SamplingParams
-from model.scoring import PromptLogprobs, Scoring, score_windows, token_logprobs
+from model.scoring import PromptLogprobs, Scoring, score_step, together, token_logprobs
 
 __all__ = ["Engine", "Finished", "Outcome", "Request", "Token"]  # the request's types, for the engine's users
 
@@ -280,30 +280,33 @@ class Engine:
             return False
         job = next((job for job in self.scoring if job.key == key), None)
         if job is None:
-            windows = score_windows(self.model, self.cache.context, req.prompt, req.params.prompt_logprobs)
-            self.scoring.append(job := Scoring(key, windows, []))
+            self.scoring.append(job := Scoring(key, self.cache.context))
         job.reqs.append(req)
         return True
 
     def _score(self):
-        """Advance the first scoring by one window; once whole, send it to each request that asked for it."""
+        """Advance the first scorings by one window each, together in one forward (as many as a prefill's logits
+        hold: the prompts of a list, or of requests that arrived together); send each one that is whole to every
+        request that asked for it."""
+        for job in self.scoring:
+            for req in [r for r in job.reqs if r.cancelled]:
+                job.reqs.remove(req)
+                self._emit(req, Finished("cancelled"))
+        self.scoring = deque(job for job in self.scoring if job.reqs)
         if not self.scoring:
             return
-        job = self.scoring[0]
-        for req in [r for r in job.reqs if r.cancelled]:
-            job.reqs.remove(req)
-            self._emit(req, Finished("cancelled"))
+        group = together(self.scoring, self.prefill_tokens)
         try:
-            if job.reqs:
-                next(job.windows)
-                return self.on_progress()
-        except StopIteration as done:
-            self.scored = (job.key, done.value)
-            self._scored(job.reqs, done.value)
+            whole = score_step(self.model, group)
         except Exception as e:  # these requests' failure, not the batch's
-            for req in job.reqs:
+            for req in [req for job in group for req in job.reqs]:
                 self._emit(req, Finished("error", f"{type(e).__name__}: {e}"))
-        self.scoring.popleft()
+            whole = group
+        else:
+            for job in reversed(whole):  # each one's requests go to the front of the queue: the first last
+                self.scored = (job.key, job.result())
+                self._scored(job.reqs, job.result())
+        self.scoring = deque(job for job in self.scoring if job not in whole)
         self.on_progress()
 
     def _scored(self, reqs, result: PromptLogprobs):
