@@ -92,12 +92,13 @@ def load_served_model(
     process=False,
     compile_folder=None,
     supervision=None,
+    prefix_cache=True,
 ):
     """`threads`: the engine's torch threads (None: engine_threads). `process`: run the engine in a child process
     of its own (EngineProcess), which alone holds the weights: the model here is then on the meta device, read from
     the checkpoint's header, and only describes it (config, type, parameter count, dtype); `supervision`: its
     timeout, on_restart and on_give_up (EngineProcess's arguments). `compile_folder`: where compiled decode steps
-    are kept (model/compiled.py)."""
+    are kept (model/compiled.py). `prefix_cache`: reuse the prefixes that cache rows hold (model/cache.py)."""
     weights = Path(weights)
     model, tokenizer, meta = describe_checkpoint(weights) if process else load_checkpoint(weights, device=device)
     model.to(dtype)  # once, here: the engine's caches and steps take the weights' dtype (and the model card says it)
@@ -108,6 +109,7 @@ def load_served_model(
         kept = {
             "compiled": compiled and isinstance(model, GPT),
             "compile_folder": compile_folder,
+            "prefix_cache": prefix_cache,
             **(supervision or {}),
         }
         context = model.config.context_size if isinstance(model, GPT) else None
@@ -116,5 +118,5 @@ def load_served_model(
         )
     else:
         kept = {"compiled": compiled, "compile_folder": compile_folder, "weights": weights}  # compiled from weights
-        engine = Engine(model, max_batch, on_step=on_step, threads=threads, **kept)
+        engine = Engine(model, max_batch, on_step=on_step, threads=threads, prefix_cache=prefix_cache, **kept)
     return ServedModel(name, weights, model, tokenizer, meta, sha, engine)

@@ -126,6 +126,7 @@ class Service:
                     "on_restart": partial(self._restarted, name),
                     "on_give_up": partial(self._gave_up, name),
                 },
+                self.settings.prefix_cache,
             )
         self.metrics.track_engines([m.engine for m in self.models.values()])
 

@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     compile: bool = True
     # where compiled steps are kept; unset: $XDG_CACHE_HOME/quill/compiled, else ~/.cache/quill/compiled
     compile_cache: Path | None = None
+    # a prompt starts from the keys and values of its longest prefix that a cache row holds (a running or
+    # finished request's, or one that prompts admitted together share), copied, not computed; 0: never
+    prefix_cache: bool = True
     # run each model's engine in a child process of its own, so that its Python and the event loop's never
     # wait on one GIL (vLLM's split): 1.4x the tokens/s with 32 streams here; the child loads the weights
     # again (this process keeps a copy in CPU memory for the model card); 0: in a thread of this process

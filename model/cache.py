@@ -48,7 +48,7 @@ class GPTCache:
     kept in `compile_folder`, and compiled in the background from `weights` (the model's checkpoint file)
     when there is one. Prefills stay eager."""
 
-    def __init__(self, model: GPT, max_batch, compiled=False, compile_folder=None, weights=None):
+    def __init__(self, model: GPT, max_batch, compiled=False, compile_folder=None, weights=None, reuse=True):
         self.model = model
         cfg = model.config
         self.context = cfg.context_size
@@ -62,6 +62,7 @@ class GPTCache:
         self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(cfg.n_layer)]
         self.length = [0] * max_batch
         self.held = [[] for _ in range(max_batch)]  # the tokens whose keys and values each row holds (prefill)
+        self.reuse = reuse  # prefixes that rows hold: copied (prefill), or always computed
         self.buckets = batch_buckets(max_batch)
         self.step = CompiledSteps(model, self.k, self.v, compile_folder, weights) if compiled else None
 
@@ -106,7 +107,7 @@ class GPTCache:
         held = [self.held[r] for r in others + fill] + [ids[:-1] for ids in seqs]
         width = min(max(map(len, seqs)) - 1, max(map(len, held)))
         plan, leaders = [(row, 0) for row in fill], []
-        if width < REUSED:
+        if width < REUSED or not self.reuse:
             return plan, leaders
         table = torch.tensor([(ids[:width] + [-1] * width)[:width] for ids in held])  # -1 matches no token
         base = len(others) + len(fill)

@@ -1,23 +1,20 @@
 """The generation engine: token ids in, token ids out; no HTTP, no text.
 
-One thread runs a loop of steps. Each step admits waiting requests (prefilled together: one forward for
-prompts of similar length, the shorter padded), then advances every active request by one token with a single
-batched forward that reads the KV cache (GPT) or the carried hidden state (LSTM). Both are the model's own
-forward (its kv_cache or state argument): this module holds only the schedule (model/cache.py the storage),
-so serving runs the arithmetic that training ran. Finished or cancelled requests leave between steps, and
-their slot goes to the next request.
+One thread runs a loop of steps. Each step admits waiting requests (prefilled together: one forward for prompts of
+similar length, the shorter padded; a prefix a cache row holds is copied, not computed), then advances every active
+request by one token with a single batched forward that reads the KV cache (GPT) or the carried hidden state (LSTM).
+Both are the model's own forward (its kv_cache or state argument): this module holds only the schedule
+(model/cache.py the storage), so serving runs the arithmetic that training ran. Finished or cancelled requests leave
+between steps, and their slot goes to the next request. Active requests always occupy slots 0..B-1, so a step reads
+the caches as views without gathering. A leaving request's slot is filled by moving the last one into it.
 
-Active requests always occupy slots 0..B-1, so a step reads the caches as views without
-gathering. A leaving request's slot is filled by moving the last one into it.
+A request that asks for its prompt's logprobs (echo, scoring) is scored first, one window of the model's context
+between two steps (the windows of prompts queued together in one forward), so a long text to score never stops the
+other streams for long; the n choices of one prompt are scored once.
 
-A request that asks for its prompt's logprobs (echo, scoring) is scored first, one window of the model's
-context between two steps (the windows of prompts queued together in one forward), so a long text to score
-never stops the other streams for long; the n choices of one prompt are scored once.
-
-Past the GPT's context: a row whose cache is full is re-prefilled with its last
-context_size // 2 tokens at positions 0.. and continues from there (a sliding window that
-halves; the re-prefill is amortised over the context_size // 2 steps that follow). Up to
-context_size tokens greedy output equals GPT.generate's token for token.
+Past the GPT's context: a row whose cache is full is re-prefilled with its last context_size // 2 tokens at
+positions 0.. and continues from there (a sliding window that halves; the re-prefill is amortised over the
+context_size // 2 steps that follow). Up to context_size tokens greedy output equals GPT.generate's token for token.
 """
 
 import threading
@@ -36,7 +33,8 @@ from model.scoring import PromptLogprobs, Scoring, score_step, together, token_l
 
 __all__ = ["Engine", "Finished", "Outcome", "Request", "Token"]  # the request's types, for the engine's users
 
-PREFILL_LOGITS = 2**24  # 64 MB of float32 logits
+PREFILL_LOGITS = 2**24  # floats: a scoring forward's logits (every position's) stay under 64 MB
+PREFILL_ACTIVATIONS = 2**24  # floats: a prefill's largest activation (the MLP's, 4 x hidden_size a token) likewise
 
 
 def poisoned(error):
@@ -60,14 +58,17 @@ class Engine:
         on_progress=None,
         exit_on_device_error=False,
         weights=None,
+        prefix_cache=True,
     ):
         self.model = model.eval()
         self.max_batch = max_batch
         is_gpt = isinstance(model, GPT)
-        kept = (compiled, compile_folder, weights)  # weights: the model's checkpoint file, compiled from (GPTCache)
+        kept = (compiled, compile_folder, weights, prefix_cache)  # weights: the checkpoint file, compiled from
         self.cache = GPTCache(model, max_batch, *kept) if is_gpt else LSTMState(model, max_batch)
-        # tokens in one batched prefill: at least a whole context, and logits of at most PREFILL_LOGITS
-        self.prefill_tokens = max(self.cache.context or 1, PREFILL_LOGITS // model.config.vocab_size)
+        # tokens a batched forward takes, at least a context: a prefill's, a scoring's (every position's logits)
+        context, config = self.cache.context or 1, model.config
+        self.prefill_tokens = max(context, PREFILL_ACTIVATIONS // (4 * config.hidden_size))
+        self.scoring_tokens = max(context, PREFILL_LOGITS // config.vocab_size)
         self.on_step = on_step  # called after each decode step with the batch size (metrics)
         # called after each piece of work (a prefill group, a scoring window, a decode step): a heartbeat
         self.on_progress = on_progress or (lambda: None)
@@ -198,9 +199,9 @@ class Engine:
 
     def _prefill(self, first):
         """Prefill the requests just admitted into slots first.., batched: sorted by prompt length, so that
-        little is padding, in groups of at most prefill_tokens padded tokens (a group's logits are that
-        many rows of vocabulary); then sample each one's first token. A group that fails ends its own
-        requests with the error (a prompt too long for the device's memory), not the others'."""
+        little is padding, in groups of at most prefill_tokens padded tokens; then sample each one's first
+        token. A group that fails ends its own requests with the error (a prompt too long for the device's
+        memory), not the others'."""
         context = self.cache.context
         pairs = sorted(
             (
@@ -241,8 +242,7 @@ class Engine:
                 self.on_progress()  # rows that started together slide together: each is a forward
         logits = self.cache.decode([req.tokens[-1] for req in self.active])  # (B, V)
         good = self._finite(self.active, logits)
-        # the rows that only want the likeliest token take it from one argmax over the batch; the others are
-        # drawn together
+        # the rows that only want the likeliest token take one argmax over the batch; the others are drawn together
         plain = [req.sampler.only_argmax for req in self.active]
         tokens = logits.argmax(-1).tolist() if any(plain) else [None] * len(plain)
         rest = [i for i in good if not plain[i]]
@@ -285,9 +285,8 @@ class Engine:
         return True
 
     def _score(self):
-        """Advance the first scorings by one window each, together in one forward (as many as a prefill's logits
-        hold: the prompts of a list, or of requests that arrived together); send each one that is whole to every
-        request that asked for it."""
+        """Advance the first scorings (as many as scoring_tokens hold: a list's prompts, or requests' that came
+        together) by one window each, in one forward; send each one that is whole to every request that asked."""
         for job in self.scoring:
             for req in [r for r in job.reqs if r.cancelled]:
                 job.reqs.remove(req)
@@ -295,7 +294,7 @@ class Engine:
         self.scoring = deque(job for job in self.scoring if job.reqs)
         if not self.scoring:
             return
-        group = together(self.scoring, self.prefill_tokens)
+        group = together(self.scoring, self.scoring_tokens)
         try:
             whole = score_step(self.model, group)
         except Exception as e:  # these requests' failure, not the batch's

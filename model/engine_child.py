@@ -22,7 +22,7 @@ STARTED = -2  # ... and the ids of the requests the engine has begun (admitted t
 TICK = 0.25  # how often a waiting side looks again
 
 
-def serve(conn, weights, device, dtype, max_batch, threads, compiled, compile_folder, logs):
+def serve(conn, weights, device, dtype, max_batch, threads, compiled, compile_folder, prefix_cache, logs):
     """The child process: load, warm up, say ("ready", None) (or ("failed", why)), then step until told to stop,
     while its decode step compiles in the background (saying ("built", (batch sizes built, planned)) as each is
     loaded, or ("built", None) once compiling has failed). `logs`: (level, formatter, model name) of the server's
@@ -48,6 +48,7 @@ def serve(conn, weights, device, dtype, max_batch, threads, compiled, compile_fo
         model = load_checkpoint(weights, device=device)[0].to(dtype)
         on_step = lambda n: out.append((STEP, n, None))  # noqa: E731
         kept = {"compiled": compiled, "compile_folder": compile_folder, "weights": weights}
+        kept["prefix_cache"] = prefix_cache
         engine = Engine(model, max_batch, on_step=on_step, exit_on_device_error=True, **kept)
         engine.warm_up(background=True)
     except Exception as e:

@@ -77,6 +77,7 @@ class EngineProcess:
         threads=None,
         compiled=False,
         compile_folder=None,
+        prefix_cache=True,
         *,
         name="model",
         context=None,
@@ -84,7 +85,8 @@ class EngineProcess:
         on_restart=None,
         on_give_up=None,
     ):
-        self.args = (str(weights), str(device), dtype, max_batch, threads, compiled, compile_folder, server_logs(name))
+        logs = server_logs(name)
+        self.args = (str(weights), str(device), dtype, max_batch, threads, compiled, compile_folder, prefix_cache, logs)
         # (batch sizes whose compiled step the child has loaded, those planned); None: it decodes eagerly only
         self.compiled = ([], batch_buckets(max_batch)) if compiled else None
         self.name, self.max_batch, self.context, self.timeout = name, max_batch, context, timeout

@@ -10,6 +10,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model import GPT, LSTM
+from model.request import Finished, Token
 
 REPO = Path(__file__).resolve().parent.parent
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -121,3 +122,21 @@ def save_gpt2(path, activation="gelu_new", **config):
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save(str(path / "tokenizer.json"))
     return model, tokenizer
+
+
+class Recorder:
+    """A request's emit callback that keeps every event."""
+
+    def __init__(self):
+        self.events = []
+
+    def __call__(self, event):
+        self.events.append(event)
+
+    @property
+    def tokens(self):
+        return [e.id for e in self.events if isinstance(e, Token)]
+
+    @property
+    def finish(self):
+        return self.events[-1] if self.events and isinstance(self.events[-1], Finished) else None

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_gpt, tiny_lstm
+from helpers import Recorder, tiny_gpt, tiny_lstm
 from service_helpers import CONTEXT, wait_until
 
 from model import GPT, LSTM, Block, MultiHeadCausalSelfAttention
 from model.cache import batch_buckets
 from model.compiled import machine_identity, weights_key, writable_folder
-from model.engine import Engine, Finished, Request, Token, poisoned
+from model.engine import Engine, Finished, Request, poisoned
 from model.sampling import SamplingParams, sample_next_token
 
 VOCAB = 40
@@ -48,24 +48,6 @@ def greedy(model, prompt, n):
         logits, _ = model(torch.tensor([ids[-CONTEXT:]]))
         ids.append(int(logits[0, -1].argmax()))
     return ids[len(prompt) :]
-
-
-class Recorder:
-    """A request's emit callback that keeps every event."""
-
-    def __init__(self):
-        self.events = []
-
-    def __call__(self, event):
-        self.events.append(event)
-
-    @property
-    def tokens(self):
-        return [e.id for e in self.events if isinstance(e, Token)]
-
-    @property
-    def finish(self):
-        return self.events[-1] if self.events and isinstance(self.events[-1], Finished) else None
 
 
 def request(prompt, n, seed=0, **sampling):

@@ -1,28 +1,14 @@
 """Prefix reuse in the GPT's cache (model/cache.py): a prompt starts from the longest prefix of it that a row holds,
 and a prefix that prompts admitted together share is computed once. The text must be what it is without reuse."""
 
-import pytest
 import torch
-from helpers import tiny_gpt
+from helpers import Recorder, tiny_gpt
 
-from model import cache as cache_module
 from model.cache import GPTCache
-from model.engine import Engine, Finished, Request, Token
+from model.engine import Engine, Request
 from model.sampling import SamplingParams
 
 VOCAB, CONTEXT = 40, 160
-
-
-class Recorder:
-    def __init__(self):
-        self.events = []
-
-    def __call__(self, event):
-        self.events.append(event)
-
-    @property
-    def tokens(self):
-        return [e.id for e in self.events if isinstance(e, Token)]
 
 
 def model():
@@ -51,7 +37,7 @@ def run(engine, *reqs, running=()):
     for req in reqs:
         engine.submit(req)
     reqs = [*running, *reqs]
-    while any(not req.emit.events or not isinstance(req.emit.events[-1], Finished) for req in reqs):
+    while any(req.emit.finish is None for req in reqs):
         engine.step()
     return [req.emit.tokens for req in reqs]
 
@@ -60,25 +46,16 @@ def request(prompt, n=6, **sampling):
     return Request(list(prompt), SamplingParams(max_new_tokens=n, **sampling), Recorder())
 
 
-@pytest.fixture
-def no_reuse(monkeypatch):
-    def off():
-        monkeypatch.setattr(cache_module, "REUSED", 10**9)
-        monkeypatch.setattr(cache_module, "LEADER", 10**9)
-
-    return off
-
-
-def both(no_reuse, script):
-    """script(engine, count) run on an engine with reuse and one without: (texts, tokens computed) of each."""
+def both(script):
+    """script(engine, count) run on an engine with reuse (the default) and one without (QUILL_PREFIX_CACHE=0's):
+    (texts, tokens computed) of each."""
     engine = Engine(model(), 8)
     with_reuse = script(engine, counted(engine))
-    no_reuse()
-    engine = Engine(model(), 8)
+    engine = Engine(model(), 8, prefix_cache=False)
     return with_reuse, script(engine, counted(engine))
 
 
-def test_prompts_admitted_together_compute_their_shared_prefix_once(no_reuse):
+def test_prompts_admitted_together_compute_their_shared_prefix_once():
     def script(engine, seen):
         reqs = [
             request(p, temperature=t, seed=i) for i, (p, t) in enumerate(zip(prompts(90, [3, 5, 8, 2]), [0, 1, 0, 0.7]))
@@ -86,7 +63,7 @@ def test_prompts_admitted_together_compute_their_shared_prefix_once(no_reuse):
         texts = run(engine, *reqs)
         return texts, sum(seen[:2]) if len(seen) > 2 else seen
 
-    (texts, computed), (plain, computed_plain) = both(no_reuse, script)
+    (texts, computed), (plain, computed_plain) = both(script)
     assert texts == plain and all(len(t) == 6 for t in texts)
     # the leader (the shortest prompt, 92 tokens: the engine sorts them) computes 91 positions, then one forward
     # each prompt's rest past the shared 90, padded to the longest rest (8): 4 rows of 8
@@ -94,7 +71,7 @@ def test_prompts_admitted_together_compute_their_shared_prefix_once(no_reuse):
     assert computed_plain > 3 * computed
 
 
-def test_a_prompt_reuses_the_row_a_finished_request_left(no_reuse):
+def test_a_prompt_reuses_the_row_a_finished_request_left():
     first, second = prompts(50, [4, 7])
 
     def script(engine, seen):
@@ -103,12 +80,12 @@ def test_a_prompt_reuses_the_row_a_finished_request_left(no_reuse):
         texts += run(engine, request(second))
         return texts, seen[0]  # the second's prefill
 
-    (texts, computed), (plain, computed_plain) = both(no_reuse, script)
+    (texts, computed), (plain, computed_plain) = both(script)
     assert texts == plain
     assert computed == 7 and computed_plain == 57  # the shared 50 tokens were copied, not computed
 
 
-def test_a_prompt_reuses_a_running_requests_row(no_reuse):
+def test_a_prompt_reuses_a_running_requests_row():
     first, second = prompts(40, [2, 3])
 
     def script(engine, seen):
@@ -121,7 +98,7 @@ def test_a_prompt_reuses_a_running_requests_row(no_reuse):
         texts = run(engine, short, running=[long])
         return texts, seen[0]
 
-    (texts, computed), (plain, computed_plain) = both(no_reuse, script)
+    (texts, computed), (plain, computed_plain) = both(script)
     assert texts == plain
     assert computed == 3 and computed_plain == 43
 
@@ -142,3 +119,11 @@ def test_rows_a_padded_compiled_step_writes_at_position_zero_are_no_longer_reuse
     cache.decode([5, 6])
     assert cache.held[0][-1] == 5 and cache.held[1][-1] == 6 and len(cache.held[1]) == 33
     assert cache.held[2] == [] and cache.held[3] == []  # their position 0 now holds the padding's junk
+
+
+def test_the_prefix_cache_setting_reaches_the_engines_cache(checkpoints):
+    from app.registry import load_served_model
+
+    for on in (True, False):
+        served = load_served_model(checkpoints["tiny-gpt"] / "model.safetensors", "cpu", 4, None, prefix_cache=on)
+        assert served.engine.cache.reuse is on
