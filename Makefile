@@ -1,7 +1,7 @@
 # One place for set-up: .ci/run and a person on a fresh machine both use these targets.
 PYTHON := .venv/bin/python
 
-.PHONY: install test-deps test test-fast lint serve bench bench-peers gpu-check reliability checkpoints
+.PHONY: install test-deps test test-fast lint serve bench bench-peers gpu-check reliability checkpoints soak
 
 # torch first and pinned. From the default package index, torch==2.13.0 on Linux is the CUDA build (about
 # 5 GB with its nvidia wheels). CPU only: make install TORCH_INDEX=<PyTorch's CPU wheel index> (README).
@@ -61,6 +61,12 @@ gpu-check:
 # ten disconnect storms, real slow readers, 60 trainer kills. -rP prints what each measured. See docs/reliability.md.
 reliability: install
 	$(PYTHON) -m pytest -m long -rP tests/reliability
+
+# A real server under 32 streams (random settings, disconnects, scoring) for MINUTES after its background compile:
+# requests, errors, the tree's memory and time to first token into docs/soak.json and docs/reliability.md's table.
+MINUTES ?= 60
+soak: install
+	$(PYTHON) -m benchmarks.soak --minutes $(MINUTES)
 
 # The bundled checkpoints, retrained from scratch (about 90 minutes on 2 cores), then the comparison.
 DATA ?= ../shared/data/tinyshakespeare.txt
