@@ -270,7 +270,7 @@ def goal(change, bound, symmetric):
 def report(results):
     """The soak section of docs/reliability.md, from the results alone."""
     s, m, f = results["settings"], results["machine"], results["figures"]
-    w = f"{f['window_s'] / 60:g} min"
+    w = f"{f['window_s'] / 60:g} min" if f["window_s"] >= 60 else f"{f['window_s']:.0f} s"
     served, cut = f["served"], f["cut"]
     by_route = ", ".join(f"{r} {served.get(r, 0):,}" for r in (*ROUTES, SCORING))
     mem = f["memory"]
@@ -300,7 +300,7 @@ def report(results):
             f"background compile ({f['compile']['state']} after {f['compile']['after_s']:.0f} s of the same load); "
             f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}; load average (1, 5, 15 min) "
             f"{', '.join(f'{x:.2f}' for x in la0)} at the start, {', '.join(f'{x:.2f}' for x in la1)} at the end. "
-            f"Warm-up and TTFT windows: the first and last {w} of the {s['minutes']:g} ({f['ttft_first']['n']:,} and "
+            f"Warm-up and TTFT windows: the first and last {w} of the {s['minutes']:g} min ({f['ttft_first']['n']:,} and "
             f"{f['ttft_last']['n']:,} streams). From docs/soak.json by `python -m benchmarks.soak --report-only`.",
             "",
             "| figure | measured | goal |",
