@@ -301,7 +301,8 @@ def report(results):
             f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}; load average (1, 5, 15 min) "
             f"{', '.join(f'{x:.2f}' for x in la0)} at the start, {', '.join(f'{x:.2f}' for x in la1)} at the end. "
             f"Warm-up and TTFT windows: the first and last {w} of the {s['minutes']:g} min "
-            f"({f['ttft_first']['n']:,} and {f['ttft_last']['n']:,} streams). From docs/soak.json by `python -m benchmarks.soak --report-only`.",
+            f"({f['ttft_first']['n']:,} and {f['ttft_last']['n']:,} streams). "
+            "From docs/soak.json by `python -m benchmarks.soak --report-only`.",
             "",
             "| figure | measured | goal |",
             "|---|---|---|",
