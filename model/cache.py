@@ -72,73 +72,79 @@ class GPTCache:
     def prefill(self, first, seqs):
         """Fill rows first.., one with each of `seqs` (token id lists of at most context_size, any lengths), and
         return the logits after each one's last token, (N, V): the only ones computed (a prompt's others would be
-        T x V floats). A row starts from the longest prefix of its tokens, REUSED or more, that a row holds: its
-        own, a running request's, or a finished one's (a free row keeps its keys and values until something
-        overwrites them), copied; a prefix of LEADER or more that several of `seqs` share is computed once, in a
-        forward of its own, first. Then one forward computes the rest of every row: a shorter one is padded at
-        its end, and what the padding writes lies past the row's length, where no later token looks and the
-        next ones overwrite it."""
+        T x V floats). A row starts from the longest prefix of its tokens, REUSED or more, that a row holds (a
+        running request's, or a finished one's: a free row keeps its keys and values until something overwrites
+        them), copied; a prefix of LEADER or more that several of `seqs` share is computed once, in a forward of
+        its own, first. Then one forward computes the rest of every row: a shorter one is padded at its end, and
+        what the padding writes lies past the row's length, where no later token looks and the next ones
+        overwrite it."""
         fill = list(range(first, first + len(seqs)))
-        plan, leaders = self._plan(fill, seqs)
+        plan, leaders = self._plan(first, seqs)
+        # every row takes as many new tokens as the one with the most (padding): no row's may then pass the context
+        most = max(len(ids) - n for ids, (_, n, _) in zip(seqs, plan))
+        plan = [(source, min(n, self.context - most), lead) for source, n, lead in plan]
+        self._copy({row: (source, n) for row, (source, n, lead) in zip(fill, plan) if n and not lead})
         for row in fill:
-            self.held[row] = []  # until the forward below has written it
+            self.held[row] = []  # until the forwards below have written it
         for row in leaders:
             ids = seqs[row - first][:-1]
             self.length[row] = 0
             self._forward(row, [ids], torch.tensor([len(ids) - 1], device=self.device))
-            self.held[row] = ids
-        self._copy({row: src for row, src in zip(fill, plan) if src[0] != row})
-        shared = [n for _, n in plan]
+        self._copy({row: (source, n) for row, (source, n, lead) in zip(fill, plan) if n and lead and source != row})
+        shared = [n for _, n, _ in plan]
         self.length[first : first + len(seqs)] = shared
         todo = [ids[n:] for ids, n in zip(seqs, shared)]
-        longest = max(map(len, todo))
         last = torch.tensor([len(ids) - 1 for ids in todo], device=self.device)
-        logits = self._forward(first, [ids + [0] * (longest - len(ids)) for ids in todo], last)
+        logits = self._forward(first, [ids + [0] * (most - len(ids)) for ids in todo], last)
         self.length[first : first + len(seqs)] = [len(ids) for ids in seqs]
         for row, ids in zip(fill, seqs):
             self.held[row] = list(ids)
         return logits[:, 0]
 
-    def _plan(self, fill, seqs):
-        """For each of fill's rows (seqs' order), (the row to take its prefix from, how many tokens), (itself, 0)
-        for none; and the rows of `fill` to compute first, whose prefix (all but their last token) others take."""
-        others = [r for r in range(len(self.held)) if r not in fill and len(self.held[r]) >= REUSED]
-        # the table: what each of the others and of fill holds, then each of seqs but its last token (as a leader)
-        held = [self.held[r] for r in others + fill] + [ids[:-1] for ids in seqs]
-        width = min(max(map(len, seqs)) - 1, max(map(len, held)))
-        plan, leaders = [(row, 0) for row in fill], []
+    def _plan(self, first, seqs):
+        """For each of seqs, to fill rows first.. (see prefill): (the row to take its prefix from, how many tokens,
+        whether that row is a leader), or (None, 0, False); and the leaders, rows computed first (all but their
+        last token), whose prefix others take. A leader's own is (itself, its length - 1, True)."""
+        held = [r for r in range(len(self.held)) if len(self.held[r]) >= REUSED]  # what they hold now: copied first
+        table = [self.held[r] for r in held] + [ids[:-1] for ids in seqs]  # then what each of seqs would lead with
+        width = min(max(map(len, seqs)) - 1, max(map(len, table)))
+        plan, leaders = [(None, 0, False)] * len(seqs), []
         if width < REUSED or not self.reuse:
             return plan, leaders
-        table = torch.tensor([(ids[:width] + [-1] * width)[:width] for ids in held])  # -1 matches no token
-        base = len(others) + len(fill)
+        table = torch.tensor([(ids[:width] + [-1] * width)[:width] for ids in table])  # -1 matches no token
+        base = len(held)
         for i, ids in enumerate(seqs):
             n = min(len(ids) - 1, width)  # the last token is always computed: its logits are the point
             if n < REUSED:
                 continue
-            rows = [*range(len(others)), len(others) + i, *range(base, base + i)]  # held ones, its own, earlier
-            same = (table[rows, :n] == torch.tensor(ids[:n])).int().cumprod(1).sum(1).tolist()
-            held_best = max(range(len(rows) - i), key=same.__getitem__)
-            lead_best = max(range(len(rows) - i, len(rows)), key=same.__getitem__, default=None)
-            if lead_best is not None and same[lead_best] >= LEADER and same[lead_best] > same[held_best]:
-                j = rows[lead_best] - base
-                if fill[j] not in leaders:
-                    leaders.append(fill[j])
-                    plan[j] = (fill[j], len(seqs[j]) - 1)
-                plan[i] = (fill[j], same[lead_best])
-            elif same[held_best] >= REUSED:
-                plan[i] = ((others + fill)[rows[held_best]], same[held_best])
+            same = (table[: base + i, :n] == torch.tensor(ids[:n])).int().cumprod(1).sum(1).tolist()
+            kept = max(range(base), key=same.__getitem__, default=None)
+            lead = max(range(base, base + i), key=same.__getitem__, default=None)
+            kept_n = 0 if kept is None else same[kept]
+            if lead is not None and same[lead] >= LEADER and same[lead] > kept_n:
+                row = first + lead - base
+                if row not in leaders:
+                    leaders.append(row)
+                    plan[lead - base] = (row, len(seqs[lead - base]) - 1, True)
+                plan[i] = (row, same[lead], True)
+            elif kept_n >= REUSED:
+                plan[i] = (held[kept], kept_n, False)
         return plan, leaders
 
     def _copy(self, sources):
-        """Copy into each row its prefix from another: {row: (source row, tokens)}."""
+        """Copy into each row its prefix from another: {row: (source row, tokens)}. Every source is read before any
+        row is written: a row may be one's source and another's target."""
         groups = {}
         for row, source in sources.items():
             groups.setdefault(source, []).append(row)
+        read = {
+            key: [(k[key[0], :, : key[1]].clone(), v[key[0], :, : key[1]].clone()) for k, v in zip(self.k, self.v)]
+            for key in groups
+        }
         for (source, n), rows in groups.items():
             to = torch.tensor(rows, device=self.device)
-            for k, v in zip(self.k, self.v):
-                k[to, :, :n] = k[source, :, :n]
-                v[to, :, :n] = v[source, :, :n]
+            for k, v, (k_read, v_read) in zip(self.k, self.v, read[source, n]):
+                k[to, :, :n], v[to, :, :n] = k_read, v_read
 
     def decode(self, ids):
         """Append one token to each of rows 0..B-1 and return their next-token logits (B, V)."""

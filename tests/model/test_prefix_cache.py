@@ -103,6 +103,22 @@ def test_a_prompt_reuses_a_running_requests_row():
     assert computed == 3 and computed_plain == 43
 
 
+def test_a_prompt_with_a_long_held_prefix_prefills_beside_a_long_new_one_within_the_context():
+    """Padded to the most new tokens of any row (100), a row's reused prefix and its new tokens must still fit the
+    context (150 reused + 100 would be 250 positions of 160): it reuses 60, and the text is the same."""
+    first, long_new = prompts(150, [0])[0], prompts(100, [0], seed=1)[0]
+
+    def script(engine, seen):
+        texts = run(engine, request(first, n=2))
+        seen.clear()
+        texts += run(engine, request(first + [7], n=5), request(long_new, n=5, temperature=0.8, seed=2))
+        return texts, seen[0]
+
+    (texts, computed), (plain, computed_plain) = both(script)
+    assert texts == plain and [len(t) for t in texts] == [2, 5, 5]
+    assert computed == 2 * 100 and computed_plain == 2 * 151
+
+
 def test_rows_a_padded_compiled_step_writes_at_position_zero_are_no_longer_reused():
     gpt = model()
     cache = GPTCache(gpt, 8)
@@ -127,3 +143,40 @@ def test_the_prefix_cache_setting_reaches_the_engines_cache(checkpoints):
     for on in (True, False):
         served = load_served_model(checkpoints["tiny-gpt"] / "model.safetensors", "cpu", 4, None, prefix_cache=on)
         assert served.engine.cache.reuse is on
+
+
+def test_random_traffic_gives_the_same_text_with_and_without_reuse():
+    """Prompts from a few shared prefixes (up to nearly the context) or none, random tails and lengths, arriving a few
+    at a time into 8 slots that churn, some running past the context (the window slides): every text is the
+    same with reuse as without, and reuse computed fewer tokens."""
+    g = torch.Generator().manual_seed(7)
+    bases = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (20, 70, 150)]
+    arrivals = []
+    for _ in range(80):
+        pick = int(torch.randint(0, 4, (1,), generator=g))  # 3: a prompt like no other, 80 to 150 tokens
+        base = (
+            bases[pick]
+            if pick < 3
+            else torch.randint(0, VOCAB, (int(torch.randint(80, 150, (1,), generator=g)),), generator=g).tolist()
+        )
+        cut = int(torch.randint(0, 2 * len(base), (1,), generator=g))  # the whole base half the time
+        tail = torch.randint(0, VOCAB, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+        prompt = (base[:cut] + tail)[-CONTEXT:]
+        n = int(torch.randint(1, 60, (1,), generator=g))
+        wait = int(torch.randint(0, 8, (1,), generator=g)) // 5 * 3  # mostly 0: several admitted together
+        arrivals.append((wait, prompt, n, float(torch.rand(1, generator=g))))
+
+    def script(engine, seen):
+        reqs = []
+        for wait, prompt, n, t in arrivals:
+            for _ in range(wait):
+                engine.step()
+            reqs.append(request(prompt, n=n, temperature=t if t > 0.5 else 0.0, seed=len(reqs)))
+            engine.submit(reqs[-1])
+        while any(req.emit.finish is None for req in reqs):
+            engine.step()
+        return [req.emit.tokens for req in reqs], sum(seen)
+
+    (texts, computed), (plain, computed_plain) = both(script)
+    assert texts == plain and [len(t) for t in texts] == [n for _, _, n, _ in arrivals]
+    assert computed < computed_plain
