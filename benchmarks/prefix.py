@@ -42,11 +42,23 @@ def texts(tokenizer, context, count):
     """`count` prefixes of PREFIX tokens (at most three quarters of the context), each from its own stretch of the
     corpus (Tiny Shakespeare, else README.md), and CLIENTS suffixes, a line each."""
     corpus = CORPUS.read_text() if CORPUS.exists() else (Path(__file__).parent.parent / "README.md").read_text()
+    known = set(filter(encodes(tokenizer), set(corpus)))  # a character model's vocabulary lacks some
+    corpus = "".join(c for c in corpus if c in known)
     length = min(PREFIX, context * 3 // 4)
     lines = [line for line in corpus.splitlines() if 8 <= len(line) <= 24][:CLIENTS]
     ids = tokenizer.encode(corpus[: 16 * length * (count + 1)])  # a token is at most a few characters
     prefixes = [tokenizer.decode(ids[i * length * 2 : i * length * 2 + length]) for i in range(count)]
     return prefixes, ["\n" + line for line in lines], length
+
+
+def encodes(tokenizer):
+    def ok(char):
+        try:
+            return bool(tokenizer.encode(char))
+        except ValueError:  # a character vocabulary without it
+            return False
+
+    return ok
 
 
 def quill_body(prompt, t, seed):
