@@ -138,6 +138,9 @@ def parse_args(argv=None):
         default=CORPUS,
         help="text whose validation split measures what bf16 weights cost in loss (default: Tiny Shakespeare)",
     )
+    ap.add_argument(
+        "--systems", default=",".join(QUILLS), help=f"Quill's servers, comma-separated, of {', '.join(QUILLS)}"
+    )
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp's -t and the batch-1 engine's torch threads")
     ap.add_argument(
         "--compile-timeout",
@@ -151,6 +154,10 @@ def parse_args(argv=None):
     bad = [d for d in args.dtypes if d not in AGAINST]
     if bad or not args.dtypes:
         ap.error(f"--dtypes: {', '.join(bad) or 'none given'}; choose from {', '.join(AGAINST)}")
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unmet = [f"{d} meets {AGAINST[d]}" for d in args.dtypes if AGAINST[d] not in args.systems]
+    if unmet or any(s not in QUILLS for s in args.systems):
+        ap.error(f"--systems: choose from {', '.join(QUILLS)}, with each --dtypes' own ({'; '.join(unmet)})")
     missing = [m for m in args.models if m not in MODELS and not Path(m).exists()]
     if missing or not args.models:
         ap.error(f"--models: {', '.join(missing) or 'none given'} is neither {' nor '.join(MODELS)} nor a checkpoint")
@@ -473,7 +480,7 @@ def one_round(bin_dir, model, checkpoint, engines, ggufs, ctx, n, runs, args, fo
     for dtype, gguf in ggufs.items():
         tok_s, record.version = llama_batch1(bin_dir, gguf, n, args.threads)
         record(model, BATCH1, f"llama.cpp {dtype}", tok_s)
-    for system in QUILLS:
+    for system in args.systems:
         quill_round(record, model, checkpoint, system, folder, n, runs, first, args)
     for dtype, gguf in ggufs.items():
         llama_round(record, model, bin_dir, dtype, gguf, ctx, n, runs, args.threads)
@@ -500,9 +507,12 @@ def write_pages(raw):
 
 def rerun(args):
     """The command that makes this page again: make bench-peers for the defaults, else the options given."""
-    if args["models"] == DEFAULT_MODELS.split(",") and not args["quick"] and args["tokens"] is None:
+    every = args.get("systems", list(QUILLS)) == list(QUILLS)
+    if args["models"] == DEFAULT_MODELS.split(",") and not args["quick"] and args["tokens"] is None and every:
         return "make bench-peers"
     options = f"--models {','.join(args['models'])} --rounds {args['rounds']} --dtypes {','.join(args['dtypes'])}"
+    if not every:
+        options += f" --systems '{','.join(args['systems'])}'"
     return "python -m benchmarks.peers " + options + (f" --tokens {args['tokens']}" if args["tokens"] else "")
 
 
@@ -533,12 +543,12 @@ def main(argv=None):
             f32 = ggufs.get("f32") or export(checkpoint, "f32", work)
             checks[label] = gguf_check(bin_dir, checkpoint, hf_dir, f32, work, ctx, args.threads)
         models.append((label, checkpoint, ggufs, ctx, n, runs))
-        record.sizes(label, checkpoint, {q: dtype for q, (_, dtype) in QUILLS.items()}, RUNNING)
+        record.sizes(label, checkpoint, {q: QUILLS[q][1] for q in args.systems}, RUNNING)
     # compiled steps from scratch, the servers' apart from the batch-1 engines' (another thread count): each
     # system's first server start compiles, the later ones load what it kept
     folders = [Path(tempfile.mkdtemp(prefix="compiled-", dir=work)) for _ in range(2)]
     try:
-        engines = {ckpt: {q: quill_engine(ckpt, q, folders[0]) for q in QUILLS} for _, ckpt, *_ in models}
+        engines = {ckpt: {q: quill_engine(ckpt, q, folders[0]) for q in args.systems} for _, ckpt, *_ in models}
         for r in range(args.rounds):
             print(f"== round {r + 1} of {args.rounds}", flush=True)
             for label, checkpoint, ggufs, ctx, n, runs in models:
@@ -551,7 +561,7 @@ def main(argv=None):
     raw = {
         "file": f"{name}.json",
         "args": vars(args) | {"corpus": str(args.corpus), "logs": str(args.logs)},
-        "quill_systems": list(QUILLS),
+        "quill_systems": args.systems,
         "eager": "Quill eager",
         "against": {d: AGAINST[d] for d in args.dtypes},
         "streams": list(STREAMS),
@@ -561,7 +571,10 @@ def main(argv=None):
         "load_average": [load_start, os.getloadavg()],
         "prompt_chars": len(PROMPT),
         "new_tokens": {label: (n, runs) for label, *_, n, runs in models},
-        "losses": {label: bf16_loss_change(checkpoint, args.corpus) for label, checkpoint, *_ in models},
+        "losses": {
+            label: bf16_loss_change(checkpoint, args.corpus) if "Quill bf16" in args.systems else None
+            for label, checkpoint, *_ in models
+        },
         "greedy_agreement": {
             model: [agreement(record.texts[model, "Quill"], text), len(text)]
             for (model, system), text in record.texts.items()
