@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from app.constraints import compiles, constraint
 from model.sampling import SamplingParams
 
 MAX_PROMPT_CHARS = 16_000  # longer prompts are cut to the model's context anyway
@@ -39,6 +40,7 @@ def choose_seed(seed):
 
 # the fields a body names as SamplingParams does; the rest each API maps itself (the logprobs differ in meaning)
 SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)} - {"seed", "stop", "logprobs", "prompt_logprobs"}
+SAMPLING_FIELDS -= {"grammar"}  # /generate's grammar is Lark text, SamplingParams' is llguidance's (constraints.py)
 
 
 def sampling_params(body, seed=None, **renamed):
@@ -46,7 +48,8 @@ def sampling_params(body, seed=None, **renamed):
     (an API's own name for a field), its seed (or `seed`, or a random one), and its stop strings."""
     named = body.model_dump(include=SAMPLING_FIELDS)
     seed = seed if seed is not None else choose_seed(body.seed)
-    return SamplingParams(**named, **renamed, seed=seed, stop=tuple(body.stop))
+    grammar = constraint(body)[0]
+    return SamplingParams(**named, **renamed, seed=seed, stop=tuple(body.stop), grammar=grammar)
 
 
 def choice_seeds(body):
@@ -93,7 +96,30 @@ PresencePenalty = Field(0.0, ge=-2.0, le=2.0, description="lowers the logit of e
 FrequencyPenalty = Field(0.0, ge=-2.0, le=2.0, description="lowers a token's logit per time it was generated")
 
 
-class GenerateRequest(Strict):
+class JSONSchemaFormat(Strict):
+    name: str = Field("response", max_length=64, description="the format's name (OpenAI's; not used)")
+    description: str | None = None
+    schema_: dict = Field(alias="schema", description="the JSON Schema that the output validates against")
+    strict: bool | None = Field(None, description="accepted: the output always follows the schema")
+
+
+class ResponseFormat(Strict):
+    """OpenAI's response_format: text (no constraint), any JSON object, or JSON that validates against a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = Field(None, description="with type json_schema, and only then")
+
+
+class Constrained(Strict):
+    """A body whose output may be constrained to a format (app/constraints.py): one of its response_format, and
+    /generate's regex and grammar."""
+
+    response_format: ResponseFormat | None = Field(None, description="the output's format: JSON, or JSON of a schema")
+
+    _format = field_validator("response_format")(compiles("response_format"))
+
+
+class GenerateRequest(Constrained):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(0.8, ge=0.0, le=MAX_TEMPERATURE, description="0 (or below 1e-5) is greedy")
@@ -106,8 +132,12 @@ class GenerateRequest(Strict):
     stream: bool = True
     model: str | None = None
     logprobs: int | None = Logprobs
+    regex: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="the output matches this regex")
+    grammar: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="the output matches this Lark grammar")
 
     _prompt = field_validator("prompt")(check_prompt)
+    _regex = field_validator("regex")(compiles("regex"))
+    _grammar = field_validator("grammar")(compiles("grammar"))
     _whole = field_validator("max_new_tokens", "top_k", "seed", "logprobs", mode="before")(whole_number)
 
     def to_sampling_params(self):
@@ -136,7 +166,7 @@ def stop_list(v):
 Stop = Field(None, validate_default=True, json_schema_extra=document_stop_limit)
 
 
-class OpenAIRequest(Strict):
+class OpenAIRequest(Constrained):
     """The fields OpenAI's completions and chat completions share, as Quill honours them."""
 
     temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)

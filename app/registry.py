@@ -118,5 +118,7 @@ def load_served_model(
         )
     else:
         kept = {"compiled": compiled, "compile_folder": compile_folder, "weights": weights}  # compiled from weights
-        engine = Engine(model, max_batch, on_step=on_step, threads=threads, prefix_cache=prefix_cache, **kept)
+        engine = Engine(
+            model, max_batch, on_step=on_step, threads=threads, prefix_cache=prefix_cache, tokenizer=tokenizer, **kept
+        )
     return ServedModel(name, weights, model, tokenizer, meta, sha, engine)

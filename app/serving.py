@@ -7,6 +7,7 @@ import time
 from dataclasses import asdict, dataclass
 from functools import partial
 
+from app import constraints
 from app.errors import APIError
 from app.logprobs import TokenLogprob, prompt_logprobs, scored
 from app.protocol import choice_seeds, prompt_ids
@@ -30,9 +31,7 @@ class TokenEvent:
 
 @dataclass
 class PromptEvent:
-    """The prompt's tokens with their logprobs (echo with logprobs), before any TokenEvent."""
-
-    tokens: list  # TokenLogprobs
+    tokens: list  # the prompt's TokenLogprobs (echo with logprobs), before any TokenEvent
 
 
 @dataclass
@@ -63,6 +62,7 @@ class GenerationFailed(APIError):
 SHUTTING_DOWN = "the server is shutting down"
 # The engine's errors written for users; any other (no code) is an exception's text, which only the log sees.
 USER_FACING = ("engine stopped", "the model's output held NaN")
+FORMAT_FAILED = "the output format"  # model/grammar.py's: the request's format cannot be written (its fault: 400)
 
 
 def shutdown_failure():
@@ -72,6 +72,8 @@ def shutdown_failure():
 def engine_failure(end: Finished):
     """What a client is told of a request the engine ended with an error: its words when the engine gave it a
     code or they are USER_FACING; else only that it failed (errors.client_message logs the text)."""
+    if end.error and end.error.startswith(FORMAT_FAILED):
+        return GenerationFailed(end.error, 400, "invalid_request_error", code="unsupported_format")
     if end.code or end.error is None or end.error.startswith(USER_FACING):
         return GenerationFailed(f"generation failed: {end.error or end.reason}", code=end.code)
     return GenerationFailed("the generation failed", detail=end.error)
@@ -249,6 +251,7 @@ class Service:
         """Admit a request body (a GenerateRequest) now, raising what refuses it before any response starts;
         return its model and the async iterator of its TokenEvents and Done."""
         served = self.get(body.model)
+        constraints.check(served, body)
         (job,) = self.admit(served, [body.prompt], [body.to_sampling_params()])
         return served, self._events(served, job)
 
@@ -257,6 +260,7 @@ class Service:
         rendered messages; `stop`: strings the chat format adds), one engine request each, seeded seed,
         seed + 1, ...; return the model and one event iterator per choice, prompt by prompt."""
         served = self.get(body.model)
+        constraints.check(served, body)
         extra = {"stop": stop} if stop else {}
         choices = [body.to_sampling_params(seed, **extra) for seed in choice_seeds(body)]
         if prompt is None:

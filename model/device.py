@@ -102,3 +102,9 @@ def pick_dtype(name, device):
     if name not in DTYPES:
         raise ValueError(f"dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def poisoned(error):
+    """Whether `error` leaves the device unusable by this process (a CUDA device-side assert, an illegal address):
+    every later CUDA call fails too. Running out of memory is not such an error."""
+    return not isinstance(error, torch.OutOfMemoryError) and "CUDA error" in str(error)

@@ -26,7 +26,9 @@ import torch
 
 from model import sampling
 from model.cache import GPTCache, LSTMState, window_start
+from model.device import poisoned
 from model.gpt import GPT
+from model.grammar import Vocabulary
 from model.request import Finished, Outcome, Request, Token
 from model.sampling import Sampler, SamplingParams
 from model.scoring import PromptLogprobs, Scoring, score_step, together, token_logprobs
@@ -35,12 +37,6 @@ __all__ = ["Engine", "Finished", "Outcome", "Request", "Token"]  # the request's
 
 PREFILL_LOGITS = 2**24  # floats: a scoring forward's logits (every position's) stay under 64 MB
 PREFILL_ACTIVATIONS = 2**24  # floats: a prefill's largest activation (the MLP's, 4 x hidden_size a token) likewise
-
-
-def poisoned(error):
-    """Whether `error` leaves the device unusable by this process (a CUDA device-side assert, an illegal address):
-    every later CUDA call fails too. Running out of memory is not such an error."""
-    return not isinstance(error, torch.OutOfMemoryError) and "CUDA error" in str(error)
 
 
 class Engine:
@@ -59,6 +55,7 @@ class Engine:
         exit_on_device_error=False,
         weights=None,
         prefix_cache=True,
+        tokenizer=None,
     ):
         self.model = model.eval()
         self.max_batch = max_batch
@@ -69,6 +66,7 @@ class Engine:
         context, config = self.cache.context or 1, model.config
         self.prefill_tokens = max(context, PREFILL_ACTIVATIONS // (4 * config.hidden_size))
         self.scoring_tokens = max(context, PREFILL_LOGITS // config.vocab_size)
+        self.vocabulary = tokenizer and Vocabulary(tokenizer)  # for constrained output (made when first used)
         self.on_step = on_step  # called after each decode step with the batch size (metrics)
         # called after each piece of work (a prefill group, a scoring window, a decode step): a heartbeat
         self.on_progress = on_progress or (lambda: None)
@@ -185,7 +183,7 @@ class Engine:
             # in the next place before it leaves the queue (a scoring, the batch): counts() never misses it
             queued = req.params.prompt_logprobs is not None and self._queue_scoring(req)
             if not queued and req.max_new_tokens > 0:
-                req.sampler = Sampler(req.params, req.prompt, req.resumed)
+                req.sampler = Sampler(req.params, req.prompt, req.resumed, self.vocabulary)
                 req.tokens, req.generated = req.prompt + req.resumed, len(req.resumed)
                 self.active.append(req)
                 admitted += 1
@@ -323,22 +321,25 @@ class Engine:
             self.waiting.extendleft(reversed(go_on))
 
     def _append(self, req, token, scored=(None, ())):
-        """Send `token` as req's next, with (its logprob, the likeliest tokens) when the request asked for them."""
+        """Send `token` as req's next, with (its logprob, the likeliest tokens) when the request asked for them; the
+        last when it makes max_new_tokens or completes its grammar. One whose grammar cannot go on ends without it."""
+        if req.sampler.failed:
+            req.error = req.sampler.failed
+            return
         req.tokens.append(token)
         req.generated += 1
-        self._emit(req, Token(token, req.generated == req.max_new_tokens, *scored))
+        self._emit(req, Token(token, req.generated == req.max_new_tokens or req.sampler.complete, *scored))
 
     def _leave(self):
         """Finished, failed and cancelled requests leave; the last active row moves into each freed slot."""
         for slot in range(len(self.active) - 1, -1, -1):
             req = self.active[slot]
-            if req.cancelled or req.error or req.generated >= req.max_new_tokens:
+            if reason := req.end():
                 last = len(self.active) - 1
                 if slot != last:
                     self.cache.move(last, slot)
                     self.active[slot] = self.active[last]
                 self.active.pop()  # before its Finished: a client that has it counts the request gone
-                reason = "error" if req.error else "cancelled" if req.cancelled else "length"
                 self._emit(req, Finished(reason, req.error))
 
     @staticmethod

@@ -45,10 +45,11 @@ def serve(conn, weights, device, dtype, max_batch, threads, compiled, compile_fo
     try:
         if threads:
             torch.set_num_threads(threads)
-        model = load_checkpoint(weights, device=device)[0].to(dtype)
+        model, tokenizer, _ = load_checkpoint(weights, device=device)
+        model = model.to(dtype)
         on_step = lambda n: out.append((STEP, n, None))  # noqa: E731
         kept = {"compiled": compiled, "compile_folder": compile_folder, "weights": weights}
-        kept["prefix_cache"] = prefix_cache
+        kept |= {"prefix_cache": prefix_cache, "tokenizer": tokenizer}
         engine = Engine(model, max_batch, on_step=on_step, exit_on_device_error=True, **kept)
         engine.warm_up(background=True)
     except Exception as e:

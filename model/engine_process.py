@@ -51,6 +51,7 @@ class Tracked:
 
     req: Request
     tokens: list = field(default_factory=list)
+    last: bool = False  # its last Token was delivered (Token.last): only its Finished was to follow
     scored: bool = False  # its PromptLogprobs were delivered: not asked for again
     started: bool = False  # the child has begun it (admitted to its batch or its scoring)
     progress_at_death: int | None = None  # its progress at the last death it saw, when it had been begun
@@ -218,6 +219,7 @@ class EngineProcess:
                     continue
                 if isinstance(event, Token):
                     t.tokens.append(event.id)
+                    t.last = event.last
                 elif isinstance(event, PromptLogprobs):
                     t.scored = True
                 elif isinstance(event, Finished):
@@ -313,14 +315,15 @@ class EngineProcess:
         failed = []
         with self.lock:
             for rid, t in list(self.tracked.items()):
-                done = t.req.max_new_tokens == len(t.tokens) and (t.scored or t.req.params.prompt_logprobs is None)
+                full = t.req.max_new_tokens == len(t.tokens)  # else a last token completed its grammar: "stop"
+                done = (t.last or full) and (t.scored or t.req.params.prompt_logprobs is None)
                 if done or (t.started and t.progress_at_death == t.progress):
-                    failed.append((self.tracked.pop(rid).req, done))
+                    failed.append((self.tracked.pop(rid).req, done and ("length" if full else "stop")))
                 t.progress_at_death, t.started = t.progress if t.started else None, False  # the next child says
         for req, done in failed:
             why_this = f"the engine process failed twice running this request: {why}"
             with contextlib.suppress(Exception):  # a broken listener: nothing more to tell it
-                req.emit(Finished("length") if done else Finished("error", why_this, "engine_failed"))
+                req.emit(Finished(done) if done else Finished("error", why_this, "engine_failed"))
 
     def _give_up(self, why):
         log.critical("model %s: %s; giving up (the server's /health now answers 503)", self.name, why)

@@ -11,14 +11,14 @@ from model.sampling import Sampler, SamplingParams
 @dataclass(frozen=True)
 class Token:
     id: int
-    last: bool = False  # the request's max_new_tokens-th token: a Finished("length") follows
+    last: bool = False  # its max_new_tokens-th token, or the one that completes its grammar: a Finished follows
     logprob: float | None = None  # with params.logprobs: the model's log-probability of this token
     top: tuple = ()  # and its params.logprobs likeliest tokens there, ((id, logprob), ...)
 
 
 @dataclass(frozen=True)
 class Finished:
-    reason: str  # "length", "cancelled" or "error"
+    reason: str  # "length", "stop" (a grammar complete: model/grammar.py), "cancelled" or "error"
     error: str | None = None  # what failed, when reason is "error"
     code: str | None = None  # and, where a client may act on it, its kind ("engine_failed")
 
@@ -46,6 +46,14 @@ class Request:
     @property
     def max_new_tokens(self):
         return self.params.max_new_tokens
+
+    def end(self):
+        """Why it leaves the batch now: "error", "cancelled", "stop" (its grammar is complete) or "length"; or None."""
+        if self.error or self.cancelled:
+            return "error" if self.error else "cancelled"
+        if self.sampler is not None and self.sampler.complete:
+            return "stop"
+        return "length" if self.generated >= self.max_new_tokens else None
 
     def cancel(self):
         self.cancelled = True  # read by the engine thread between steps

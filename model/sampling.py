@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from model.grammar import DEAD_END
+
 # Below this, sampling differs from argmax only between logits closer than ~1e-4, and logits /
 # temperature can overflow to inf (a NaN softmax that would fail the whole batch): so it is greedy.
 MIN_TEMPERATURE = 1e-5
@@ -35,6 +37,7 @@ class SamplingParams:
     # What the engine reports besides the tokens, from the model's own distribution (before any of the above):
     logprobs: int | None = None  # each generated token's log-probability and this many likeliest alternatives
     prompt_logprobs: int | None = None  # the same for each prompt token (the first has none)
+    grammar: str | None = None  # llguidance's grammar that the output must match (model/grammar.py)
 
     @property
     def greedy(self):
@@ -113,13 +116,23 @@ class Sampler:
     """One request's sampling state: the place of its next token among those it generates (`position`); when
     the repetition penalty is on, a (V,) mask of the ids it has seen, and when a presence or frequency penalty
     is, a (V,) count of the ids it generated, each updated per token (O(V) a step, not O(length)).
-    `generated`: tokens it generated before (in an engine that has since been restarted), counted as its own."""
+    `generated`: tokens it generated before (in an engine that has since been restarted), counted as its own.
+    With a grammar, `vocabulary` (model/grammar.py) gives its matcher: `complete` once the output matches whole and
+    can go no further, `failed` (why) when it cannot go on."""
 
-    def __init__(self, params, prompt, generated=()):
+    def __init__(self, params, prompt, generated=(), vocabulary=None):
         self.params, self.prompt, self.generated = params, prompt, list(generated)
         self.position = len(self.generated)
-        self.seen = self.counts = None
-        self.made = False
+        self.seen = self.counts = self.matcher = self.failed = None
+        self.made = self.complete = False
+        self.vocabulary = vocabulary
+        if params.grammar is not None:
+            try:
+                if vocabulary is None:
+                    raise ValueError("this engine was made without the model's tokenizer")
+                self.matcher = vocabulary.matcher(params.grammar, self.generated)
+            except ValueError as e:
+                self.failed = f"the output format cannot be used: {e}"
 
     @property
     def penalizes(self):
@@ -129,7 +142,7 @@ class Sampler:
     @property
     def only_argmax(self):
         """Whether the next token is the argmax of the logits alone, with nothing to update: greedy, no penalty."""
-        return self.params.greedy and not self.penalizes
+        return self.params.greedy and not self.penalizes and self.matcher is None
 
     def adjust(self, logits):
         """This request's (V,) logits after its penalties."""
@@ -146,6 +159,10 @@ class Sampler:
 
     def took(self, token):
         self.position += 1
+        if self.matcher is not None and not self.failed:
+            if not self.matcher.consume_token(token):
+                self.failed = DEAD_END
+            self.complete = self.matcher.is_stopped()
         if self.seen is not None:
             self.seen[token] = True
         if self.counts is not None:
@@ -161,6 +178,10 @@ def sample(samplers, logits):
     where set, then the greedy rows by argmax and the others in one batched draw."""
     if any(s.penalizes for s in samplers):  # else the rows as they are: no (B, V) copy a step
         logits = torch.stack([s.adjust(row) for s, row in zip(samplers, logits)])
+    constrained = [i for i, s in enumerate(samplers) if s.matcher is not None and not s.failed]
+    if constrained:  # tokens outside each one's grammar at -inf (the vocabulary is the engine's, one for all)
+        rows = [samplers[i] for i in constrained]
+        logits = rows[0].vocabulary.constrain(logits, rows, constrained)
     tokens = logits.argmax(-1).tolist()
     drawn = [i for i, s in enumerate(samplers) if not s.params.greedy]
     if drawn:

@@ -11,7 +11,8 @@ from service_helpers import CONTEXT, wait_until
 from model import GPT, LSTM, Block, MultiHeadCausalSelfAttention
 from model.cache import batch_buckets
 from model.compiled import machine_identity, weights_key, writable_folder
-from model.engine import Engine, Finished, Request, poisoned
+from model.device import poisoned
+from model.engine import Engine, Finished, Request
 from model.sampling import SamplingParams, sample_next_token
 
 VOCAB = 40

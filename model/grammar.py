@@ -1,0 +1,109 @@
+"""Constrained output: llguidance (the engine llama.cpp and vLLM use) keeps each sampled token inside a grammar.
+
+A request's SamplingParams.grammar is llguidance's grammar text (app/constraints.py makes it from a JSON schema, a
+regex or a Lark grammar). Its Sampler holds an LLMatcher over the model's own vocabulary (characters, bytes or BPE
+tokens, each as its bytes); before each draw, the step's constrained rows get their token masks together, computed
+in parallel by llguidance's executor (its Rust threads, without the GIL), and every token a mask leaves out gets a
+logit of -inf: greedy and sampled rows alike pick only tokens that keep the text a prefix of a match.
+
+Our models have no end-of-text token, so the vocabulary llguidance sees has one more, END (id vocab_size): when the
+grammar allows nothing else (a JSON object's closing brace), the request is complete and ends with "stop". A grammar
+that could go on (a regex's `[0-9]+`) goes on until max_new_tokens ends it with "length", as an unconstrained
+request does; so does one that max_new_tokens cuts short: its text is then a prefix of a match, never claimed whole.
+"""
+
+import functools
+
+import llguidance
+import numpy as np
+import torch
+
+END_BYTES = b"<|quill_end|>"  # END's text, as a special token: no text ever matches it
+DEAD_END = "the output format cannot be continued: no token of this model's vocabulary extends the text to a match"
+
+
+class _Wrapped:
+    """The model's tokenizer as llguidance's TokenizerWrapper reads one: each id's bytes, END, and encode."""
+
+    def __init__(self, tokenizer):
+        if tokenizer.kind == "char":
+            self.tokens = [c.encode("utf-8") for c in tokenizer.chars]
+        elif tokenizer.kind == "byte":
+            self.tokens = [bytes([b]) for b in range(256)]
+        else:
+            self.tokens = list(tokenizer.token_bytes)
+        self.eos_token_id = len(self.tokens)
+        self.tokens.append(END_BYTES)
+        self.bos_token_id, self.special_token_ids, self.tokenizer = None, [self.eos_token_id], tokenizer
+
+    def __call__(self, data):  # llguidance hands over bytes; a character vocabulary stops at what it lacks
+        text = data.decode("utf-8", errors="ignore")
+        if self.tokenizer.kind == "char":
+            known = self.tokenizer.stoi
+            text = text[: next((i for i, c in enumerate(text) if c not in known), len(text))]
+        return self.tokenizer.encode(text)
+
+
+class Vocabulary:
+    """One model's vocabulary for llguidance: matchers for requests, and the masks of a step's rows."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.size = tokenizer, tokenizer.vocab_size
+        self.words = (self.size + 1 + 31) // 32  # int32 words of a row's mask: the vocabulary and END
+
+    @functools.cached_property
+    def ll(self):  # made at the first constrained request, not at every start: a 50k BPE's tables take a moment
+        return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Wrapped(self.tokenizer)))
+
+    @functools.cached_property
+    def executor(self):
+        return llguidance.LLExecutor()
+
+    def matcher(self, grammar, consumed=()):
+        """An LLMatcher of `grammar` that has read the tokens `consumed` (a resumed request's); ValueError when the
+        grammar does not compile or they do not match it."""
+        matcher = llguidance.LLMatcher(self.ll, grammar, log_level=0)
+        if consumed and not matcher.is_error():
+            matcher.consume_tokens(list(consumed))
+        if matcher.is_error():
+            raise ValueError(matcher.get_error())
+        return matcher
+
+    def check(self, grammar):
+        """Why `grammar` cannot constrain this model's output (it does not compile, or no token of the vocabulary
+        can begin a match), or None."""
+        try:
+            matcher = self.matcher(grammar)
+        except ValueError as e:
+            return str(e)
+        allowed = self.allowed(np.frombuffer(matcher.compute_bitmask(), dtype=np.int32)[None])[0, : self.size]
+        # where the grammar forces bytes that no token holds (a "{" a character vocabulary lacks), llguidance's mask
+        # allows every token: its first then does not match
+        first = allowed.nonzero()[:, 0].tolist()[:1]
+        if not first or matcher.validate_tokens(first) != 1:
+            return "no token of this model's vocabulary can begin text that matches it"
+        return None
+
+    def allowed(self, masks):
+        """(N, words) int32 bit masks as (N, vocab_size + 1) bools."""
+        bits = np.unpackbits(np.ascontiguousarray(masks).view(np.uint8), axis=1, bitorder="little")
+        return torch.from_numpy(bits[:, : self.size + 1].astype(bool))
+
+    def constrain(self, logits, samplers, rows):
+        """`logits` ((B, V)) with each token that samplers[k]'s grammar leaves out of row rows[k] at -inf: a copy, so
+        the model's own logits (its logprobs) stay as they were. A row whose mask allows no token is left as it is,
+        and its sampler marked failed (DEAD_END): the engine ends it instead of sending what it draws (as it does when
+        the grammar refuses the token drawn: a mask that allowed every token, see check)."""
+        masks = np.zeros((len(rows), self.words), dtype=np.int32)
+        self.executor.unsafe_compute_mask_ptr(
+            [(s.matcher, k) for k, s in enumerate(samplers)], masks.ctypes.data, self.words * 4, len(rows)
+        )
+        allowed = self.allowed(masks)[:, : self.size].to(logits.device)
+        dead = ~allowed.any(-1)
+        for k in dead.nonzero()[:, 0].tolist():
+            samplers[k].failed = DEAD_END
+        allowed[dead] = True
+        logits = logits.clone()
+        index = torch.tensor(rows, device=logits.device)
+        logits[index] = logits[index].masked_fill(~allowed, -torch.inf)
+        return logits
