@@ -1,7 +1,7 @@
 # One place for set-up: .ci/run and a person on a fresh machine both use these targets.
 PYTHON := .venv/bin/python
 
-.PHONY: install test-deps test test-fast lint serve bench bench-peers bench-prefix gpu-check reliability checkpoints soak
+.PHONY: install test-deps test test-fast lint serve bench bench-peers bench-prefix bench-constrained gpu-check reliability checkpoints soak
 
 # torch first and pinned. From the default package index, torch==2.13.0 on Linux is the CUDA build (about
 # 5 GB with its nvidia wheels). CPU only: make install TORCH_INDEX=<PyTorch's CPU wheel index> (README).
@@ -57,6 +57,12 @@ bench-peers: install
 # docs/benchmarks-prefix.md (from docs/bench-prefix.json). Builds llama.cpp like bench-peers.
 bench-prefix: install
 	$(PYTHON) -m benchmarks.prefix
+
+# Constrained output's cost a token: the engine's sampled decode with no format, a regex and a JSON schema, at 1 and
+# 32 streams, on GPT-2 small's shape with GPT-2's vocabulary (its decode step compiled first: a few minutes); into
+# docs/benchmarks-constrained.md (from docs/bench-constrained.json).
+bench-constrained: install
+	$(PYTHON) -m benchmarks.constrained
 
 # On a machine with a CUDA GPU: the CUDA tests, then benchmarks.gpu into docs/benchmarks-gpu.md (about 3 minutes
 # expected; bash scripts/gpu-check.sh --full adds the compiled rows, --dry-run shows the steps on a CPU).
