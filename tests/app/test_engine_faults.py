@@ -3,6 +3,7 @@ and an operator see when that child dies, hangs or keeps dying."""
 
 import logging
 import os
+import re
 import shutil
 import signal
 
@@ -42,9 +43,9 @@ def restarts(client, reason="died"):
     return metric(client.get("/metrics").text, "quill_engine_restarts_total", model="tiny-gpt", reason=reason) or 0
 
 
-def stream_through(client, sig):
-    """The events of a LONG stream during which the engine child gets `sig`, after the stream's 50th token."""
-    with client.stream("POST", "/generate", json=LONG) as r:
+def stream_through(client, sig, body=LONG):
+    """The events of a LONG stream (or `body`'s) during which the engine child gets `sig`, after its 50th token."""
+    with client.stream("POST", "/generate", json=body) as r:
         lines, sent = [], False
         for line in r.iter_lines():
             lines.append(line)
@@ -64,10 +65,11 @@ CASES = [
     ("/v1/completions", {"prompt": "Hello", "max_tokens": 30, "n": 3, "seed": 1, "top_p": 0.9}),
     ("/v1/completions", {"prompt": "To be, or not to be" * 20, "max_tokens": 0, "echo": True, "logprobs": 2}),
     ("/v1/completions", {"prompt": "Hello", "max_tokens": 5, "n": 2, "echo": True, "logprobs": 1, "seed": 3}),
+    ("/generate", {"prompt": "Well", "regex": r"(yes|no), [a-z]{2,9}\.", "seed": 2, "stream": False}),
 ]
 
 
-@pytest.mark.parametrize("route, body", CASES, ids=["generate", "lstm", "n-choices", "scoring", "echo-n"])
+@pytest.mark.parametrize("route, body", CASES, ids=["generate", "lstm", "n-choices", "scoring", "echo-n", "regex"])
 def test_the_default_engine_process_answers_as_the_engine_in_a_thread(clients, route, body):
     answers = {}
     for engine, client in clients.items():
@@ -98,6 +100,14 @@ def test_a_stream_goes_on_through_a_killed_engine_and_ends_with_its_fault_free_t
     assert events[-1][1]["text"] == expected and events[-1][1]["usage"]["completion_tokens"] == LONG["max_new_tokens"]
     assert restarts(client) == before + 1
     assert "1 request resumed" in caplog.text  # it was killed mid-stream, not after
+
+
+def test_a_constrained_stream_resumes_through_a_killed_engine_and_still_matches(clients):
+    client, body = clients["process"], {**LONG, "regex": "[a-z ]+"}  # a regex that never completes: 2,000 tokens
+    expected = client.post("/generate", json={**body, "stream": False}).json()["text"]
+    events = stream_through(client, signal.SIGKILL, body)
+    assert events[-1][0] == "done", events[-1]
+    assert events[-1][1]["text"] == expected and re.fullmatch("[a-z ]+", expected) and len(expected) == 2000
 
 
 def test_while_the_engine_restarts_ready_and_new_requests_answer_503_with_retry_after(clients):
