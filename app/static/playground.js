@@ -70,6 +70,7 @@ function requestBody() {
   const body = { prompt: $("prompt").value, stream: true };
   for (const id of ["temperature", "max_new_tokens", "top_k", "top_p", "min_p", "repetition_penalty", "seed"]) numberField(body, id);
   if ($("model").value) body.model = $("model").value;
+  if ($("regex").value) body.regex = $("regex").value; // constrained output: the server checks it
   return body;
 }
 

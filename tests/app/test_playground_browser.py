@@ -161,6 +161,23 @@ def test_invalid_value_is_sent_and_the_servers_422_message_is_shown(page, field,
     assert page.is_enabled("#generate")
 
 
+def test_a_regex_constrains_the_output_and_a_broken_one_shows_the_servers_message(page, server):
+    pattern = r"(yes|no), [a-z]{2,5}\."
+    page.fill("#prompt", "Well")
+    page.fill("#regex", pattern)
+    page.fill("#seed", "3")
+    page.click("#generate")
+    page.wait_for_selector("#stats", state="visible")
+    body = {"prompt": "Well", "regex": pattern, "seed": 3, "stream": False, "model": "tiny-gpt"}
+    expected = httpx.post(server.url + "/generate", json=body, timeout=30).json()
+    assert page.text_content("#output") == expected["text"] and re.fullmatch(pattern, expected["text"])
+    assert page.inner_text("#stat-finish") == "stop"
+    page.fill("#regex", "(unclosed")
+    page.click("#generate")
+    error = page.wait_for_selector("#error", state="visible")
+    assert error.inner_text().startswith("The server refused a value (HTTP 422): regex: ")
+
+
 def test_server_at_capacity_shows_the_429_message_in_words(page, server):
     # the server admits 4 running + 2 queued per model; hold them all
     with httpx.Client(timeout=60) as client:
