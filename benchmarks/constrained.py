@@ -19,18 +19,20 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from app.constraints import grammar_of
 from app.protocol import ResponseFormat
-from benchmarks.common import DOCS, machine, markdown_table
+from benchmarks.common import DOCS, machine, markdown_table, write_between_markers
 from benchmarks.peer_models import checkpoint_for
 from benchmarks.peers import TOOLS
 from model import load_checkpoint
 from model.engine import Engine, Outcome, Request
 from model.sampling import SamplingParams
 
+README = Path(__file__).resolve().parent.parent / "README.md"
 STREAMS = (1, 32)
 SCHEMA = {"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}
 FORMATS = {
@@ -83,7 +85,7 @@ def main(argv=None):
     args = parse_args(argv)
     name = "bench-constrained" + "-quick" * args.quick
     if args.report_only:
-        return print(report(json.loads((DOCS / f"{name}.json").read_text())))
+        return print(write_pages(json.loads((DOCS / f"{name}.json").read_text())))
     torch.set_num_threads(args.threads)
     checkpoint = checkpoint_for(args.model, TOOLS / "models")
     model, tokenizer, _ = load_checkpoint(checkpoint)
@@ -116,9 +118,34 @@ def main(argv=None):
         "values": values,
     }
     (DOCS / f"{name}.json").write_text(json.dumps(raw, indent=1) + "\n")
-    page = report(raw)
-    (DOCS / ("bench-constrained-quick.md" if args.quick else "benchmarks-constrained.md")).write_text(page + "\n")
-    print(page)
+    print(write_pages(raw))
+
+
+def write_pages(raw):
+    """The page, and README's paragraph for a full run of the default model."""
+    args, page = raw["args"], report(raw)
+    (DOCS / ("bench-constrained-quick.md" if args["quick"] else "benchmarks-constrained.md")).write_text(page + "\n")
+    if not args["quick"] and args["model"] == "gpt2-small" and README.parent / "docs" == DOCS:
+        write_between_markers(README, "bench-constrained", readme_block(raw))
+    return page
+
+
+def readme_block(raw):
+    med = {key: statistics.median(v[0] for v in runs) for key, runs in raw["values"].items()}
+    cells = []
+    for streams in STREAMS:
+        base = med[f"{streams}|none"]
+        each = [f"{label} {med[f'{streams}|{label}'] / base:.2f}x" for label in FORMATS if label != "none"]
+        cells.append(f"{streams} stream{'s' * (streams > 1)} ({base:,.0f} tok/s with none): " + ", ".join(each))
+    m = raw["machine"]
+    return (
+        f"What the masks cost (`make bench-constrained`, {m['cpu']}, {m['cores']} cores, {m['date']}; "
+        "[docs/benchmarks-constrained.md](docs/benchmarks-constrained.md), which writes this paragraph): sampled "
+        f"tokens/s with a format over none on {raw['model']}, {'compiled' if raw['compiled'] else 'eager'}: "
+        + "; ".join(cells)
+        + f". A process's first constrained request also builds llguidance's tables of the vocabulary "
+        f"({raw['first_constrained_request_s']:.2f} s)."
+    )
 
 
 def report(raw):

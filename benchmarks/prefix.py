@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import DOCS, machine, markdown_table, percentile
+from benchmarks.common import DOCS, machine, markdown_table, percentile, write_between_markers
 from benchmarks.http import free_port, start_server
 from benchmarks.peer_models import checkpoint_for
 from benchmarks.peers import TOOLS, build_llama, export, one_stream, start_llama_server, stop
@@ -35,6 +35,7 @@ QUILL_SYSTEMS = {"Quill": "1", "Quill, QUILL_PREFIX_CACHE=0": "0"}
 LLAMA_SYSTEMS = {BASELINE: True, "llama-server, no cache_prompt": False}
 MODES = {"greedy": 0.0, "sampled": 0.8}
 CLIENTS, NEW_TOKENS, PREFIX = 32, 16, 512
+README = Path(__file__).resolve().parent.parent / "README.md"
 CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
@@ -196,10 +197,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    page, results = DOCS / "benchmarks-prefix.md", DOCS / "bench-prefix.json"
+    results = DOCS / "bench-prefix.json"
     if args.report_only:
-        page.write_text(report(json.loads(results.read_text())) + "\n")
-        return print(page.read_text())
+        return print(write_pages(json.loads(results.read_text())))
     bin_dir = None if args.no_llama else build_llama()
     load_start, work, record, models = os.getloadavg(), TOOLS / "models", Record(), []
     for name in args.models:
@@ -233,8 +233,35 @@ def main(argv=None):
         },
     }
     results.write_text(json.dumps(raw, indent=1) + "\n")
-    page.write_text(report(raw) + "\n")
-    print(page.read_text())
+    print(write_pages(raw))
+
+
+def write_pages(raw):
+    """docs/benchmarks-prefix.md, and README's paragraph for a run of the default model against llama-server."""
+    (DOCS / "benchmarks-prefix.md").write_text(report(raw) + "\n")
+    res = raw["results"]
+    default = res["command"] == "python -m benchmarks.prefix --models gpt2-small --rounds 3"  # make bench-prefix
+    if default and README.parent / "docs" == DOCS:
+        write_between_markers(README, "bench-prefix", readme_block(raw))
+    return report(raw)
+
+
+def readme_block(raw):
+    """README's lines: TTFT p50 of the 32 sampled requests, warm (the prefix sent once before), each system."""
+    res, box = raw["results"], raw["machine"]
+    runs = [r for r in res["runs"] if r["mode"] == "sampled" and r["scenario"] == "warm"]
+    cells = []
+    for run in runs:
+        times = {system: percentile(t, 50) * 1e3 for system, t in run["ttft_s"].items()}
+        cells.append(f"{run['model']}: " + ", ".join(f"{system} {ms:,.0f} ms" for system, ms in times.items()))
+    mismatches = sum(sum(r["mismatches"].values()) for r in res["runs"])
+    return (
+        f"Measured (`make bench-prefix`, {box['cpu']}, {box['cores']} cores, {box['date']}; "
+        "[docs/benchmarks-prefix.md](docs/benchmarks-prefix.md), which writes this paragraph): time to first token, "
+        "p50, of 32 sampled requests sent at once that share a prefix sent once before: "
+        + "; ".join(cells)
+        + f". Texts with reuse that differ from the same requests' without it: {mismatches}."
+    )
 
 
 if __name__ == "__main__":
