@@ -2,9 +2,11 @@
 
 A request's SamplingParams.grammar is llguidance's grammar text (app/constraints.py makes it from a JSON schema, a
 regex or a Lark grammar). Its Sampler holds an LLMatcher over the model's own vocabulary (characters, bytes or BPE
-tokens, each as its bytes); before each draw, the step's constrained rows get their token masks together, computed
-in parallel by llguidance's executor (its Rust threads, without the GIL), and every token a mask leaves out gets a
-logit of -inf: greedy and sampled rows alike pick only tokens that keep the text a prefix of a match.
+tokens, each as its bytes); before each draw, the step's constrained rows get their token masks, and every token a
+mask leaves out gets a logit of -inf: greedy and sampled rows alike pick only tokens that keep the text a prefix of a
+match. The masks of the rows that took a token are computed together by llguidance's executor (its Rust threads,
+without the GIL) in a thread of ours, started as soon as the tokens are taken: the engine's next forward runs
+meanwhile, so the other rows wait only for what the forward did not hide.
 
 Our models have no end-of-text token, so the vocabulary llguidance sees has one more, END (id vocab_size): when the
 grammar allows nothing else (a JSON object's closing brace), the request is complete and ends with "stop". A grammar
@@ -13,6 +15,7 @@ request does; so does one that max_new_tokens cuts short: its text is then a pre
 """
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 
 import llguidance
 import numpy as np
@@ -56,8 +59,12 @@ class Vocabulary:
         return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Wrapped(self.tokenizer)))
 
     @functools.cached_property
-    def executor(self):
+    def executor(self):  # llguidance's threads, one mask each
         return llguidance.LLExecutor()
+
+    @functools.cached_property
+    def pool(self):  # the thread that computes the next step's masks while the engine's forward runs
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="quill-masks")
 
     def matcher(self, grammar, consumed=()):
         """An LLMatcher of `grammar` that has read the tokens `consumed` (a resumed request's); ValueError when the
@@ -89,15 +96,36 @@ class Vocabulary:
         bits = np.unpackbits(np.ascontiguousarray(masks).view(np.uint8), axis=1, bitorder="little")
         return torch.from_numpy(bits[:, : self.size + 1].astype(bool))
 
+    def masks(self, samplers):
+        """(N, words) int32 bit masks of the samplers' next tokens, computed together (without the GIL)."""
+        masks = np.zeros((len(samplers), self.words), dtype=np.int32)
+        pairs = [(s.matcher, k) for k, s in enumerate(samplers)]
+        self.executor.unsafe_compute_mask_ptr(pairs, masks.ctypes.data, self.words * 4, len(samplers))
+        return masks
+
+    def prefetch(self, samplers):
+        """Start computing the masks of the samplers' next tokens (each has just taken its token) in this vocabulary's
+        thread: the engine's next forward runs meanwhile, and constrain() takes them then."""
+        future = self.pool.submit(self.masks, samplers)
+        for k, s in enumerate(samplers):
+            s.prefetched = (future, k)
+
     def constrain(self, logits, samplers, rows):
         """`logits` ((B, V)) with each token that samplers[k]'s grammar leaves out of row rows[k] at -inf: a copy, so
-        the model's own logits (its logprobs) stay as they were. A row whose mask allows no token is left as it is,
-        and its sampler marked failed (DEAD_END): the engine ends it instead of sending what it draws (as it does when
-        the grammar refuses the token drawn: a mask that allowed every token, see check)."""
-        masks = np.zeros((len(rows), self.words), dtype=np.int32)
-        self.executor.unsafe_compute_mask_ptr(
-            [(s.matcher, k) for k, s in enumerate(samplers)], masks.ctypes.data, self.words * 4, len(rows)
-        )
+        the model's own logits (its logprobs) stay as they were. The masks prefetched are taken, the others computed
+        now. A row whose mask allows no token is left as it is, and its sampler marked failed (DEAD_END): the engine
+        ends it instead of sending what it draws (as it does when the grammar refuses the token drawn: a mask that
+        allowed every token, see check)."""
+        masks, missing = np.zeros((len(rows), self.words), dtype=np.int32), []
+        for k, s in enumerate(samplers):
+            if s.prefetched:
+                future, i = s.prefetched
+                masks[k] = future.result()[i]
+            else:
+                missing.append(k)
+            s.prefetched = None
+        if missing:
+            masks[missing] = self.masks([samplers[k] for k in missing])
         allowed = self.allowed(masks)[:, : self.size].to(logits.device)
         dead = ~allowed.any(-1)
         for k in dead.nonzero()[:, 0].tolist():

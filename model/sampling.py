@@ -123,7 +123,7 @@ class Sampler:
     def __init__(self, params, prompt, generated=(), vocabulary=None):
         self.params, self.prompt, self.generated = params, prompt, list(generated)
         self.position = len(self.generated)
-        self.seen = self.counts = self.matcher = self.failed = None
+        self.seen = self.counts = self.matcher = self.failed = self.prefetched = None
         self.made = self.complete = False
         self.vocabulary = vocabulary
         if params.grammar is not None:
@@ -191,4 +191,7 @@ def sample(samplers, logits):
             tokens[i] = token
     for s, token in zip(samplers, tokens):
         s.took(token)
+    going = [s for s in samplers if s.matcher is not None and not s.failed and not s.complete]
+    if going:  # their next masks, while the engine's next forward runs
+        going[0].vocabulary.prefetch(going)
     return tokens
