@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
-def run_quick(name, tmp_path):
+def run_quick(name, tmp_path, *args):
     out = subprocess.run(
-        [sys.executable, "-m", f"benchmarks.{name}", "--quick"],
+        [sys.executable, "-m", f"benchmarks.{name}", "--quick", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -120,16 +120,7 @@ def test_gpt2_small_refuses_a_quill_gpt2_dir_without_weights(tmp_path, monkeypat
 
 @pytest.mark.slow
 def test_constrained_benchmark_quick_mode_times_every_format_at_1_and_32_streams(tmp_path, checkpoints):
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.constrained", "--quick", "--eager", "--model", str(checkpoints["byte-gpt"])],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "QUILL_BENCH_DOCS": str(tmp_path)},
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    values = json.loads((tmp_path / "bench-constrained-quick.json").read_text())["values"]
+    values = run_quick("constrained", tmp_path, "--eager", "--model", str(checkpoints["byte-gpt"]))["values"]
     formats = ["none", "regex [a-z ,.]+", "JSON schema, one string"]
     assert sorted(values) == sorted(f"{n}|{f}" for n in (1, 32) for f in formats)
     assert all(tok_s > 0 and made > 0 for runs in values.values() for tok_s, made, _ in runs)
