@@ -42,8 +42,8 @@ def compiles(field):
     """A pydantic validator of `field`: no other output format is given before it, and its value compiles."""
 
     def validate(value, info):
-        if value is not None:
-            if other := next((f for f in FIELDS if f != field and info.data.get(f) is not None), None):
+        if given(value):
+            if other := next((f for f in FIELDS if f != field and given(info.data.get(f))), None):
                 raise ValueError(f"give one output format: {other} or {field}, not both")
             grammar_of(field, value)
         return value
@@ -51,10 +51,17 @@ def compiles(field):
     return validate
 
 
+def given(value):
+    """Whether a field's value asks for a format (a response_format of type text does not)."""
+    return value is not None and getattr(value, "type", None) != "text"
+
+
 def constraint(body):
-    """(grammar, field) of a body's output format (at most one: compiles), or (None, None)."""
-    field, value = next(((f, getattr(body, f)) for f in FIELDS if getattr(body, f, None) is not None), (None, None))
-    return (grammar_of(field, value), field) if field else (None, None)
+    """(grammar, field) of a body's output format (at most one: compiles), or (None, None); made once a body."""
+    if body._constraint is None:
+        field = next((f for f in FIELDS if given(getattr(body, f, None))), None)
+        body._constraint = (grammar_of(field, getattr(body, field)), field) if field else (None, None)
+    return body._constraint
 
 
 @functools.lru_cache(maxsize=16)

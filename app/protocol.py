@@ -4,7 +4,7 @@ import dataclasses
 import secrets
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, field_validator
 
 from app.constraints import compiles, constraint
 from model.sampling import SamplingParams
@@ -117,6 +117,7 @@ class Constrained(Strict):
     response_format: ResponseFormat | None = Field(None, description="the output's format: JSON, or JSON of a schema")
 
     _format = field_validator("response_format")(compiles("response_format"))
+    _constraint: tuple | None = PrivateAttr(None)  # (grammar, field), once made (constraints.constraint)
 
 
 class GenerateRequest(Constrained):

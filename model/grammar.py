@@ -35,9 +35,12 @@ class _Wrapped:
             self.tokens = [bytes([b]) for b in range(256)]
         else:
             self.tokens = list(tokenizer.token_bytes)
+        # a BPE's special tokens (an imported GPT-2's <|endoftext|>) are never text that a format allows
+        added = tokenizer.tokenizer.get_added_tokens_decoder() if tokenizer.kind == "bpe" else {}
         self.eos_token_id = len(self.tokens)
         self.tokens.append(END_BYTES)
-        self.bos_token_id, self.special_token_ids, self.tokenizer = None, [self.eos_token_id], tokenizer
+        self.special_token_ids = [*(i for i, t in added.items() if t.special), self.eos_token_id]
+        self.bos_token_id, self.tokenizer = None, tokenizer
 
     def __call__(self, data):  # llguidance hands over bytes; a character vocabulary stops at what it lacks
         text = data.decode("utf-8", errors="ignore")
@@ -52,6 +55,7 @@ class Vocabulary:
 
     def __init__(self, tokenizer):
         self.tokenizer, self.size = tokenizer, tokenizer.vocab_size
+        self.partial = tokenizer.kind == "char"  # some bytes are no token's: a match may end where text could go on
         self.words = (self.size + 1 + 31) // 32  # int32 words of a row's mask: the vocabulary and END
 
     @functools.cached_property
@@ -83,12 +87,28 @@ class Vocabulary:
             matcher = self.matcher(grammar)
         except ValueError as e:
             return str(e)
-        allowed = self.allowed(np.frombuffer(matcher.compute_bitmask(), dtype=np.int32)[None])[0, : self.size]
+        allowed = self.first_allowed(matcher)
+        if matcher.is_error():  # a limit of llguidance's, or a grammar that can match nothing
+            return matcher.get_error().splitlines()[0]
         # where the grammar forces bytes that no token holds (a "{" a character vocabulary lacks), llguidance's mask
         # allows every token: its first then does not match
         first = allowed.nonzero()[:, 0].tolist()[:1]
         if not first or matcher.validate_tokens(first) != 1:
             return "no token of this model's vocabulary can begin text that matches it"
+        return None
+
+    def first_allowed(self, matcher):
+        """(vocab_size,) bools: the tokens `matcher` allows next (END left out), computed now."""
+        return self.allowed(np.frombuffer(matcher.compute_bitmask(), dtype=np.int32)[None])[0, : self.size]
+
+    def ended(self, matcher):
+        """After a token: "stop" when the text is a whole match that can go no further (llguidance says so, or, in a
+        vocabulary that lacks bytes, a match none of whose continuations it has), DEAD_END when the grammar refused
+        the token, else None."""
+        if matcher.is_error():
+            return DEAD_END
+        if matcher.is_stopped() or (self.partial and matcher.is_accepting() and not self.first_allowed(matcher).any()):
+            return "stop"
         return None
 
     def allowed(self, masks):

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-from model.grammar import DEAD_END
-
 # Below this, sampling differs from argmax only between logits closer than ~1e-4, and logits /
 # temperature can overflow to inf (a NaN softmax that would fail the whole batch): so it is greedy.
 MIN_TEMPERATURE = 1e-5
@@ -127,12 +125,13 @@ class Sampler:
         self.made = self.complete = False
         self.vocabulary = vocabulary
         if params.grammar is not None:
-            try:
+            try:  # the app has checked the grammar: a failure here is the server's (an error, not unsupported_format)
                 if vocabulary is None:
                     raise ValueError("this engine was made without the model's tokenizer")
                 self.matcher = vocabulary.matcher(params.grammar, self.generated)
+                self.complete = vocabulary.ended(self.matcher) == "stop"
             except ValueError as e:
-                self.failed = f"the output format cannot be used: {e}"
+                self.failed = f"constrained output failed: {e}"
 
     @property
     def penalizes(self):
@@ -160,9 +159,9 @@ class Sampler:
     def took(self, token):
         self.position += 1
         if self.matcher is not None and not self.failed:
-            if not self.matcher.consume_token(token):
-                self.failed = DEAD_END
-            self.complete = self.matcher.is_stopped()
+            self.matcher.consume_token(token)  # a token it refuses leaves it in its error state: DEAD_END
+            end = self.vocabulary.ended(self.matcher)
+            self.complete, self.failed = end == "stop", None if end in (None, "stop") else end
         if self.seen is not None:
             self.seen[token] = True
         if self.counts is not None:

@@ -186,3 +186,17 @@ def test_openai_client_parses_a_json_schema_response(client):
     )
     assert completion.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(completion.choices[0].message.content), SCHEMA)
+
+
+def test_a_whole_match_whose_every_continuation_the_vocabulary_lacks_ends_with_stop(client):
+    # "yes" matches; "yes#" would too, but the character model has no "#": the text is whole, not a dead end
+    r = client.post("/generate", json={"model": "tiny-gpt", "prompt": "Well", "regex": "yes(#)?", "stream": False})
+    assert r.status_code == 200, r.text
+    assert (r.json()["text"], r.json()["finish_reason"]) == ("yes", "stop")
+
+
+def test_response_format_text_is_no_format_beside_a_regex(client):
+    body = {"model": "byte-gpt", "prompt": "x", "regex": "[0-9]{4}", "response_format": {"type": "text"}}
+    r = client.post("/generate", json=body | {"stream": False, "seed": 1})
+    assert r.status_code == 200, r.text
+    assert re.fullmatch("[0-9]{4}", r.json()["text"]) and r.json()["finish_reason"] == "stop"
