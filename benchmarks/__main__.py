@@ -74,7 +74,15 @@ def page():
         "`make bench-peers` writes its own page, [benchmarks-peers.md](benchmarks-peers.md) (from "
         "bench-peers.json): Quill's default server, its eager and bf16 ones, against llama.cpp's llama-bench and "
         "llama-server, greedy and sampled, with the first start's figures and each server's memory. Other sets "
-        "of models write benchmarks-peers-NAMES.md.",
+        "of models write benchmarks-peers-NAMES.md (GPT-2 small and medium's shapes: "
+        "[benchmarks-peers-gpt2_small-gpt2_medium.md](benchmarks-peers-gpt2_small-gpt2_medium.md)).",
+        "",
+        "## Prefix caching, constrained output",
+        "",
+        "`make bench-prefix` writes [benchmarks-prefix.md](benchmarks-prefix.md): time to first token of 32 requests "
+        "sharing a 512-token prefix, Quill with and without its prefix reuse against llama-server with and without "
+        "`cache_prompt`. `make bench-constrained` writes [benchmarks-constrained.md](benchmarks-constrained.md): "
+        "what a regex or a JSON schema costs a token at 1 and 32 streams.",
         "",
     ]
     return "\n".join(parts)
