@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model import gpt
+from model import gpt, quantize
 from model.gpt import GPT, KVCache
 
 log = logging.getLogger("quill")
@@ -90,7 +90,7 @@ def weights_key(model: GPT):
         h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     h.update(json.dumps(asdict(model.config), sort_keys=True).encode())
-    for source in (gpt.__file__, __file__):
+    for source in (gpt.__file__, quantize.__file__, __file__):
         h.update(Path(source).read_bytes())
     h.update(torch.__version__.encode())
     return h
@@ -246,6 +246,7 @@ class CompiledSteps:
         command = [*nice, sys.executable, "-m", "model.compiled", str(self.weights), "--device", str(self.device)]
         command += ["--dtype", dtype, "--threads", str(threads), "--folder", str(paths[sizes[0]].parent)]
         command += ["--sizes", ",".join(map(str, sizes)), "--child"]
+        command += ["--quantize", quantize.quantized(self.model) or "none"]  # the weights as the engine's
         root = str(Path(__file__).resolve().parent.parent)  # where `model` is imported from, wherever the cwd
         env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         log.info("compiling the decode step for batch sizes %s in the background", ", ".join(map(str, sizes)))
@@ -311,6 +312,7 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, required=True, help="the torch threads the engine decodes with")
     ap.add_argument("--folder", type=Path, default=None)
+    ap.add_argument("--quantize", type=quantize.check, default=None, help="int8: as the engine's (model/quantize.py)")
     ap.add_argument("--child", action="store_true", help="end when stdin closes; ignore SIGINT and SIGTERM")
     args = ap.parse_args(argv)
     if args.child:  # an engine's builder: its parent's to stop, by closing stdin
@@ -326,6 +328,7 @@ def main(argv=None):
             print(why, flush=True)
             return 1
         model = load_checkpoint(args.weights, device=args.device)[0].to(getattr(torch, args.dtype))
+        quantize.quantize(model, args.quantize)
         sizes = [int(n) for n in args.sizes.split(",")]
         folder = writable_folder(args.folder or default_folder())
         for n, path in package_paths(model, sizes, folder, args.threads).items():
