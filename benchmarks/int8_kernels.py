@@ -145,8 +145,9 @@ def run(args):
 
 @torch.no_grad()
 def loss_change(checkpoint=CHECKPOINT, corpus=CORPUS, threads=1):
-    """The validation split's mean loss per token of `checkpoint` in float32, with int8 weights (model/quantize.py),
-    and with int8 weights but the tied lm_head kept in float32."""
+    """The validation split's mean loss per token of `checkpoint` in float32; with int8 weights (model/quantize.py)
+    as an eager forward of many rows computes (the blocks' linear layers int8, the head the tied float embedding);
+    and with the head's int8 copy too, as the compiled decode step of up to GEMV_ROWS rows computes."""
     from model import quantize as Q
     from model.checkpoint import load_checkpoint
     from train.data import encode_text, full_loss
@@ -156,13 +157,10 @@ def loss_change(checkpoint=CHECKPOINT, corpus=CORPUS, threads=1):
     val = encode_text(tokenizer, Path(corpus).read_text(encoding="utf-8"), None).splits["val"]
     ctx = model.config.context_size
     losses = {"float32": full_loss(model.eval(), val, ctx)}
-    for label, head in (("int8", True), ("int8, lm_head float32", False)):
-        model = load_checkpoint(checkpoint)[0].eval()
-        Q.HEAD, kept = head, Q.HEAD
-        try:
-            losses[label] = full_loss(Q.quantize(model, "int8"), val, ctx)
-        finally:
-            Q.HEAD = kept
+    model = Q.quantize(model, "int8")
+    losses["int8 (lm_head float32: prefills, scoring)"] = full_loss(model, val, ctx)
+    model.lm_head.dense = None
+    losses["int8 (lm_head int8: compiled decode)"] = full_loss(model, val, ctx)
     return {"checkpoint": str(Path(checkpoint).relative_to(ROOT)), "val_tokens": len(val), "loss": losses}
 
 
@@ -194,7 +192,9 @@ def write(results, args, out):
         f"(torch {torch.__version__}, {args.threads} thread(s)). Each cell: median microseconds a call, and in "
         "brackets f32's median over it (above 1: faster than float32), measured in the same interleaved run. Weights "
         "cycle through copies (about 300 MB of float32) so that none stays in cache. See benchmarks/int8_kernels.py "
-        "for the candidates.",
+        "for the candidates. torchao's int8 weight-only cycles through a quarter of the copies (quantizing is "
+        "slow), so some stay cached: its figures flatter it. int_mm-compiled quantizes the activations too (int8 x "
+        "int8, per row): not weight-only.",
         "",
         "| shape (in -> out) | M | " + " | ".join(names) + " |",
         "|---|---|" + "---|" * len(names),
@@ -213,7 +213,12 @@ def main(argv=None):
     ap.add_argument("--no-head", action="store_true", help="leave out the tied lm_head (768 -> 50257)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
     ap.add_argument("--loss", action="store_true", help="measure the bundled GPT's validation loss instead")
+    ap.add_argument("--report-only", action="store_true", help="write the kernels' page again from its JSON")
     args = ap.parse_args(argv)
+    if args.report_only:
+        raw = json.loads((args.out / "bench-int8-kernels.json").read_text())
+        args.threads, args.rounds = raw["threads"], raw["rounds"]
+        return write(raw["results"], args, args.out)
     if args.loss:
         loss = loss_change(threads=args.threads)
         print(json.dumps(loss, indent=1))

@@ -5,7 +5,9 @@ and the KV cache keep the model's dtype. llama.cpp's q8_0 is its counterpart (in
 
 The tied lm_head is quantized too, as a copy of its own: the token embedding stays in the model's dtype (a lookup
 reads one row of it a token, so its size costs nothing a step), and lm_head is the largest matrix a step reads
-(GPT-2 small: 38.6M of its 124M parameters). Set HEAD = False to keep it tied and unquantized.
+(GPT-2 small: 38.6M of its 124M parameters). Where the int8 copy does not pay (the forwards of more than
+GEMV_ROWS rows, below) the head multiplies by the embedding itself, still tied to it (`dense`): the head's int8
+weight is used at decode batch sizes up to GEMV_ROWS only. Set HEAD = False to keep it tied and unquantized.
 
 No library kernel pays here (docs/bench-int8-kernels.md, torch 2.13 on this CPU): torch._weight_int8pack_mm is
 2-3x slower than float32's F.linear at one row and 15-20x at 32, and torchao's int8 weight-only (which dequantizes
@@ -13,7 +15,8 @@ the weight to float, then multiplies) is slower at one row. What pays at batch 1
 written as a reduction, (x[:, None, :] * q.to(x.dtype)).sum(-1) * scale, compiles to one loop that reads each int8
 weight once and converts it in registers, about 1.9x float32's F.linear at one row. It is the compiled decode
 step's (model/compiled.py) form for up to GEMV_ROWS rows; more rows, and every eager forward (prefills, decoding
-before the step is built or with QUILL_COMPILE=0), dequantize the weight and call F.linear, slower than float32.
+before the step is built or with QUILL_COMPILE=0), dequantize the weight and call F.linear, slower than float32
+(the head: the float embedding's F.linear, float32's own speed).
 """
 
 import torch
@@ -42,9 +45,11 @@ def quantize_rows(w):
 
 
 class Int8Linear(nn.Module):
-    """nn.Linear's forward over an int8 weight (a buffer, `weight`, (out, in)) and a scale per output (`scale`)."""
+    """nn.Linear's forward over an int8 weight (a buffer, `weight`, (out, in)) and a scale per output (`scale`).
+    With `dense` (the linear layer's own float weight, kept: the tied lm_head's), forwards that do not take the
+    reduction form multiply by it instead."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, dense=False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         q, scale = quantize_rows(linear.weight)
@@ -52,14 +57,18 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", q.to(linear.weight.device))
         self.register_buffer("scale", scale.to(device=linear.weight.device, dtype=dtype))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.dense = linear.weight if dense else None  # the same Parameter: tied as it was
 
     def forward(self, x):
-        w = self.weight.to(x.dtype)
         if torch.compiler.is_compiling() and x.numel() <= GEMV_ROWS * self.in_features:
-            y = (x[..., None, :] * w).sum(-1)  # inductor: one loop over the int8 weight, converted in registers
+            # x stored, not recomputed for every output (inductor would inline a layer norm or an embedding lookup
+            # into the loop below): as_strided's lowering realizes its input
+            x = torch.as_strided(x, x.size(), x.stride())
+            y = (x[..., None, :] * self.weight.to(x.dtype)).sum(-1) * self.scale  # one loop over the int8 weight
+        elif self.dense is not None:
+            y = F.linear(x, self.dense)
         else:
-            y = F.linear(x, w)
-        y = y * self.scale
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scale
         return y if self.bias is None else y + self.bias
 
     def dequantized(self):
@@ -81,7 +90,8 @@ def quantize(model, how):
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and (HEAD or child is not model.lm_head):
-                setattr(module, child_name, Int8Linear(child))
+                tied = child is model.lm_head and child.weight is model.tok_emb.weight
+                setattr(module, child_name, Int8Linear(child, dense=tied))
     return model
 
 

@@ -6,11 +6,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import tiny_gpt, tiny_lstm
+from helpers import Recorder, tiny_gpt, tiny_lstm
 
-from model.engine import Engine
+from model.engine import Engine, Request
 from model.gpt import GPT
 from model.quantize import Int8Linear, check, parameter_count, quantize, quantize_rows, quantized
+from model.sampling import SamplingParams
 
 
 def pair(**shape):
@@ -28,7 +29,9 @@ def test_every_linear_layer_holds_int8_weights_and_the_embedding_stays_float():
     assert len(layers) == 1 + 4 * len(model.blocks)  # lm_head, and qkv, proj, fc, proj a block
     assert all(m.weight.dtype == torch.int8 and m.scale.dtype == torch.float32 for m in layers)
     assert model.tok_emb.weight.dtype == torch.float32
-    assert model.lm_head.weight.data_ptr() != model.tok_emb.weight.data_ptr()  # an int8 copy, untied
+    assert model.lm_head.weight.data_ptr() != model.tok_emb.weight.data_ptr()  # an int8 copy
+    assert model.lm_head.dense is model.tok_emb.weight  # and the float matrix, still tied, for many rows
+    assert all(m.dense is None for m in layers if m is not model.lm_head)
     assert parameter_count(model) == parameter_count(reference) == sum(p.numel() for p in reference.parameters())
 
 
@@ -45,6 +48,9 @@ def test_the_logits_stay_close_to_float32s():
     with torch.no_grad():
         a, b = reference(x)[0], model(x)[0]
     assert ((a - b).norm() / a.norm()).item() < 0.02
+    model.lm_head.dense = None  # the head's int8 copy too, as a compiled decode step of a few rows computes
+    with torch.no_grad():
+        assert ((a - model(x)[0]).norm() / a.norm()).item() < 0.02
     y = torch.randint(0, 40, (3, 16))
     with torch.no_grad():
         losses = [F.cross_entropy(m(x)[0].reshape(-1, 40), y.reshape(-1)).item() for m in (reference, model)]
@@ -69,18 +75,25 @@ def test_the_setting_takes_none_or_int8_and_names_a_bad_value():
 
 
 @pytest.mark.slow
-def test_the_compiled_step_runs_int8_weights_as_the_eager_forward_does(tmp_path):
+def test_the_compiled_step_runs_int8_weights_as_the_eager_forward_does(tmp_path, monkeypatch):
     """The decode step compiled ahead of time (model/compiled.py) over int8 weights: built for every batch size, and
-    its text the eager int8 forward's."""
+    its text the eager int8 forward's, in the reduction form (batch 1) and past GEMV_ROWS (batch 2 here: the
+    dequantized weights, the head's tied float matrix)."""
+    monkeypatch.setattr("model.quantize.GEMV_ROWS", 1)
     model = quantize(tiny_gpt(context_size=64, hidden_size=64).eval(), "int8")
     compiled = Engine(model, 2, compiled=True, compile_folder=tmp_path)
     compiled.warm_up()
     assert compiled.compiled_sizes() == ([1, 2], [1, 2]), compiled.cache.step.failed
-    constants = compiled.cache.step.runs  # the packages read the engine's int8 weights, not copies
-    assert constants and isinstance(model.blocks[0].mlp.fc, Int8Linear)
     eager = Engine(quantize(tiny_gpt(context_size=64, hidden_size=64).eval(), "int8"), 2)
-    for prompt in ([1, 2, 3], [7] * 20):
-        assert compiled.generate(prompt, 16, temperature=0) == eager.generate(prompt, 16, temperature=0)
+    for engine in (compiled, eager):
+        engine.texts = [engine.generate(p, 16, temperature=0) for p in ([1, 2, 3], [7] * 20)]  # batch 1
+        reqs = [Request(p, SamplingParams(max_new_tokens=16, temperature=0), Recorder()) for p in ([1, 2], [9] * 9)]
+        for req in reqs:
+            engine.submit(req)
+        while any(req.emit.finish is None for req in reqs):
+            engine.step()
+        engine.texts += [req.emit.tokens for req in reqs]  # batch 2
+    assert compiled.texts == eager.texts
 
 
 def test_a_quantized_model_has_gpts_interface():
