@@ -1,7 +1,8 @@
 """Int8 weight-only matrix products on GPT-2 small's linear shapes, against float32's F.linear (issue 32, item 2).
 
-    python -m benchmarks.int8_kernels [--threads 1] [--rounds 7] [--quick]
-    # docs/bench-int8-kernels.json and .md
+    python -m benchmarks.int8_kernels [--threads 1] [--rounds 7]   # docs/bench-int8-kernels.json and .md
+    python -m benchmarks.int8_kernels --loss                       # docs/bench-int8-loss.json and .md
+    python -m benchmarks.int8_kernels --decode CHECKPOINT [--gguf Q8_0.gguf]   # docs/bench-int8-decode.json, .md
 
 Candidates, each on a weight quantized per output channel (symmetric int8, a float32 scale a row):
   f32             F.linear(x, w), float32 weights (the reference)
@@ -164,6 +165,95 @@ def loss_change(checkpoint=CHECKPOINT, corpus=CORPUS, threads=1):
     return {"checkpoint": str(Path(checkpoint).relative_to(ROOT)), "val_tokens": len(val), "loss": losses}
 
 
+def decode_speed(checkpoint, gguf, threads, rounds, n=64, streams=32):
+    """Greedy decode tokens/s of `checkpoint`'s compiled step, float32 and int8 weights, at batch 1 (the engine's
+    generate, the prefill's time taken off, as benchmarks/peers.py's quill_batch1) and with `streams` requests
+    decoded together (n tokens each, their prefill included); and llama-bench's batch 1 on `gguf` (q8_0) when
+    given. Each system's step is compiled for batch sizes 1 and `streams` only, into a temporary folder."""
+    import tempfile
+
+    from benchmarks.peers import PROMPT, TOOLS, llama_batch1, quill_batch1
+    from model import quantize as Q
+    from model.checkpoint import load_checkpoint
+    from model.engine import Engine
+    from model.request import Request
+    from model.sampling import SamplingParams
+
+    class Tokens:
+        def __init__(self):
+            self.count, self.done = 0, False
+
+        def __call__(self, event):
+            self.count += hasattr(event, "id")
+            self.done = self.done or not hasattr(event, "id")
+
+    torch.set_num_threads(threads)
+    engines, ids = {}, None
+    for label, how in (("Quill float32", None), ("Quill int8", "int8")):
+        model, tokenizer, _ = load_checkpoint(checkpoint)
+        engine = Engine(Q.quantize(model, how), streams, compiled=True, compile_folder=tempfile.mkdtemp())
+        engine.cache.step.build([1, streams])
+        engines[label], ids = engine, tokenizer.encode(PROMPT)
+
+    def together(engine):
+        reqs = [Request(list(ids), SamplingParams(max_new_tokens=n, temperature=0), Tokens()) for _ in range(streams)]
+        start = time.perf_counter()
+        for req in reqs:
+            engine.submit(req)
+        while not all(req.emit.done for req in reqs):
+            engine.step()
+        return sum(req.emit.count for req in reqs) / (time.perf_counter() - start)
+
+    runs = {f"{label}, batch {b}": [] for label in engines for b in (1, streams)}
+    if gguf:
+        runs["llama.cpp q8_0, batch 1"] = []
+    for _ in range(rounds):
+        for label, engine in engines.items():
+            runs[f"{label}, batch 1"].append(quill_batch1(engine, ids, n, repeats=1))
+            runs[f"{label}, batch {streams}"].append(together(engine))
+        if gguf:
+            runs["llama.cpp q8_0, batch 1"].append(llama_batch1(TOOLS / "build" / "bin", gguf, n, threads, 1)[0])
+        print({k: round(v[-1], 1) for k, v in runs.items()}, flush=True)
+    from benchmarks.common import machine
+
+    return {"checkpoint": str(checkpoint), "gguf": str(gguf) if gguf else None, "threads": threads, "tokens": n} | {
+        "machine": machine(),
+        "streams": streams,
+        "runs": runs,
+        "median": {k: statistics.median(v) for k, v in runs.items()},
+    }
+
+
+def write_decode(result, out):
+    (out / "bench-int8-decode.json").write_text(json.dumps(result, indent=1) + "\n")
+    med, streams = result["median"], result["streams"]
+    rounds = len(next(iter(result["runs"].values())))
+    lines = [
+        "# Int8 weights: compiled decode speed",
+        "",
+        f"`python -m benchmarks.int8_kernels --decode {result['checkpoint']}"
+        + (f" --gguf {result['gguf']}" if result["gguf"] else "")
+        + f" --threads {result['threads']}` (torch {torch.__version__}, {result['threads']} torch thread(s); "
+        f"llama-bench `-t {result['threads']}`). Greedy, {result['tokens']} new tokens; batch 1: the engine's "
+        f"generate with the prefill's time taken off (llama-bench `-p 0 -n {result['tokens']}`); batch {streams}: "
+        f"{streams} requests decoded together, their prefill included. Medians of {rounds} "
+        "interleaved rounds; this machine may be shared, so compare within a column of one run only. The GGUF is "
+        "Quill's own export of the checkpoint (`python -m model.export CHECKPOINT --format gguf --dtype q8_0`); "
+        "`make bench-peers` puts GPT-2 small's shape, random weights, at .tools/llama.cpp/models/gpt2-small-random"
+        + (f"; measured on {result['machine']['cpu']}, {result['machine']['date']}." if "machine" in result else "."),
+        "",
+        "| system | tokens/s | / Quill float32 at the same batch |" + (" / llama.cpp q8_0 |" if result["gguf"] else ""),
+        "|---|---|---|" + ("---|" if result["gguf"] else ""),
+    ]
+    for label, v in med.items():
+        batch = label.rsplit(" ", 1)[1]
+        row = f"| {label} | {v:.1f} | {v / med[f'Quill float32, batch {batch}']:.2f}x |"
+        if result["gguf"]:
+            row += f" {v / med['llama.cpp q8_0, batch 1']:.2f}x |" if batch == "1" else " |"
+        lines.append(row)
+    (out / "bench-int8-decode.md").write_text("\n".join(lines) + "\n")
+
+
 def write_loss(loss, out):
     (out / "bench-int8-loss.json").write_text(json.dumps(loss, indent=1) + "\n")
     f32 = loss["loss"]["float32"]
@@ -214,11 +304,20 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
     ap.add_argument("--loss", action="store_true", help="measure the bundled GPT's validation loss instead")
     ap.add_argument("--report-only", action="store_true", help="write the kernels' page again from its JSON")
+    ap.add_argument("--decode", type=Path, help="a GPT checkpoint: measure its compiled decode speed instead")
+    ap.add_argument("--gguf", type=Path, help="with --decode: the same weights as a q8_0 GGUF, for llama-bench")
     args = ap.parse_args(argv)
-    if args.report_only:
+    if args.decode:
+        result = decode_speed(args.decode, args.gguf, args.threads, min(args.rounds, 3))
+        return write_decode(result, args.out)
+    if args.report_only:  # every page whose results are there
         raw = json.loads((args.out / "bench-int8-kernels.json").read_text())
         args.threads, args.rounds = raw["threads"], raw["rounds"]
-        return write(raw["results"], args, args.out)
+        write(raw["results"], args, args.out)
+        for name, page in (("loss", write_loss), ("decode", write_decode)):
+            if (args.out / f"bench-int8-{name}.json").exists():
+                page(json.loads((args.out / f"bench-int8-{name}.json").read_text()), args.out)
+        return None
     if args.loss:
         loss = loss_change(threads=args.threads)
         print(json.dumps(loss, indent=1))

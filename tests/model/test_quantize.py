@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from helpers import Recorder, tiny_gpt, tiny_lstm
+from service_helpers import wait_until
 
 from model.engine import Engine, Request
 from model.gpt import GPT
@@ -101,3 +102,25 @@ def test_a_quantized_model_has_gpts_interface():
     assert isinstance(model, GPT)
     logits, loss = model(torch.randint(0, 40, (2, 8)), torch.randint(0, 40, (2, 8)))
     assert logits.shape == (2, 8, 40) and torch.isfinite(loss)
+
+
+@pytest.mark.slow
+def test_a_background_builder_compiles_the_int8_step_the_engine_loads(tmp_path):
+    """As a server compiles (model/compiled.py's builder process, from the checkpoint file): the builder quantizes
+    what it loads as the engine did (`--quantize int8`), so its packages' keys and constants are the engine's."""
+    from model import load_checkpoint, save_checkpoint
+    from model.tokenizer import ByteTokenizer
+
+    weights = tmp_path / "model.safetensors"
+    save_checkpoint(weights, tiny_gpt(256, context_size=32), ByteTokenizer(), {})
+    model = quantize(load_checkpoint(weights)[0], "int8")
+    engine = Engine(model, 2, compiled=True, compile_folder=tmp_path / "kept", weights=weights, threads=1)
+    engine.start()
+    try:
+        built = lambda: engine.compiled_sizes() == ([1, 2], [1, 2]) and not engine.cache.step.building  # noqa: E731
+        assert wait_until(built, timeout=600), engine.cache.step.failed
+        text = engine.generate([1, 2, 3], 20, temperature=0)
+    finally:
+        engine.stop()
+    assert text == Engine(quantize(load_checkpoint(weights)[0], "int8"), 2).generate([1, 2, 3], 20, temperature=0)
+    assert len(list((tmp_path / "kept").glob("decode-*.pt2"))) == 2
