@@ -45,8 +45,8 @@ class Settings(BaseSettings):
     # docs/benchmarks-peers.md)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # int8: store each GPT's linear layers' weights as int8 with a scale per output channel (weight-only,
-    # model/quantize.py), after the dtype cast: a quarter of float32's bytes a step reads, and about 1.5x the
-    # compiled batch-1 decode speed of GPT-2 small's shape on this CPU; none (or unset): the dtype's weights
+    # model/quantize.py), after the dtype cast: a quarter of float32's bytes a step reads, and 1.7x the compiled
+    # batch-1 decode speed of GPT-2 small's shape here (docs/bench-int8-decode.md); none (or unset): as dtype
     quantize: Literal["none", "int8"] | None = None
     max_running: int = Field(32, ge=1)  # requests decoded together, per model (the batch size)
     max_queued: int = Field(64, ge=0)  # requests waiting for a slot, per model; beyond: 429

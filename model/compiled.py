@@ -14,7 +14,8 @@ A server compiles in the background (build_in_background): it serves with the ea
 builder process (`python -m model.compiled`, niced) compiles each batch size that has no package yet, and the
 engine switches to each package as it is loaded. Packages are kept in a folder (QUILL_COMPILE_CACHE; default
 $XDG_CACHE_HOME/quill/compiled, else ~/.cache/quill/compiled), each named by a key of all that shapes its code:
-the weights' bytes, the model's config, this module's and model/gpt.py's source, the batch size, torch's
+the weights' bytes (int8 ones too: QUILL_QUANTIZE, model/quantize.py, which the builder applies as the engine
+did), the model's config, the source of this module, model/gpt.py and model/quantize.py, the batch size, torch's
 version, and the machine it runs on (on a CPU: the processor's model and flags, since the library is built for
 this one's, and torch's thread count, which its kernels bake in; on a GPU: its name and compute capability). A
 package whose key matches loads in about a second; any change compiles anew.

@@ -13,10 +13,11 @@ No library kernel pays here (docs/bench-int8-kernels.md, torch 2.13 on this CPU)
 2-3x slower than float32's F.linear at one row and 15-20x at 32, and torchao's int8 weight-only (which dequantizes
 the weight to float, then multiplies) is slower at one row. What pays at batch 1 is inductor's code: the product
 written as a reduction, (x[:, None, :] * q.to(x.dtype)).sum(-1) * scale, compiles to one loop that reads each int8
-weight once and converts it in registers, about 1.9x float32's F.linear at one row. It is the compiled decode
-step's (model/compiled.py) form for up to GEMV_ROWS rows; more rows, and every eager forward (prefills, decoding
-before the step is built or with QUILL_COMPILE=0), dequantize the weight and call F.linear, slower than float32
-(the head: the float embedding's F.linear, float32's own speed).
+weight once and converts it in registers: 1.5-1.8x float32's F.linear at one row, and GPT-2 small's compiled
+batch-1 step 1.7x float32's (docs/bench-int8-decode.md). It is the compiled decode step's (model/compiled.py) form
+for up to GEMV_ROWS rows; more rows, and every eager forward (prefills, decoding before the step is built or with
+QUILL_COMPILE=0), dequantize the weight and call F.linear: about float32's speed compiled, 0.7x eagerly at one row
+(the head: the float embedding's own F.linear, float32's speed).
 """
 
 import torch
@@ -38,7 +39,7 @@ def check(quantize):
 
 
 def quantize_rows(w):
-    """(int8 weight, scale per row in w's dtype): symmetric, per output channel, computed in float32."""
+    """(int8 weight, float32 scale per row): symmetric, per output channel."""
     w = w.detach().float()
     scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
     return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
