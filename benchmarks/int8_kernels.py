@@ -148,7 +148,7 @@ def run(args):
 def loss_change(checkpoint=CHECKPOINT, corpus=CORPUS, threads=1):
     """The validation split's mean loss per token of `checkpoint` in float32; with int8 weights (model/quantize.py)
     as an eager forward of many rows computes (the blocks' linear layers int8, the head the tied float embedding);
-    and with the head's int8 copy too, as the compiled decode step of up to GEMV_ROWS rows computes."""
+    and with the head's int8 copy too, as the compiled decode step of up to HEAD_ROWS rows computes."""
     from model import quantize as Q
     from model.checkpoint import load_checkpoint
     from train.data import encode_text, full_loss

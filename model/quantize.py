@@ -6,8 +6,8 @@ and the KV cache keep the model's dtype. llama.cpp's q8_0 is its counterpart (in
 The tied lm_head is quantized too, as a copy of its own: the token embedding stays in the model's dtype (a lookup
 reads one row of it a token, so its size costs nothing a step), and lm_head is the largest matrix a step reads
 (GPT-2 small: 38.6M of its 124M parameters). Where the int8 copy does not pay (the forwards of more than
-GEMV_ROWS rows, below) the head multiplies by the embedding itself, still tied to it (`dense`): the head's int8
-weight is used at decode batch sizes up to GEMV_ROWS only. Set HEAD = False to keep it tied and unquantized.
+HEAD_ROWS rows, below) the head multiplies by the embedding itself, still tied to it (`dense`): the head's int8
+weight is used at decode batch sizes up to HEAD_ROWS only. Set HEAD = False to keep it tied and unquantized.
 
 No library kernel pays here (docs/bench-int8-kernels.md, torch 2.13 on this CPU): torch._weight_int8pack_mm is
 2-3x slower than float32's F.linear at one row and 15-20x at 32, and torchao's int8 weight-only (which dequantizes
@@ -15,9 +15,9 @@ the weight to float, then multiplies) is slower at one row. What pays at batch 1
 written as a reduction, (x[:, None, :] * q.to(x.dtype)).sum(-1) * scale, compiles to one loop that reads each int8
 weight once and converts it in registers: 1.5-1.8x float32's F.linear at one row, and GPT-2 small's compiled
 batch-1 step 1.7x float32's (docs/bench-int8-decode.md). It is the compiled decode step's (model/compiled.py) form
-for up to GEMV_ROWS rows; more rows, and every eager forward (prefills, decoding before the step is built or with
-QUILL_COMPILE=0), dequantize the weight and call F.linear: about float32's speed compiled, 0.7x eagerly at one row
-(the head: the float embedding's own F.linear, float32's speed).
+for up to GEMV_ROWS rows (the head: HEAD_ROWS); more rows, and every eager forward (prefills, decoding before the
+step is built or with QUILL_COMPILE=0), dequantize the weight and call F.linear: about float32's speed compiled,
+0.7x eagerly at one row (the head: the float embedding's own F.linear, float32's speed).
 """
 
 import torch
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 QUANTIZE = ("int8",)  # the values QUILL_QUANTIZE (and model.compiled's --quantize) take, besides none
 HEAD = True  # quantize the tied lm_head (as an untied int8 copy)
 GEMV_ROWS = 8  # rows (batch x tokens) up to which a compiled forward uses the reduction form
+HEAD_ROWS = 4  # ... the head's (past 4 rows its float matrix is faster: 1.15x float32 at 4, 0.85x at 8)
 
 
 def check(quantize):
@@ -61,7 +62,8 @@ class Int8Linear(nn.Module):
         self.dense = linear.weight if dense else None  # the same Parameter: tied as it was
 
     def forward(self, x):
-        if torch.compiler.is_compiling() and x.numel() <= GEMV_ROWS * self.in_features:
+        rows = GEMV_ROWS if self.dense is None else HEAD_ROWS
+        if torch.compiler.is_compiling() and x.numel() <= rows * self.in_features:
             # x stored, not recomputed for every output (inductor would inline a layer norm or an embedding lookup
             # into the loop below): as_strided's lowering realizes its input
             x = torch.as_strided(x, x.size(), x.stride())

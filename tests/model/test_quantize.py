@@ -81,6 +81,7 @@ def test_the_compiled_step_runs_int8_weights_as_the_eager_forward_does(tmp_path,
     its text the eager int8 forward's, in the reduction form (batch 1) and past GEMV_ROWS (batch 2 here: the
     dequantized weights, the head's tied float matrix)."""
     monkeypatch.setattr("model.quantize.GEMV_ROWS", 1)
+    monkeypatch.setattr("model.quantize.HEAD_ROWS", 1)
     model = quantize(tiny_gpt(context_size=64, hidden_size=64).eval(), "int8")
     compiled = Engine(model, 2, compiled=True, compile_folder=tmp_path)
     compiled.warm_up()
