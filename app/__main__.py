@@ -1,4 +1,5 @@
-"""python -m app [--checkpoint PATH [PATH ...]] [--host H] [--port P] [--device D] [--dtype T] [--no-compile]
+"""python -m app [--checkpoint PATH [PATH ...]] [--host H] [--port P] [--device D] [--dtype T] [--quantize Q]
+    [--no-compile]
 
 Start-up checks what it can before loading any model (the settings, that each checkpoint exists, that
 the port is free), and a failure to start is one line on stderr and exit 1, never a traceback.
@@ -117,6 +118,7 @@ def parse_args(argv):
     p.add_argument(
         "--dtype", help="weights' precision: auto (bfloat16 on a CUDA GPU, else float32), float32, bfloat16, float16"
     )
+    p.add_argument("--quantize", help="none (the default), or int8: int8 linear weights, weight-only (QUILL_QUANTIZE)")
     p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
@@ -173,6 +175,7 @@ def main(argv=None):
                 "device": args.device,
                 "compile": args.compile,
                 "dtype": args.dtype,
+                "quantize": args.quantize,
             }.items()
             if v is not None
         }

@@ -18,6 +18,7 @@ from model.checkpoint import (
 )
 from model.engine import Engine
 from model.engine_process import EngineProcess
+from model.quantize import quantize as quantize_model
 
 TRAIN_HINT = (
     "train one with: python -m train --data ../shared/data/tinyshakespeare.txt "
@@ -81,6 +82,21 @@ def engine_threads(model):
     return cores if sum(p.numel() for p in model.parameters()) >= ALL_CORES_FROM else max(1, cores - 1)
 
 
+def engine_options(settings, supervision):
+    """load_served_model's arguments that the service's settings give (all but the file, device, dtype and on_step);
+    `supervision`: an engine process's on_restart and on_give_up (its timeout is a setting)."""
+    return {
+        "max_batch": settings.max_running,
+        "threads": settings.torch_threads or None,
+        "compiled": settings.compile,
+        "process": settings.engine_process,
+        "compile_folder": settings.compile_cache,
+        "supervision": {"timeout": settings.engine_timeout, **supervision},
+        "prefix_cache": settings.prefix_cache,
+        "quantize": settings.quantize,
+    }
+
+
 def load_served_model(
     weights,
     device,
@@ -93,12 +109,15 @@ def load_served_model(
     compile_folder=None,
     supervision=None,
     prefix_cache=True,
+    quantize=None,
 ):
     """`threads`: the engine's torch threads (None: engine_threads). `process`: run the engine in a child process
     of its own (EngineProcess), which alone holds the weights: the model here is then on the meta device, read from
     the checkpoint's header, and only describes it (config, type, parameter count, dtype); `supervision`: its
     timeout, on_restart and on_give_up (EngineProcess's arguments). `compile_folder`: where compiled decode steps
-    are kept (model/compiled.py). `prefix_cache`: reuse the prefixes that cache rows hold (model/cache.py)."""
+    are kept (model/compiled.py). `prefix_cache`: reuse the prefixes that cache rows hold (model/cache.py).
+    `quantize`: "int8" stores a GPT's linear weights as int8 (model/quantize.py), in the engine's copy (the model
+    here then too, when the engine runs in this process); None: as `dtype`."""
     weights = Path(weights)
     model, tokenizer, meta = describe_checkpoint(weights) if process else load_checkpoint(weights, device=device)
     model.to(dtype)  # once, here: the engine's caches and steps take the weights' dtype (and the model card says it)
@@ -110,6 +129,7 @@ def load_served_model(
             "compiled": compiled and isinstance(model, GPT),
             "compile_folder": compile_folder,
             "prefix_cache": prefix_cache,
+            "quantize": quantize,
             **(supervision or {}),
         }
         context = model.config.context_size if isinstance(model, GPT) else None
@@ -117,6 +137,7 @@ def load_served_model(
             weights, device, dtype, max_batch, on_step=on_step, threads=threads, name=name, context=context, **kept
         )
     else:
+        quantize_model(model, quantize)  # after engine_threads counted the parameters (int8 weights are buffers)
         kept = {"compiled": compiled, "compile_folder": compile_folder, "weights": weights}  # compiled from weights
         engine = Engine(
             model, max_batch, on_step=on_step, threads=threads, prefix_cache=prefix_cache, tokenizer=tokenizer, **kept

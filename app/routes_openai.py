@@ -8,6 +8,7 @@ from app import completions, streaming
 from app.chat import chat_prompt
 from app.errors import error_responses
 from app.protocol import ChatRequest, CompletionRequest
+from model.quantize import parameter_count
 
 router = APIRouter(prefix="/v1")
 
@@ -60,7 +61,7 @@ def describe(m):
         "owned_by": "quill",
         "model_type": m.meta["model_type"],
         "checkpoint_sha256": m.sha256,
-        "parameters": sum(p.numel() for p in m.model.parameters()),
+        "parameters": parameter_count(m.model),  # int8 weights (QUILL_QUANTIZE) among them
         "dtype": str(next(m.model.parameters()).dtype).removeprefix("torch."),  # as served (QUILL_DTYPE)
         "context_size": context,
         "tokenizer": {"kind": m.tokenizer.kind, "vocab_size": m.tokenizer.vocab_size},

@@ -11,7 +11,7 @@ from app import constraints
 from app.errors import APIError
 from app.logprobs import TokenLogprob, prompt_logprobs, scored
 from app.protocol import choice_seeds, prompt_ids
-from app.registry import checkpoint_files, load_served_model
+from app.registry import checkpoint_files, engine_options, load_served_model
 from app.relay import EventRelay
 from app.textstream import TextStream
 from model.device import pick_device, pick_dtype
@@ -107,29 +107,17 @@ class Service:
         device = pick_device(self.settings.device)
         dtype = pick_dtype(self.settings.dtype, device)
         log.info(
-            "loading %s on %s in %s",
+            "loading %s on %s in %s%s",
             ", ".join(f"{name} ({path})" for name, path in files.items()),
             device,
             str(dtype).removeprefix("torch."),
+            ", linear weights int8" if self.settings.quantize == "int8" else "",
         )
         for name, path in files.items():
-            self.models[name] = load_served_model(
-                path,
-                device,
-                self.settings.max_running,
-                self.metrics.batch_size.observe,
-                self.settings.torch_threads or None,
-                self.settings.compile,
-                dtype,
-                self.settings.engine_process,
-                self.settings.compile_cache,
-                {
-                    "timeout": self.settings.engine_timeout,
-                    "on_restart": partial(self._restarted, name),
-                    "on_give_up": partial(self._gave_up, name),
-                },
-                self.settings.prefix_cache,
-            )
+            supervision = {"on_restart": partial(self._restarted, name), "on_give_up": partial(self._gave_up, name)}
+            options = engine_options(self.settings, supervision)
+            on_step = self.metrics.batch_size.observe
+            self.models[name] = load_served_model(path, device, dtype=dtype, on_step=on_step, **options)
         self.metrics.track_engines([m.engine for m in self.models.values()])
 
     def start(self):

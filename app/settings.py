@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     # 8.0 or more (model/device.py), else float32 (on this 2-core CPU bfloat16 changed decode speed little:
     # docs/benchmarks-peers.md)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # int8: store each GPT's linear layers' weights as int8 with a scale per output channel (weight-only,
+    # model/quantize.py), after the dtype cast: a quarter of float32's bytes a step reads, and 1.7x the compiled
+    # batch-1 decode speed of GPT-2 small's shape here (docs/bench-int8-decode.md); none (or unset): as dtype
+    quantize: Literal["none", "int8"] | None = None
     max_running: int = Field(32, ge=1)  # requests decoded together, per model (the batch size)
     max_queued: int = Field(64, ge=0)  # requests waiting for a slot, per model; beyond: 429
     max_body_bytes: int = Field(256 * 1024, ge=1024)  # larger request bodies get 413

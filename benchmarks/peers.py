@@ -52,6 +52,7 @@ from benchmarks.peer_models import MODELS, checkpoint_for, hf_source
 from benchmarks.peer_report import BATCH1, FIRST, START, Recorder, agreement, readme_block, report
 from model import load_checkpoint
 from model.engine import Engine
+from model.quantize import quantize
 from train.data import encode_text, full_loss
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,11 +70,14 @@ MODES = {"greedy": 0.0, "sampled": 0.8}
 # Quill's systems: the server's environment (None: unset, the default) and the weights' precision (auto is
 # float32 on a CPU)
 QUILLS = {
-    "Quill": ({"QUILL_COMPILE": None, "QUILL_DTYPE": None}, "float32"),
-    "Quill eager": ({"QUILL_COMPILE": "0", "QUILL_DTYPE": None}, "float32"),
-    "Quill bf16": ({"QUILL_COMPILE": None, "QUILL_DTYPE": "bfloat16"}, "bfloat16"),
+    "Quill": ({"QUILL_COMPILE": None, "QUILL_DTYPE": None, "QUILL_QUANTIZE": None}, "float32"),
+    "Quill eager": ({"QUILL_COMPILE": "0", "QUILL_DTYPE": None, "QUILL_QUANTIZE": None}, "float32"),
+    "Quill bf16": ({"QUILL_COMPILE": None, "QUILL_DTYPE": "bfloat16", "QUILL_QUANTIZE": None}, "bfloat16"),
+    # int8 linear weights, weight-only (model/quantize.py); activations, the embedding and the KV cache float32
+    "Quill int8": ({"QUILL_COMPILE": None, "QUILL_DTYPE": None, "QUILL_QUANTIZE": "int8"}, "float32"),
 }
-AGAINST = {"f32": "Quill", "f16": "Quill bf16", "q8_0": "Quill bf16"}  # llama.cpp's precision: the Quill it meets
+SYSTEMS = ["Quill", "Quill eager", "Quill bf16"]  # the servers a run measures unless --systems says
+AGAINST = {"f32": "Quill", "f16": "Quill bf16", "q8_0": "Quill int8"}  # llama.cpp's precision: the Quill it meets
 # rounds of 32 streams sent while a first start compiles: a few, since the builder is niced and a steady load
 # would starve it (GPT-2 small's compile would outlast the run)
 COMPILE_ROUNDS = 3
@@ -139,7 +143,7 @@ def parse_args(argv=None):
         help="text whose validation split measures what bf16 weights cost in loss (default: Tiny Shakespeare)",
     )
     ap.add_argument(
-        "--systems", default=",".join(QUILLS), help=f"Quill's servers, comma-separated, of {', '.join(QUILLS)}"
+        "--systems", default=",".join(SYSTEMS), help=f"Quill's servers, comma-separated, of {', '.join(QUILLS)}"
     )
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp's -t and the batch-1 engine's torch threads")
     ap.add_argument(
@@ -236,7 +240,7 @@ def quill_engine(checkpoint, system, compile_folder):
     its own) with this process's torch threads, warmed up (so compiled now, when the system compiles); and the
     prompt's ids."""
     model, tokenizer, _ = load_checkpoint(checkpoint)
-    model.to(getattr(torch, QUILLS[system][1]))
+    quantize(model.to(getattr(torch, QUILLS[system][1])), QUILLS[system][0]["QUILL_QUANTIZE"])
     engine = Engine(model, max_batch=1, compiled=compiles(system), compile_folder=compile_folder)
     engine.warm_up()
     sizes = engine.compiled_sizes()
@@ -507,7 +511,7 @@ def write_pages(raw):
 
 def rerun(args):
     """The command that makes this page again: make bench-peers for the defaults, else the options given."""
-    every = args.get("systems", list(QUILLS)) == list(QUILLS)
+    every = args.get("systems", SYSTEMS) == SYSTEMS
     if args["models"] == DEFAULT_MODELS.split(",") and not args["quick"] and args["tokens"] is None and every:
         return "make bench-peers"
     options = f"--models {','.join(args['models'])} --rounds {args['rounds']} --dtypes {','.join(args['dtypes'])}"

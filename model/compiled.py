@@ -14,7 +14,8 @@ A server compiles in the background (build_in_background): it serves with the ea
 builder process (`python -m model.compiled`, niced) compiles each batch size that has no package yet, and the
 engine switches to each package as it is loaded. Packages are kept in a folder (QUILL_COMPILE_CACHE; default
 $XDG_CACHE_HOME/quill/compiled, else ~/.cache/quill/compiled), each named by a key of all that shapes its code:
-the weights' bytes, the model's config, this module's and model/gpt.py's source, the batch size, torch's
+the weights' bytes (int8 ones too: QUILL_QUANTIZE, model/quantize.py, which the builder applies as the engine
+did), the model's config, the source of this module, model/gpt.py and model/quantize.py, the batch size, torch's
 version, and the machine it runs on (on a CPU: the processor's model and flags, since the library is built for
 this one's, and torch's thread count, which its kernels bake in; on a GPU: its name and compute capability). A
 package whose key matches loads in about a second; any change compiles anew.
@@ -41,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model import gpt
+from model import gpt, quantize
 from model.gpt import GPT, KVCache
 
 log = logging.getLogger("quill")
@@ -90,7 +91,7 @@ def weights_key(model: GPT):
         h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     h.update(json.dumps(asdict(model.config), sort_keys=True).encode())
-    for source in (gpt.__file__, __file__):
+    for source in (gpt.__file__, quantize.__file__, __file__):
         h.update(Path(source).read_bytes())
     h.update(torch.__version__.encode())
     return h
@@ -246,6 +247,7 @@ class CompiledSteps:
         command = [*nice, sys.executable, "-m", "model.compiled", str(self.weights), "--device", str(self.device)]
         command += ["--dtype", dtype, "--threads", str(threads), "--folder", str(paths[sizes[0]].parent)]
         command += ["--sizes", ",".join(map(str, sizes)), "--child"]
+        command += ["--quantize", quantize.quantized(self.model) or "none"]  # the weights as the engine's
         root = str(Path(__file__).resolve().parent.parent)  # where `model` is imported from, wherever the cwd
         env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         log.info("compiling the decode step for batch sizes %s in the background", ", ".join(map(str, sizes)))
@@ -311,6 +313,7 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, required=True, help="the torch threads the engine decodes with")
     ap.add_argument("--folder", type=Path, default=None)
+    ap.add_argument("--quantize", type=quantize.check, default=None, help="int8: as the engine's (model/quantize.py)")
     ap.add_argument("--child", action="store_true", help="end when stdin closes; ignore SIGINT and SIGTERM")
     args = ap.parse_args(argv)
     if args.child:  # an engine's builder: its parent's to stop, by closing stdin
@@ -326,6 +329,7 @@ def main(argv=None):
             print(why, flush=True)
             return 1
         model = load_checkpoint(args.weights, device=args.device)[0].to(getattr(torch, args.dtype))
+        quantize.quantize(model, args.quantize)
         sizes = [int(n) for n in args.sizes.split(",")]
         folder = writable_folder(args.folder or default_folder())
         for n, path in package_paths(model, sizes, folder, args.threads).items():

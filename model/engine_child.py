@@ -22,13 +22,14 @@ STARTED = -2  # ... and the ids of the requests the engine has begun (admitted t
 TICK = 0.25  # how often a waiting side looks again
 
 
-def serve(conn, weights, device, dtype, max_batch, threads, compiled, compile_folder, prefix_cache, logs):
+def serve(conn, weights, device, dtype, max_batch, threads, compiled, compile_folder, prefix_cache, quantize, logs):
     """The child process: load, warm up, say ("ready", None) (or ("failed", why)), then step until told to stop,
     while its decode step compiles in the background (saying ("built", (batch sizes built, planned)) as each is
     loaded, or ("built", None) once compiling has failed). `logs`: (level, formatter, model name) of the server's
     log, so that the engine's lines read as the server's own, each naming its model."""
     from model import load_checkpoint
     from model.engine import Engine
+    from model.quantize import quantize as quantize_model
 
     # Ctrl-C, or a SIGTERM to the process group (make serve, systemd), is the server's to handle: it drains, then
     # stops this process over the pipe; if the server dies, the pipe's end stops it
@@ -46,7 +47,7 @@ def serve(conn, weights, device, dtype, max_batch, threads, compiled, compile_fo
         if threads:
             torch.set_num_threads(threads)
         model, tokenizer, _ = load_checkpoint(weights, device=device)
-        model = model.to(dtype)
+        model = quantize_model(model.to(dtype), quantize)  # int8 linear weights (model/quantize.py), when asked
         on_step = lambda n: out.append((STEP, n, None))  # noqa: E731
         kept = {"compiled": compiled, "compile_folder": compile_folder, "weights": weights}
         kept |= {"prefix_cache": prefix_cache, "tokenizer": tokenizer}

@@ -27,12 +27,12 @@ import multiprocessing.connection
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import partial
 
 from model.cache import batch_buckets
 from model.engine_child import STARTED, STEP, TICK, Child, server_logs
-from model.request import Finished, Outcome, Request, Token
+from model.request import Finished, Outcome, Request, Token, Tracked
 from model.sampling import SamplingParams
 from model.scoring import PromptLogprobs
 
@@ -43,22 +43,6 @@ log = logging.getLogger("quill")
 # cores 15 s (measured), so an estimated 70 s for GPT-2 XL's (4.4x the parameters); the bundled models take ms
 TIMEOUT = 120.0
 CRASH_LOOP, CRASH_WINDOW = 5, 60.0  # this many deaths within this many seconds: give up
-
-
-@dataclass
-class Tracked:
-    """A request the child holds, with what it has delivered so far: what a new child needs to resume it."""
-
-    req: Request
-    tokens: list = field(default_factory=list)
-    last: bool = False  # its last Token was delivered (Token.last): only its Finished was to follow
-    scored: bool = False  # its PromptLogprobs were delivered: not asked for again
-    started: bool = False  # the child has begun it (admitted to its batch or its scoring)
-    progress_at_death: int | None = None  # its progress at the last death it saw, when it had been begun
-
-    @property
-    def progress(self):
-        return len(self.tokens) + self.scored
 
 
 class EngineProcess:
@@ -79,6 +63,7 @@ class EngineProcess:
         compiled=False,
         compile_folder=None,
         prefix_cache=True,
+        quantize=None,
         *,
         name="model",
         context=None,
@@ -87,7 +72,8 @@ class EngineProcess:
         on_give_up=None,
     ):
         logs = server_logs(name)
-        self.args = (str(weights), str(device), dtype, max_batch, threads, compiled, compile_folder, prefix_cache, logs)
+        self.args = (str(weights), str(device), dtype, max_batch, threads, compiled, compile_folder, prefix_cache)
+        self.args += (quantize, logs)
         # (batch sizes whose compiled step the child has loaded, those planned); None: it decodes eagerly only
         self.compiled = ([], batch_buckets(max_batch)) if compiled else None
         self.name, self.max_batch, self.context, self.timeout = name, max_batch, context, timeout

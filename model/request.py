@@ -78,3 +78,19 @@ class Outcome:
         if self.events[-1].reason == "error":
             raise RuntimeError(self.events[-1].error)
         return [event.id for event in self.events if isinstance(event, Token)]
+
+
+@dataclass
+class Tracked:
+    """A request the child holds, with what it has delivered so far: what a new child needs to resume it."""
+
+    req: Request
+    tokens: list = field(default_factory=list)
+    last: bool = False  # its last Token was delivered (Token.last): only its Finished was to follow
+    scored: bool = False  # its PromptLogprobs were delivered: not asked for again
+    started: bool = False  # the child has begun it (admitted to its batch or its scoring)
+    progress_at_death: int | None = None  # its progress at the last death it saw, when it had been begun
+
+    @property
+    def progress(self):
+        return len(self.tokens) + self.scored

@@ -112,8 +112,12 @@ def test_compile_progress_is_done_only_once_every_batch_size_is_compiled_and_fai
 
 
 def test_peers_options_quick_means_one_round_and_bad_names_are_refused(capsys):
-    args = parse_args(["--quick", "--models", "bundled", "--dtypes", "f16,q8_0"])
+    args = parse_args(["--quick", "--models", "bundled", "--dtypes", "f16,q8_0", "--systems", "Quill bf16,Quill int8"])
     assert (args.rounds, args.models, args.dtypes, args.tokens) == (1, ["bundled"], ["f16", "q8_0"], 32)
+    assert parse_args([]).systems == ["Quill", "Quill eager", "Quill bf16"]  # Quill int8 when asked for
+    with pytest.raises(SystemExit):
+        parse_args(["--dtypes", "f32,q8_0"])  # q8_0 meets Quill int8, which --systems leaves out
+    assert "q8_0 meets Quill int8" in capsys.readouterr().err
     for bad, named in ((["--dtypes", "f8"], "f8"), (["--models", "7B"], "7B"), (["--rounds", "0"], "--rounds")):
         with pytest.raises(SystemExit):
             parse_args(bad)
