@@ -490,18 +490,18 @@ def one_round(bin_dir, model, checkpoint, engines, ggufs, ctx, n, runs, args, fo
         llama_round(record, model, bin_dir, dtype, gguf, ctx, n, runs, args.threads)
 
 
-def results_name(models, quick):
+def results_name(models, quick, systems=()):
     """The stem of a run's files: the default models' page is the one README.md and docs/benchmarks.md cite,
-    another set of models gets files of its own."""
+    another set of models gets files of its own, and a run with Quill int8 files of its own again."""
     own = "-".join(re.sub(r"[^A-Za-z0-9]+", "_", m) for m in models)
-    suffix = "" if models == DEFAULT_MODELS.split(",") else f"-{own}"
+    suffix = ("" if models == DEFAULT_MODELS.split(",") else f"-{own}") + "-int8" * ("Quill int8" in systems)
     return ("bench-peers-quick" if quick else "bench-peers") + suffix, suffix
 
 
 def write_pages(raw):
     """The page of a results file (and, for the default models' full run, README's block)."""
     args = raw["args"]
-    name, suffix = results_name(args["models"], args["quick"])
+    name, suffix = results_name(args["models"], args["quick"], args.get("systems", ()))
     page = report(raw, rerun(args))
     (DOCS / (f"{name}.md" if args["quick"] else f"benchmarks-peers{suffix}.md")).write_text(page + "\n")
     if name == "bench-peers" and DOCS == ROOT / "docs":
@@ -523,7 +523,7 @@ def rerun(args):
 def main(argv=None):
     args = parse_args(argv)
     if args.report_only:
-        path = DOCS / f"{results_name(args.models, args.quick)[0]}.json"
+        path = DOCS / f"{results_name(args.models, args.quick, args.systems)[0]}.json"
         raw = json.loads(path.read_text())
         if "quill_systems" not in raw:
             raise SystemExit(f"{path} was written by an earlier benchmarks.peers, without its systems: run it again")
@@ -561,7 +561,7 @@ def main(argv=None):
     finally:
         for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)
-    name = results_name(args.models, args.quick)[0]
+    name = results_name(args.models, args.quick, args.systems)[0]
     raw = {
         "file": f"{name}.json",
         "args": vars(args) | {"corpus": str(args.corpus), "logs": str(args.logs)},
