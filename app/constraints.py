@@ -34,7 +34,8 @@ def grammar_of(field, value):
     else:
         grammar = LLMatcher.grammar_from_regex(value) if field == "regex" else LLMatcher.grammar_from_lark(value)
     if error := LLMatcher.validate_grammar(grammar):
-        raise ValueError(("the JSON schema: " if field == "response_format" else "") + error.strip())
+        what = "the JSON schema" if field == "response_format" else "it does not compile"
+        raise ValueError(f"{what}: {error.strip()}")
     return grammar
 
 

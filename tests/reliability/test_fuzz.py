@@ -29,6 +29,12 @@ REFUSALS_BY_MEANING = (
     "max_tokens is 0 without echo",
     "top_logprobs needs logprobs: true",
     "one of content and prompt",  # /tokenize: either's name for the text, which the schema cannot say
+    # an output format (app/constraints.py): one a request, json_schema with its type, and a regex, grammar or
+    # schema that llguidance compiles
+    "give one output format",
+    "json_schema is given with type json_schema",
+    "it does not compile",
+    "the JSON schema",
 )
 LONG_RUN_REQUESTS = 5000
 
