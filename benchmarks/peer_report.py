@@ -49,7 +49,7 @@ class Recorder:
     """Every round's value of each (model, test, system), in order of first appearance; greedy texts."""
 
     def __init__(self):
-        self.values, self.texts, self.trees, self.version = {}, {}, {}, "?"
+        self.values, self.texts, self.trees, self.version, self.no_repack = {}, {}, {}, "?", set()
 
     def __call__(self, model, test, system, value):
         self.values.setdefault((model, test, system), []).append(value)
@@ -276,9 +276,23 @@ def report(raw, rerun):
             "",
             trees_line(raw) + ".",
             "",
+            *repack_lines(raw),
             f"Load average (`uptime`: 1, 5, 15 min) at the start: {load[0]}; at the end: {load[1]}.",
         ]
     )
+
+
+def repack_lines(raw):
+    """Which llama-server runs went without llama.cpp's weight repacking, and why, if any did."""
+    servers = raw.get("llama_server_no_repack")
+    if not servers:
+        return []
+    return [
+        f"llama-server for {', '.join(servers)} crashed at start with its weights repacked (its default; on this "
+        "machine llama.cpp's AMX kernels for quantized weights fault on batches of more than one row), so its HTTP "
+        "figures are with `--no-repack`; its batch-1 figure (llama-bench, one row at a time) is with repacking.",
+        "",
+    ]
 
 
 def readme_block(raw):

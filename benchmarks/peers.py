@@ -192,7 +192,7 @@ def llama_tokens(bin_dir, gguf, ctx, threads):
     as the ids of its 3 likeliest (the chosen one first): random weights tend to repeat a token, and the
     runners-up show more of the logits."""
     port = free_port()
-    proc = start_llama_server(bin_dir, gguf, port, threads, 1, ctx)
+    proc = start_llama_server(bin_dir, gguf, port, threads, 1, ctx)[0]
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
             ids = [client.post("/tokenize", json={"content": t}).json()["tokens"] for t in CHECK_TEXTS]
@@ -457,17 +457,30 @@ def quill_round(record, model, checkpoint, system, folder, n, runs, first, args)
 
 
 def start_llama_server(bin_dir, gguf, port, threads, slots, ctx):
-    cmd = [bin_dir / "llama-server", "-m", gguf, "-t", threads, "-np", slots, "-c", slots * ctx, "--port", port]
-    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return wait_ready(proc, f"http://127.0.0.1:{port}/health", 120, f"llama-server on {gguf}")
+    """llama-server on `gguf`, ready, and whether it repacks the weights (its default). Where its repacked kernels
+    crash (on this machine its AMX kernels for quantized weights die at `ldtilecfg` on batches of more than one
+    row, where llama-bench's `-p 0` never runs one), it runs again with `--no-repack`, and says so."""
+    for repack in (True, False):
+        cmd = [bin_dir / "llama-server", "-m", gguf, "-t", threads, "-np", slots, "-c", slots * ctx, "--port", port]
+        proc = subprocess.Popen(
+            [str(c) for c in cmd + ["--no-repack"] * (not repack)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            return wait_ready(proc, f"http://127.0.0.1:{port}/health", 120, f"llama-server on {gguf}"), repack
+        except SystemExit:
+            if not repack or proc.wait() not in (-signal.SIGSEGV, -signal.SIGILL):
+                raise
+            print(f"llama-server crashed ({signal.Signals(-proc.returncode).name}) on {gguf}: --no-repack", flush=True)
 
 
 def llama_round(record, model, bin_dir, dtype, gguf, ctx, n, runs, threads):
     """llama-server with one slot per stream: for each of 1 and 32 streams, a server of its own."""
     for clients in STREAMS:
         port, t0 = free_port(), time.perf_counter()
-        proc = start_llama_server(bin_dir, gguf, port, threads, clients, ctx)
+        proc, repacked = start_llama_server(bin_dir, gguf, port, threads, clients, ctx)
         ready = time.perf_counter() - t0
+        if not repacked:
+            record.no_repack.add(f"llama.cpp {dtype}")
         try:
             results, failed = measure(port, LLAMA, [clients], n, runs)
             memory = tree_memory(proc.pid) if clients == RUNNING else None
@@ -585,6 +598,7 @@ def main(argv=None):
             if system == f"llama.cpp {args.dtypes[0]}"
         },
         "gguf_check": checks,
+        "llama_server_no_repack": sorted(record.no_repack),
         "process_trees": record.trees,
         "values": [[*key, v] for key, v in record.values.items()],
     }
