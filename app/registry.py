@@ -116,14 +116,15 @@ def load_served_model(
     the checkpoint's header, and only describes it (config, type, parameter count, dtype); `supervision`: its
     timeout, on_restart and on_give_up (EngineProcess's arguments). `compile_folder`: where compiled decode steps
     are kept (model/compiled.py). `prefix_cache`: reuse the prefixes that cache rows hold (model/cache.py).
-    `quantize`: "int8" stores a GPT's linear weights as int8 (model/quantize.py), in the engine's copy (the model
-    here then too, when the engine runs in this process); None: as `dtype`."""
+    `quantize`: "int8" stores a GPT's linear weights as int8 (model/quantize.py), in the engine's copy and in the
+    model here (on the meta device, it says so on the model card); None: as `dtype`."""
     weights = Path(weights)
     model, tokenizer, meta = describe_checkpoint(weights) if process else load_checkpoint(weights, device=device)
     model.to(dtype)  # once, here: the engine's caches and steps take the weights' dtype (and the model card says it)
     name = model_name(weights)
     sha = file_sha256(weights)
     threads = threads or engine_threads(model)
+    quantize_model(model, quantize)  # after engine_threads counted the parameters (int8 weights are buffers)
     if process:
         kept = {
             "compiled": compiled and isinstance(model, GPT),
@@ -137,7 +138,6 @@ def load_served_model(
             weights, device, dtype, max_batch, on_step=on_step, threads=threads, name=name, context=context, **kept
         )
     else:
-        quantize_model(model, quantize)  # after engine_threads counted the parameters (int8 weights are buffers)
         kept = {"compiled": compiled, "compile_folder": compile_folder, "weights": weights}  # compiled from weights
         engine = Engine(
             model, max_batch, on_step=on_step, threads=threads, prefix_cache=prefix_cache, tokenizer=tokenizer, **kept

@@ -8,7 +8,7 @@ from app import completions, streaming
 from app.chat import chat_prompt
 from app.errors import error_responses
 from app.protocol import ChatRequest, CompletionRequest
-from model.quantize import parameter_count
+from model.quantize import parameter_count, quantized
 
 router = APIRouter(prefix="/v1")
 
@@ -63,6 +63,7 @@ def describe(m):
         "checkpoint_sha256": m.sha256,
         "parameters": parameter_count(m.model),  # int8 weights (QUILL_QUANTIZE) among them
         "dtype": str(next(m.model.parameters()).dtype).removeprefix("torch."),  # as served (QUILL_DTYPE)
+        "quantization": quantized(m.model),  # "int8": its linear weights (QUILL_QUANTIZE), else null
         "context_size": context,
         "tokenizer": {"kind": m.tokenizer.kind, "vocab_size": m.tokenizer.vocab_size},
         "training": {key: json_safe(m.meta.get(key)) for key in TRAINING_FACTS},

@@ -67,8 +67,11 @@ def tree_memory(pid, proc=PROC):
     return {"rss_mb": rss, "pss_mb": pss, "processes": len(each), "each": each}
 
 
-def weights_mb(model, bytes_per_value):
-    """The model's weights at `bytes_per_value` (a tied matrix once: parameters() yields it once)."""
+def weights_mb(model, bytes_per_value=None):
+    """The model's weights at `bytes_per_value` (a tied matrix once: parameters() yields it once); None: as it
+    holds them, its buffers too (a quantized model's int8 weights and their scales, model/quantize.py)."""
+    if bytes_per_value is None:
+        return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / MB
     return sum(p.numel() for p in model.parameters()) * bytes_per_value / MB
 
 

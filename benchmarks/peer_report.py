@@ -9,6 +9,7 @@ import torch
 from benchmarks.common import markdown_table
 from benchmarks.memory import GOAL_FIXED_MB, GOAL_WEIGHTS_SHARE, goal_mb, kv_cache_mb, weights_mb
 from model import load_checkpoint
+from model.quantize import quantize
 
 # issue 13's goals for Quill over llama.cpp on the same weights, and issue 27's for sampling and memory
 GOALS = {"batch 1": 1.0, "1 stream": 1.0, "32 streams": 1.2, "TTFT p99": 1.0, "sampled": 0.95, "loss": 0.01}
@@ -75,12 +76,16 @@ class Recorder:
             self(model, memory_test(most, "PSS"), system, memory["pss_mb"])
 
     def sizes(self, model, checkpoint, systems, running):
-        """What each Quill system's server needs for the model (`systems`: name -> dtype): its weights, its KV
-        cache for `running` rows, and issue 27's bound on its tree RSS."""
+        """What each Quill system's server needs for the model (`systems`: name -> (its settings, dtype)): its
+        weights (int8 ones as they are held), its KV cache for `running` rows, and issue 27's bound on its tree
+        RSS."""
         net = load_checkpoint(checkpoint)[0]
-        for system, dtype in systems.items():
+        for system, (env, dtype) in systems.items():
             size = getattr(torch, dtype).itemsize
-            weights, kv = weights_mb(net, size), kv_cache_mb(net.config, size, running)
+            weights = weights_mb(net, size)
+            if env.get("QUILL_QUANTIZE"):
+                weights = weights_mb(quantize(load_checkpoint(checkpoint)[0], env["QUILL_QUANTIZE"]))
+            kv = kv_cache_mb(net.config, size, running)
             self(model, WEIGHTS, system, weights)
             self(model, kv_test(running), system, kv)
             self(model, GOAL_MB, system, goal_mb(weights, kv))

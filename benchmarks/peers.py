@@ -560,7 +560,7 @@ def main(argv=None):
             f32 = ggufs.get("f32") or export(checkpoint, "f32", work)
             checks[label] = gguf_check(bin_dir, checkpoint, hf_dir, f32, work, ctx, args.threads)
         models.append((label, checkpoint, ggufs, ctx, n, runs))
-        record.sizes(label, checkpoint, {q: QUILLS[q][1] for q in args.systems}, RUNNING)
+        record.sizes(label, checkpoint, {q: QUILLS[q] for q in args.systems}, RUNNING)
     # compiled steps from scratch, the servers' apart from the batch-1 engines' (another thread count): each
     # system's first server start compiles, the later ones load what it kept
     folders = [Path(tempfile.mkdtemp(prefix="compiled-", dir=work)) for _ in range(2)]

@@ -95,6 +95,11 @@ def quantize(model, how):
             if isinstance(child, nn.Linear) and (HEAD or child is not model.lm_head):
                 tied = child is model.lm_head and child.weight is model.tok_emb.weight
                 setattr(module, child_name, Int8Linear(child, dense=tied))
+    # the float weights kept (embeddings, norms, biases) copied out of the checkpoint file's mapping
+    # (model/checkpoint.py's load_checkpoint): the mapping, and the pages the float matrices read here, then go
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.dtype != torch.int8:
+            t.data = t.data.clone()
     return model
 
 

@@ -29,10 +29,14 @@ def test_an_engine_in_a_thread_serves_int8_weights(checkpoints):
     plain = Settings(_env_file=None, checkpoints=[str(checkpoints["tiny-gpt"])])
     with TestClient(create_app(plain)) as client:
         card = client.get("/v1/models/tiny-gpt").json()
+    assert card["quantization"] is None
     with TestClient(create_app(settings)) as client:
         served = client.app.state.service.get("tiny-gpt")
         assert isinstance(served.model.blocks[0].attn.qkv, Int8Linear)  # the engine's model is the card's here
-        assert client.get("/v1/models/tiny-gpt").json()["parameters"] == card["parameters"]
+        int8_card = client.get("/v1/models/tiny-gpt").json()
+        assert int8_card["parameters"] == card["parameters"]
+        assert (int8_card["quantization"], int8_card["dtype"]) == ("int8", "float32")  # activations stay float32
+        assert client.get("/v1/models/tiny-lstm").json()["quantization"] is None
         for name in names:  # the LSTM is served as it is
             body = {"model": name, "prompt": "Hello", "max_tokens": 8, "temperature": 0}
             r = client.post("/v1/completions", json=body)
@@ -50,4 +54,5 @@ def test_a_server_started_with_int8_serves(checkpoints, tmp_path):
         r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == 8
+        assert httpx.get(server.url + "/v1/models/tiny-gpt").json()["quantization"] == "int8"  # the card says it
     assert "linear weights int8" in log.read_text()

@@ -36,6 +36,29 @@ def test_every_linear_layer_holds_int8_weights_and_the_embedding_stays_float():
     assert parameter_count(model) == parameter_count(reference) == sum(p.numel() for p in reference.parameters())
 
 
+def test_the_checkpoint_files_float_matrices_are_let_go(tmp_path):
+    """A loaded checkpoint's weights map its file (model/checkpoint.py); once quantized, nothing maps it: the float
+    matrices' pages go, and the float tensors kept are the model's own."""
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.tokenizer import CharTokenizer
+
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, tiny_gpt(vocab_size=8), CharTokenizer("abcdefgh"), {})
+
+    def mapped():
+        with open("/proc/self/maps") as maps:
+            return sum(str(path) in line for line in maps)
+
+    model, ids = load_checkpoint(path)[0], torch.tensor([[1, 2, 3]])
+    assert mapped() > 0
+    with torch.no_grad():
+        logits = model(ids)[0]
+        quantize(model, "int8")
+        assert mapped() == 0
+        assert model.lm_head.dense is model.tok_emb.weight  # still tied
+        assert torch.allclose(model(ids)[0], logits, rtol=0.05, atol=0.05)
+
+
 def test_a_row_is_rebuilt_within_half_a_step_of_its_scale():
     w = torch.randn(64, 48) * torch.logspace(-3, 1, 64)[:, None]  # rows of very different sizes
     q, scale = quantize_rows(w)
