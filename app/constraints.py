@@ -4,14 +4,15 @@ completions and chat routes and /generate, and /generate's `regex` and `grammar`
 
 The request's fields are checked as the body is read (a schema or grammar that does not compile is a 422 naming its
 field); whether the model's vocabulary can write a match at all (a character model without "{" cannot write JSON) is
-known only with the model: a 400 when the request is admitted (check)."""
+known only with the model: a 400 when the request is admitted (check, in a thread: llguidance's work would hold up
+the event loop's other requests)."""
 
-import functools
+import asyncio
 
 from llguidance import LLMatcher
 
 from app.errors import APIError
-from model.grammar import Vocabulary
+from model.grammar import vocabulary  # one a tokenizer in a process: an engine in a thread of the app's shares it
 
 FIELDS = ("response_format", "regex", "grammar")
 # JSON without whitespace between its tokens: a small model left free to add whitespace may add it until max_tokens
@@ -65,14 +66,14 @@ def constraint(body):
     return body._constraint
 
 
-@functools.lru_cache(maxsize=16)
-def vocabulary(tokenizer):
-    """A served model's Vocabulary in this process (its llguidance tables made at the first check)."""
-    return Vocabulary(tokenizer)
-
-
-def check(served, body):
+async def check(served, body):
     """Refuse (400) a body whose output format no text of the model's vocabulary can begin."""
+    if any(given(getattr(body, f, None)) for f in FIELDS):  # a body without a format needs no thread
+        await asyncio.to_thread(refuse_unsupported, served, body)
+
+
+def refuse_unsupported(served, body):
+    """check's blocking part: the grammar compiled (once a body) and tried on the model's vocabulary."""
     grammar, field = constraint(body)
     if grammar is not None and (why := vocabulary(served.tokenizer).check(grammar)):
         raise APIError(400, f"{field}: {why} (model {served.name!r})", param=field, code="unsupported_format")

@@ -15,7 +15,7 @@ router = APIRouter()
     responses={**streaming.STREAMED, **error_responses(400, 401, 403, 404, 422, 429, 503)},
 )
 async def generate(body: GenerateRequest, request: Request):
-    _, events = request.app.state.service.generate(body)
+    _, events = await request.app.state.service.generate(body)
     accept = request.headers.get("accept", "")
     if "text/plain" in accept and "text/event-stream" not in accept:
         return streaming.plain_text(events, request)

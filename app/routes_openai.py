@@ -19,7 +19,7 @@ router = APIRouter(prefix="/v1")
     responses={**streaming.STREAMED, **error_responses(400, 401, 403, 404, 422, 429, 503)},
 )
 async def text_completions(body: CompletionRequest, request: Request):
-    served, streams = request.app.state.service.generate_choices(body)
+    served, streams = await request.app.state.service.generate_choices(body)
     if not body.stream:
         return await streaming.unless_disconnected(request, completions.completion(body, served, streams))
     return completions.completion_chunks(body, served, streams, request)
@@ -33,7 +33,7 @@ async def text_completions(body: CompletionRequest, request: Request):
 async def chat_completions(body: ChatRequest, request: Request):
     service = request.app.state.service
     prompt, stop = chat_prompt(service.get(body.model), body.messages)
-    served, streams = service.generate_choices(body, prompt, stop)
+    served, streams = await service.generate_choices(body, prompt, stop)
     if not body.stream:
         return await streaming.unless_disconnected(request, completions.chat_completion(body, served, streams))
     return completions.chat_chunks(body, served, streams, request)

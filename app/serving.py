@@ -235,20 +235,20 @@ class Service:
             jobs.append(Job(req, events))
         return jobs
 
-    def generate(self, body):
+    async def generate(self, body):
         """Admit a request body (a GenerateRequest) now, raising what refuses it before any response starts;
         return its model and the async iterator of its TokenEvents and Done."""
         served = self.get(body.model)
-        constraints.check(served, body)
+        await constraints.check(served, body)
         (job,) = self.admit(served, [body.prompt], [body.to_sampling_params()])
         return served, self._events(served, job)
 
-    def generate_choices(self, body, prompt=None, stop=()):
+    async def generate_choices(self, body, prompt=None, stop=()):
         """Admit the n choices of an OpenAI request body (each of its prompts(), or the one given: a chat's
         rendered messages; `stop`: strings the chat format adds), one engine request each, seeded seed,
         seed + 1, ...; return the model and one event iterator per choice, prompt by prompt."""
         served = self.get(body.model)
-        constraints.check(served, body)
+        await constraints.check(served, body)
         extra = {"stop": stop} if stop else {}
         choices = [body.to_sampling_params(seed, **extra) for seed in choice_seeds(body)]
         if prompt is None:

@@ -28,7 +28,7 @@ from model import sampling
 from model.cache import GPTCache, LSTMState, window_start
 from model.device import poisoned
 from model.gpt import GPT
-from model.grammar import Vocabulary
+from model.grammar import vocabulary
 from model.request import Finished, Outcome, Request, Token
 from model.sampling import Sampler, SamplingParams
 from model.scoring import PromptLogprobs, Scoring, score_step, together, token_logprobs
@@ -66,7 +66,7 @@ class Engine:
         context, config = self.cache.context or 1, model.config
         self.prefill_tokens = max(context, PREFILL_ACTIVATIONS // (4 * config.hidden_size))
         self.scoring_tokens = max(context, PREFILL_LOGITS // config.vocab_size)
-        self.vocabulary = tokenizer and Vocabulary(tokenizer)  # for constrained output (made when first used)
+        self.vocabulary = tokenizer and vocabulary(tokenizer)  # constrained output: one a tokenizer, the app's too
         self.on_step = on_step  # called after each decode step with the batch size (metrics)
         # called after each piece of work (a prefill group, a scoring window, a decode step): a heartbeat
         self.on_progress = on_progress or (lambda: None)

@@ -15,6 +15,7 @@ request does; so does one that max_new_tokens cuts short: its text is then a pre
 """
 
 import functools
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import llguidance
@@ -50,6 +51,13 @@ class _Wrapped:
         return self.tokenizer.encode(text)
 
 
+@functools.lru_cache(maxsize=16)
+def vocabulary(tokenizer):
+    """The tokenizer's Vocabulary in this process: the app's checks and an engine in a thread of the app share it,
+    so a 50k BPE's llguidance tables are made once."""
+    return Vocabulary(tokenizer)
+
+
 class Vocabulary:
     """One model's vocabulary for llguidance: matchers for requests, and the masks of a step's rows."""
 
@@ -57,10 +65,14 @@ class Vocabulary:
         self.tokenizer, self.size = tokenizer, tokenizer.vocab_size
         self.partial = tokenizer.kind == "char"  # some bytes are no token's: a match may end where text could go on
         self.words = (self.size + 1 + 31) // 32  # int32 words of a row's mask: the vocabulary and END
+        self._ll, self._lock = None, threading.Lock()
 
-    @functools.cached_property
+    @property
     def ll(self):  # made at the first constrained request, not at every start: a 50k BPE's tables take a moment
-        return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Wrapped(self.tokenizer)))
+        with self._lock:  # once, though the app's threads and the engine's may ask at the same time
+            if self._ll is None:
+                self._ll = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Wrapped(self.tokenizer)))
+        return self._ll
 
     @functools.cached_property
     def executor(self):  # llguidance's threads, one mask each
@@ -101,14 +113,21 @@ class Vocabulary:
         """(vocab_size,) bools: the tokens `matcher` allows next (END left out), computed now."""
         return self.allowed(np.frombuffer(matcher.compute_bitmask(), dtype=np.int32)[None])[0, : self.size]
 
-    def ended(self, matcher):
-        """After a token: "stop" when the text is a whole match that can go no further (llguidance says so, or, in a
-        vocabulary that lacks bytes, a match none of whose continuations it has), DEAD_END when the grammar refused
-        the token, else None."""
+    def ended(self, sampler):
+        """After a token: "stop" when the sampler's text is a whole match that can go no further (llguidance says so,
+        or, in a vocabulary that lacks bytes, a match none of whose continuations it has), DEAD_END when the grammar
+        refused the token, else None. The mask that the second case computes is kept as the sampler's next one: the
+        prefetch does not compute it again."""
+        matcher = sampler.matcher
         if matcher.is_error():
             return DEAD_END
-        if matcher.is_stopped() or (self.partial and matcher.is_accepting() and not self.first_allowed(matcher).any()):
+        if matcher.is_stopped():
             return "stop"
+        if self.partial and matcher.is_accepting():
+            masks = np.frombuffer(matcher.compute_bitmask(), dtype=np.int32)[None]  # (1, words)
+            sampler.prefetched = (masks, 0)
+            if not self.allowed(masks)[0, : self.size].any():
+                return "stop"
         return None
 
     def allowed(self, masks):
@@ -124,23 +143,27 @@ class Vocabulary:
         return masks
 
     def prefetch(self, samplers):
-        """Start computing the masks of the samplers' next tokens (each has just taken its token) in this vocabulary's
-        thread: the engine's next forward runs meanwhile, and constrain() takes them then."""
-        future = self.pool.submit(self.masks, samplers)
-        for k, s in enumerate(samplers):
-            s.prefetched = (future, k)
+        """Start computing the masks of the samplers' next tokens (each has just taken its token; those whose mask
+        ended() computed are left out) in this vocabulary's thread: the engine's next forward runs meanwhile, and
+        constrain() takes them then."""
+        samplers = [s for s in samplers if s.prefetched is None]
+        if samplers:
+            future = self.pool.submit(self.masks, samplers)
+            for k, s in enumerate(samplers):
+                s.prefetched = (future, k)
 
     def constrain(self, logits, samplers, rows):
-        """`logits` ((B, V)) with each token that samplers[k]'s grammar leaves out of row rows[k] at -inf: a copy, so
-        the model's own logits (its logprobs) stay as they were. The masks prefetched are taken, the others computed
-        now. A row whose mask allows no token is left as it is, and its sampler marked failed (DEAD_END): the engine
-        ends it instead of sending what it draws (as it does when the grammar refuses the token drawn: a mask that
-        allowed every token, see check)."""
+        """(len(rows), V): rows `rows` of (B, V) `logits`, each token that samplers[k]'s grammar leaves out of row
+        rows[k] at -inf. A new tensor of those rows only: the model's own logits (its logprobs) stay as they were,
+        and the other rows are not copied. The masks prefetched are taken, the others computed now. A row whose mask
+        allows no token is left as it is, and its sampler marked failed (DEAD_END): the engine ends it instead of
+        sending what it draws (as it does when the grammar refuses the token drawn: a mask that allowed every token,
+        see check)."""
         masks, missing = np.zeros((len(rows), self.words), dtype=np.int32), []
         for k, s in enumerate(samplers):
-            if s.prefetched:
-                future, i = s.prefetched
-                masks[k] = future.result()[i]
+            if s.prefetched:  # an array (ended's) or a future (prefetch's), and its row
+                source, i = s.prefetched
+                masks[k] = (source if isinstance(source, np.ndarray) else source.result())[i]
             else:
                 missing.append(k)
             s.prefetched = None
@@ -151,7 +174,6 @@ class Vocabulary:
         for k in dead.nonzero()[:, 0].tolist():
             samplers[k].failed = DEAD_END
         allowed[dead] = True
-        logits = logits.clone()
-        index = torch.tensor(rows, device=logits.device)
-        logits[index] = logits[index].masked_fill(~allowed, -torch.inf)
-        return logits
+        if list(rows) == list(range(len(logits))):  # every row: one copy, the masked one
+            return logits.masked_fill(~allowed, -torch.inf)
+        return logits[torch.tensor(rows, device=logits.device)].masked_fill_(~allowed, -torch.inf)  # gathered: a copy

@@ -129,7 +129,7 @@ class Sampler:
                 if vocabulary is None:
                     raise ValueError("this engine was made without the model's tokenizer")
                 self.matcher = vocabulary.matcher(params.grammar, self.generated)
-                self.complete = vocabulary.ended(self.matcher) == "stop"
+                self.complete = vocabulary.ended(self) == "stop"
             except ValueError as e:
                 self.failed = f"constrained output failed: {e}"
 
@@ -160,7 +160,7 @@ class Sampler:
         self.position += 1
         if self.matcher is not None and not self.failed:
             self.matcher.consume_token(token)  # a token it refuses leaves it in its error state: DEAD_END
-            end = self.vocabulary.ended(self.matcher)
+            end = self.vocabulary.ended(self)
             self.complete, self.failed = end == "stop", None if end in (None, "stop") else end
         if self.seen is not None:
             self.seen[token] = True
@@ -172,25 +172,43 @@ class Sampler:
         return sample([self], logits[None])[0]
 
 
+def choose(samplers, logits, rows=None):
+    """One token for each of samplers, samplers[k]'s from row rows[k] of (B, V) logits (rows: ascending; None for
+    0..B-1): the greedy ones by argmax, the others in one batched draw (of their rows only)."""
+    rows = range(len(samplers)) if rows is None else rows
+    best = logits.argmax(-1).tolist()
+    tokens = [best[i] for i in rows]
+    drawn = [k for k, s in enumerate(samplers) if not s.params.greedy]
+    if drawn:
+        u = torch.tensor([uniform(samplers[k].params.seed, samplers[k].position) for k in drawn], dtype=torch.float64)
+        every = len(drawn) == len(logits)  # then drawn are rows 0..B-1
+        picked = draw(logits if every else logits[[rows[k] for k in drawn]], [samplers[k].params for k in drawn], u)
+        for k, token in zip(drawn, picked):
+            tokens[k] = token
+    return tokens
+
+
 def sample(samplers, logits):
     """The next token of each row of (B, V) logits, row i for samplers[i] (which counts it): penalties row by row
-    where set, then the greedy rows by argmax and the others in one batched draw."""
+    where set; the rows under a grammar masked (a copy of those rows only), then each row's token chosen from its
+    own logits (see choose: a row's token never depends on its batch, so the two groups apart pick as one would)."""
     if any(s.penalizes for s in samplers):  # else the rows as they are: no (B, V) copy a step
         logits = torch.stack([s.adjust(row) for s, row in zip(samplers, logits)])
     constrained = [i for i, s in enumerate(samplers) if s.matcher is not None and not s.failed]
+    free = [i for i, s in enumerate(samplers) if s.matcher is None or s.failed]
+    tokens = [None] * len(samplers)
     if constrained:  # tokens outside each one's grammar at -inf (the vocabulary is the engine's, one for all)
         rows = [samplers[i] for i in constrained]
-        logits = rows[0].vocabulary.constrain(logits, rows, constrained)
-    tokens = logits.argmax(-1).tolist()
-    drawn = [i for i, s in enumerate(samplers) if not s.params.greedy]
-    if drawn:
-        u = torch.tensor([uniform(samplers[i].params.seed, samplers[i].position) for i in drawn], dtype=torch.float64)
-        rows = logits if len(drawn) == len(samplers) else logits[drawn]
-        for i, token in zip(drawn, draw(rows, [samplers[i].params for i in drawn], u)):
+        for i, token in zip(constrained, choose(rows, rows[0].vocabulary.constrain(logits, rows, constrained))):
+            tokens[i] = token
+    if free:
+        for i, token in zip(free, choose([samplers[i] for i in free], logits, free)):
             tokens[i] = token
     for s, token in zip(samplers, tokens):
         s.took(token)
+    # their next masks, while the engine's next forward runs; not for those that leave now (max_new_tokens made)
     going = [s for s in samplers if s.matcher is not None and not s.failed and not s.complete]
-    if going:  # their next masks, while the engine's next forward runs
+    going = [s for s in going if s.position < s.params.max_new_tokens]
+    if going:
         going[0].vocabulary.prefetch(going)
     return tokens

@@ -2,6 +2,7 @@
 regex and grammar on /generate. Every output that says it finished ("stop") parses and validates with jsonschema
 (or matches its regex); one cut by max_tokens says "length"; a format the model cannot write is refused."""
 
+import asyncio
 import json
 import re
 
@@ -11,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from service_helpers import parse_sse
 
+from app import constraints
 from app.main import create_app
 from app.settings import Settings
 
@@ -200,3 +202,27 @@ def test_response_format_text_is_no_format_beside_a_regex(client):
     r = client.post("/generate", json=body | {"stream": False, "seed": 1})
     assert r.status_code == 200, r.text
     assert re.fullmatch("[0-9]{4}", r.json()["text"]) and r.json()["finish_reason"] == "stop"
+
+
+def test_the_thread_engine_and_the_app_share_one_vocabulary(client):
+    served = client.app.state.service.get("bpe-gpt")
+    body = {"model": "bpe-gpt", "prompt": "x", "regex": "[a-z]{3}", "stream": False, "seed": 1}
+    assert client.post("/generate", json=body).status_code == 200
+    assert served.engine.vocabulary is constraints.vocabulary(served.tokenizer)
+
+
+def test_the_format_check_runs_off_the_event_loop(client, monkeypatch):
+    loops, real = [], constraints.refuse_unsupported
+
+    def spy(served, body):
+        try:
+            loops.append(asyncio.get_running_loop())
+        except RuntimeError:  # no loop runs in this thread
+            loops.append(None)
+        return real(served, body)
+
+    monkeypatch.setattr(constraints, "refuse_unsupported", spy)
+    body = {"model": "tiny-gpt", "messages": [{"role": "user", "content": "hi"}], "response_format": FORMAT}
+    assert client.post("/v1/chat/completions", json=body).status_code == 400  # still refused, from the thread
+    assert client.post("/generate", json={"model": "byte-gpt", "prompt": "x", "stream": False}).status_code == 200
+    assert loops == [None]  # once, for the body with a format, in a thread without the loop
